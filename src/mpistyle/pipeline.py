@@ -1,0 +1,315 @@
+"""``run(cfg)``: one job from input video to output video, on one rank or many.
+
+  probe (root)  ->  load model (all)  ->  decode + score + stage (all, own share)
+                ->  gather + encode + audio (root)  ->  report + preview (root)
+
+Every stage is owned by one module (video, model, scoring, staging, report); this module only
+wires them together, and :mod:`mpistyle.parallel` is the only place ranks are handled.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from . import __version__, config
+from .errors import ConfigError, JobStopped, ModelError, MpistyleError, OutputError
+from .parallel import RankContext, attempt, partition, unwrap
+from .report import Progress, StageTimer, preview_grid, preview_indices, write_json, write_png
+from .scoring import Scorer, pick_device, set_threads
+from .staging import Staging, job_key
+from .video import (
+    EncodeSettings,
+    Encoder,
+    Share,
+    VideoInfo,
+    decode_share,
+    output_size,
+    probe,
+    read_frames,
+    shares_for,
+)
+
+log = logging.getLogger(__name__)
+
+# Containers the output may be written in without naming video.format.
+_OUTPUT_SUFFIXES = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the root decides before any frame is scored; every rank receives a copy."""
+
+    info: VideoInfo
+    shares: list[Share]
+    output: Path
+    partial: Path
+    container_format: str
+    report: Path
+    preview: Path | None
+    staging: Staging
+
+
+def run(cfg: DictConfig, ctx: RankContext | None = None, run_id: str | None = None) -> dict[str, Any]:
+    """Restyle ``cfg.input`` into ``cfg.output``. Returns the job report (on every rank).
+
+    Raises an :class:`~mpistyle.errors.MpistyleError` subclass, the same on every rank, when
+    the job cannot be done; the input is never modified and no partial output is left.
+    """
+    config.check(cfg)
+    ctx = ctx or RankContext.world()
+    run_id = run_id or os.environ.get("MPISTYLE_RUN_ID") or f"{os.getpid()}"
+    timer = StageTimer()
+    started = time.perf_counter()
+
+    with timer("probe"):
+        plan = ctx.share(lambda: make_plan(cfg, ctx.size, run_id))
+    share = plan.shares[ctx.rank]
+    with timer("load_model"):
+        scorer = ctx.check_all(lambda: build_scorer(cfg, ctx))
+    ctx.check_all(plan.staging.create)
+    log.info(
+        "rank %d/%d on %s (%s): frames %d-%d (%d of %d)",
+        ctx.rank, ctx.size, ctx.host, scorer.device, share.start, max(share.start, share.stop - 1), share.frames, plan.info.frames,
+    )
+
+    progress = Progress(plan.info.frames, cfg.report.progress, cfg.report.progress_interval_s) if ctx.is_root else None
+    with timer("score"):
+        scoring = attempt(
+            lambda: ctx.run_everywhere(
+                lambda tick: score_share(plan, share, scorer, tick), progress.add if progress else _ignore
+            )
+        )
+    if progress:
+        progress.close()
+
+    def finish() -> dict[str, Any]:
+        summaries = unwrap(scoring)
+        return finish_job(cfg, plan, summaries, timer, started, run_id)
+
+    return ctx.share(finish)
+
+
+def _ignore(frames: int) -> None:
+    del frames
+
+
+def make_plan(cfg: DictConfig, ranks: int, run_id: str) -> Plan:
+    """Root: probe the input, check the output location, split the frames among the ranks."""
+    output = Path(cfg.output).expanduser().absolute()
+    container_format = cfg.video.format or _OUTPUT_SUFFIXES.get(output.suffix.lower())
+    if container_format is None:
+        raise ConfigError(
+            f"cannot tell the container from the output name {output.name}: "
+            f"use one of {', '.join(sorted(_OUTPUT_SUFFIXES))} or set video.format"
+        )
+    info = probe(str(Path(cfg.input).expanduser()))
+    if output.exists() and output.is_dir():
+        raise OutputError(f"output is a directory: {output}")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"cannot create the output directory {output.parent}: {err.strerror}") from None
+    if not os.access(output.parent, os.W_OK):
+        raise OutputError(f"output directory is not writable: {output.parent}")
+    if output.exists() and os.path.samefile(output, cfg.input):
+        raise ConfigError(f"output is the input ({cfg.input}): choose another output path")
+
+    shares = shares_for(info, partition(info.gop_sizes(), ranks))
+    stat = Path(info.path).stat()
+    key = job_key(
+        {
+            "input": str(Path(info.path).absolute()),
+            "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns,
+            "frames": info.frames,
+            "model": OmegaConf.to_container(cfg.model, resolve=True),
+        }
+    )
+    staging_root = Path(cfg.staging.root).expanduser() if cfg.staging.root else output.parent / ".mpistyle-staging"
+    report = Path(cfg.report.path).expanduser() if cfg.report.path else output.with_name(output.name + ".report.json")
+    preview = None
+    if cfg.report.preview_frames > 0:
+        preview = Path(cfg.report.preview).expanduser() if cfg.report.preview else output.with_name(output.name + ".preview.png")
+    log.info(
+        "input %s: %s %dx%d, %d frames, %.2f s, %d GOPs, %d audio stream(s)",
+        info.path, info.codec, info.width, info.height, info.frames, info.duration_s, len(info.keyframe_pts), len(info.audio_streams),
+    )
+    for dropped in info.dropped_streams:
+        log.warning("the input's %s stream is not copied to the output", dropped)
+    return Plan(
+        info=info,
+        shares=shares,
+        output=output,
+        partial=output.with_name(f".{output.stem}.partial-{run_id}{output.suffix}"),
+        container_format=container_format,
+        report=report,
+        preview=preview,
+        staging=Staging(staging_root, key),
+    )
+
+
+def build_scorer(cfg: DictConfig, ctx: RankContext) -> Scorer:
+    device = pick_device(cfg.device, ctx.local_rank)
+    if device.type == "cpu":
+        set_threads(cfg.threads, ctx.local_size)
+    try:
+        model = instantiate(cfg.model)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, MpistyleError):
+            raise cause from None
+        raise ConfigError(f"cannot build the model {cfg.model.get('_target_')}: {cause or err}") from None
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"{cfg.model._target_} returned a {type(model).__name__}, not a torch.nn.Module")
+    return Scorer(model, device, cfg.batch_size)
+
+
+def score_share(plan: Plan, share: Share, scorer: Scorer, tick: Any) -> dict[str, Any]:
+    """Decode, score and stage this rank's frames, a batch at a time (memory stays fixed)."""
+    info = plan.info
+    seconds = {"decode": 0.0, "score": 0.0, "stage": 0.0}
+    summary: dict[str, Any] = {
+        "host": os.uname().nodename,
+        "device": str(scorer.device),
+        "threads": torch.get_num_threads() if scorer.device.type == "cpu" else None,
+        "frames": share.frames,
+        "first_frame": share.start,
+        "frames_reused": 0,
+        "seconds": seconds,
+    }
+    began = time.perf_counter()
+    if share.frames and plan.staging.shard_path(share.start, share.stop).exists():
+        # Finished in an earlier attempt of this same job (same input, model and split).
+        summary["frames_reused"] = share.frames
+        tick(share.frames)
+    elif share.frames:
+        batch = np.empty((scorer.batch_size, info.height, info.width, 3), np.uint8)
+        with plan.staging.writer(share.start, share.stop, info.height, info.width) as writer:
+            frames = decode_share(info, share)
+            filled = 0
+            while True:
+                mark = time.perf_counter()
+                frame = next(frames, None)
+                seconds["decode"] += time.perf_counter() - mark
+                if frame is not None:
+                    batch[filled] = frame
+                    filled += 1
+                if filled == scorer.batch_size or (frame is None and filled):
+                    mark = time.perf_counter()
+                    styled = scorer(batch[:filled])
+                    seconds["score"] += time.perf_counter() - mark
+                    mark = time.perf_counter()
+                    writer.write(styled)
+                    seconds["stage"] += time.perf_counter() - mark
+                    if not tick(filled):
+                        raise JobStopped("stopped because another rank failed")
+                    filled = 0
+                if frame is None:
+                    break
+    summary["seconds_total"] = time.perf_counter() - began
+    summary["fps"] = share.frames / summary["seconds_total"] if summary["seconds_total"] > 0 else None
+    log.info(
+        "scored %d frames in %.2f s (decode %.2f, score %.2f, stage %.2f)%s",
+        share.frames, summary["seconds_total"], seconds["decode"], seconds["score"], seconds["stage"],
+        f", {summary['frames_reused']} reused from staging" if summary["frames_reused"] else "",
+    )
+    return summary
+
+
+def finish_job(
+    cfg: DictConfig, plan: Plan, summaries: list[dict[str, Any]], timer: StageTimer, started: float, run_id: str
+) -> dict[str, Any]:
+    """Root: gather the staged frames in order, encode them with the audio, then report."""
+    info = plan.info
+    wanted = preview_indices(info.frames, cfg.report.preview_frames) if plan.preview else []
+    styled_for_preview: dict[int, np.ndarray] = {}
+    settings = EncodeSettings(
+        codec=cfg.video.codec,
+        pix_fmt=cfg.video.pix_fmt,
+        crf=cfg.video.crf,
+        preset=cfg.video.preset,
+        bit_rate=cfg.video.bit_rate,
+        options=dict(cfg.video.options),
+    )
+    with timer("encode"):
+        try:
+            with Encoder(plan.partial, info, settings, plan.container_format) as encoder:
+                for share in plan.shares:
+                    if not share.frames:
+                        continue
+                    for offset, frame in enumerate(plan.staging.read(share.start, share.stop)):
+                        if share.start + offset in wanted:
+                            styled_for_preview[share.start + offset] = frame
+                        encoder.write(frame)
+                encoder.finish()
+            os.replace(plan.partial, plan.output)
+        finally:
+            plan.partial.unlink(missing_ok=True)
+    with timer("preview"):
+        if plan.preview and wanted:
+            sources = read_frames(info.path, wanted, info)
+            write_png(plan.preview, preview_grid([(s, styled_for_preview[i]) for s, i in zip(sources, wanted)]))
+    total = time.perf_counter() - started
+    width, height = output_size(info.width, info.height)
+    report = {
+        "mpistyle_version": __version__,
+        "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "run_id": run_id,
+        "input": {
+            "path": info.path,
+            "container": info.container,
+            "codec": info.codec,
+            "width": info.width,
+            "height": info.height,
+            "frames": info.frames,
+            "duration_s": round(info.duration_s, 6),
+            "average_fps": float(info.average_rate) if info.average_rate else None,
+            "gops": len(info.keyframe_pts),
+            "audio_streams": len(info.audio_streams),
+            "dropped_streams": list(info.dropped_streams),
+        },
+        "output": {
+            "path": str(plan.output),
+            "codec": settings.codec,
+            "width": width,
+            "height": height,
+            "frames": info.frames,
+            "bytes": plan.output.stat().st_size,
+        },
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "frames": info.frames,
+        "frames_reused": sum(s["frames_reused"] for s in summaries),
+        "ranks": len(summaries),
+        "devices": [s["device"] for s in summaries],
+        "per_rank": [dict(rank=rank, **summary) for rank, summary in enumerate(summaries)],
+        "stages_s": {**{k: round(v, 4) for k, v in timer.seconds.items()}, "total": round(total, 4)},
+        "fps": {
+            "end_to_end": round(info.frames / total, 3) if total else None,
+            "scoring": round(info.frames / timer.seconds["score"], 3) if timer.seconds.get("score") else None,
+        },
+        "staging": str(plan.staging.dir) if cfg.staging.keep else None,
+        "preview": str(plan.preview) if plan.preview and wanted else None,
+    }
+    write_json(plan.report, report)
+    if not cfg.staging.keep:
+        plan.staging.remove()
+    log.info(
+        "wrote %s: %d frames in %.1f s (%.2f fps end to end) on %d rank(s)",
+        plan.output, info.frames, total, info.frames / total if total else 0.0, len(summaries),
+    )
+    log.info("report: %s", plan.report)
+    if report["preview"]:
+        log.info("preview: %s", plan.preview)
+    return report

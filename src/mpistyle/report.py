@@ -1,0 +1,116 @@
+"""What a user sees: the progress display on rank 0, stage timers, the JSON job report and
+the preview image (input frames beside their stylised frames)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class StageTimer:
+    """Wall-clock seconds per named stage."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
+class Progress:
+    """Frames done across all ranks: a bar on a terminal, or a log line every few seconds."""
+
+    def __init__(self, total: int, mode: str, interval_s: float) -> None:
+        self.total = total
+        self.done = 0
+        self.start = time.perf_counter()
+        self.interval_s = interval_s
+        self._last_log = self.start
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "log"
+        self.mode = mode
+        self._bar = None
+        if mode == "bar":
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, unit="frame", desc="styling", dynamic_ncols=True, file=sys.stderr)
+
+    def add(self, frames: int) -> None:
+        self.done += frames
+        if self._bar is not None:
+            self._bar.update(frames)
+        elif self.mode == "log":
+            now = time.perf_counter()
+            if now - self._last_log >= self.interval_s or self.done == self.total:
+                self._last_log = now
+                log.info("progress: %s", self.line())
+
+    def line(self) -> str:
+        elapsed = time.perf_counter() - self.start
+        fps = self.done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - self.done) / fps if fps > 0 else float("nan")
+        percent = 100.0 * self.done / self.total if self.total else 100.0
+        return f"{self.done}/{self.total} frames ({percent:.0f}%), {fps:.1f} fps, ETA {eta:.0f} s"
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def preview_indices(frames: int, count: int) -> list[int]:
+    """``count`` frame indices spread evenly from the first frame to the last."""
+    if count <= 0 or frames <= 0:
+        return []
+    return sorted({round(i * (frames - 1) / max(1, count - 1)) for i in range(min(count, frames))})
+
+
+def _thumbnail(frame: np.ndarray, width: int) -> np.ndarray:
+    height = max(2, round(frame.shape[0] * width / frame.shape[1]) // 2 * 2)
+    image = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+    return image.reformat(width=width, height=height, format="rgb24").to_ndarray()
+
+
+def preview_grid(pairs: Sequence[tuple[np.ndarray, np.ndarray]], width: int = 320, gap: int = 4) -> np.ndarray:
+    """One row per frame: the input on the left, its stylised output on the right."""
+    rows = []
+    for source, styled in pairs:
+        left, right = _thumbnail(source, width), _thumbnail(styled[: source.shape[0], : source.shape[1]], width)
+        spacer = np.full((left.shape[0], gap, 3), 255, np.uint8)
+        rows.append(np.concatenate([left, spacer, right], axis=1))
+        rows.append(np.full((gap, rows[-1].shape[1], 3), 255, np.uint8))
+    return np.concatenate(rows[:-1], axis=0)
+
+
+def write_png(path: Path, image: np.ndarray) -> None:
+    codec = av.CodecContext.create("png", "w")
+    codec.width, codec.height, codec.pix_fmt = image.shape[1], image.shape[0], "rgb24"
+    packets = codec.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24"))
+    packets += codec.encode(None)
+    atomic_write(path, b"".join(bytes(p) for p in packets))
+
+
+def write_json(path: Path, report: dict[str, Any]) -> None:
+    atomic_write(path, (json.dumps(report, indent=2, sort_keys=False, default=str) + "\n").encode())
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Readers see the old file or the whole new one, never half of it."""
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    partial.write_bytes(data)
+    os.replace(partial, path)

@@ -1,0 +1,64 @@
+"""Batches of frames in, batches of frames out, on one device. No MPI, no files."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import ConfigError, ModelError
+
+
+def pick_device(requested: str, local_rank: int) -> torch.device:
+    """``auto`` and ``cuda`` give each rank on a node its own GPU: ``cuda:<local rank mod GPUs>``."""
+    if requested in ("auto", "cuda"):
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        if requested == "cuda":
+            raise ConfigError("device=cuda but this node has no usable CUDA GPU (use device=auto or cpu)")
+        return torch.device("cpu")
+    device = torch.device(requested)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={requested} but this node has no usable CUDA GPU")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device={requested} but this node has {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
+def set_threads(threads: int | None, ranks_on_node: int) -> int:
+    """Torch CPU threads for this rank: the CPUs it may run on (mpirun binding respected),
+    shared among the node's ranks, unless given."""
+    if threads is None:
+        cpus = len(os.sched_getaffinity(0))
+        # Ranks bound to their own cores already see only those; unbound ranks share the node.
+        threads = max(1, cpus // ranks_on_node) if cpus >= ranks_on_node else 1
+    torch.set_num_threads(threads)
+    return threads
+
+
+class Scorer:
+    """Applies a frame model to uint8 RGB frames ``(n, H, W, 3)`` and returns the same layout."""
+
+    def __init__(self, model: nn.Module, device: torch.device, batch_size: int) -> None:
+        self.device = device
+        self.batch_size = batch_size
+        self.model = model.to(device).eval()
+
+    def __call__(self, frames: np.ndarray) -> np.ndarray:
+        count = len(frames)
+        batch = torch.from_numpy(frames)
+        if self.device.type == "cuda" and count < self.batch_size:
+            # Same shape every call: the same GPU kernels, so a frame's result never depends
+            # on how many frames shared its batch (output identical for any rank count).
+            pad = batch[-1:].expand(self.batch_size - count, *batch.shape[1:])
+            batch = torch.cat([batch, pad])
+        with torch.inference_mode():
+            x = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+            y = self.model(x)
+            if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+                got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+                raise ModelError(f"the model returned {got} for input {tuple(x.shape)}: a frame model must keep the shape")
+            out = y[:count].clamp(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
+            return out.permute(0, 2, 3, 1).contiguous().cpu().numpy()

@@ -1,0 +1,117 @@
+"""The staging area: stylised frames on a filesystem every rank and the root can see (NFS on a
+cluster), between scoring and encoding.
+
+Layout: ``<root>/<job key>/frames-<start>-<stop>.h5``, one HDF5 file per share of frames, with
+one dataset ``frames`` of shape ``(n, H, W, 3)`` uint8, chunked one frame per chunk so the root
+can stream it back frame by frame. Each rank writes only its own files, so the serial h5py
+wheel suffices (no parallel HDF5 build, no MPI-IO locking on NFS). A file is written under a
+temporary name and renamed once complete: a crash never leaves a file that looks finished.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from .errors import StagingError
+
+
+def job_key(parts: dict[str, Any]) -> str:
+    """A short stable name for one (input, model, geometry) combination."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class Staging:
+    def __init__(self, root: Path, key: str) -> None:
+        self.dir = root / key
+
+    def create(self) -> None:
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise StagingError(f"cannot create staging directory {self.dir}: {err.strerror}") from None
+        if not os.access(self.dir, os.W_OK):
+            raise StagingError(f"staging directory is not writable: {self.dir}")
+
+    def shard_path(self, start: int, stop: int) -> Path:
+        return self.dir / f"frames-{start:09d}-{stop:09d}.h5"
+
+    def writer(self, start: int, stop: int, height: int, width: int) -> ShardWriter:
+        return ShardWriter(self.shard_path(start, stop), stop - start, height, width)
+
+    def read(self, start: int, stop: int) -> Iterator[np.ndarray]:
+        """Frames of one finished shard, one at a time (a single chunk in memory)."""
+        path = self.shard_path(start, stop)
+        try:
+            with h5py.File(path, "r", locking=False) as handle:
+                frames = handle["frames"]
+                if frames.shape[0] != stop - start:
+                    raise StagingError(f"staged file {path} holds {frames.shape[0]} frames, expected {stop - start}")
+                for index in range(frames.shape[0]):
+                    yield frames[index]
+        except OSError as err:
+            raise StagingError(f"cannot read staged frames {path}: {err}") from None
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+        try:
+            self.dir.parent.rmdir()  # only when no other job staged there
+        except OSError:
+            pass
+
+
+class ShardWriter:
+    """Appends frames to one shard; renames it into place only when every frame is in."""
+
+    def __init__(self, path: Path, frames: int, height: int, width: int) -> None:
+        self.path = path
+        self.partial = path.with_name(path.name + ".partial")
+        self.expected = frames
+        self.count = 0
+        try:
+            self._file = h5py.File(self.partial, "w", locking=False)
+            # One chunk per frame, no compression: writes and the root's reads stay one memcpy.
+            self._data = self._file.create_dataset(
+                "frames", shape=(frames, height, width, 3), dtype=np.uint8, chunks=(1, height, width, 3)
+            )
+        except OSError as err:
+            raise _staging_error(self.partial, err) from None
+
+    def write(self, batch: np.ndarray) -> None:
+        try:
+            self._data[self.count : self.count + len(batch)] = batch
+        except OSError as err:
+            raise _staging_error(self.partial, err) from None
+        self.count += len(batch)
+
+    def close(self, complete: bool) -> None:
+        try:
+            self._file.close()
+        except OSError as err:
+            raise _staging_error(self.partial, err) from None
+        if complete and self.count == self.expected:
+            os.replace(self.partial, self.path)
+        else:
+            self.partial.unlink(missing_ok=True)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        self.close(complete=exc_type is None)
+
+
+def _staging_error(path: Path, err: OSError) -> StagingError:
+    text = str(err)
+    if getattr(err, "errno", None) == errno.ENOSPC or "No space left" in text or "file too large" in text.lower():
+        return StagingError(f"staging filesystem is full while writing {path}: free space or set staging.root")
+    return StagingError(f"cannot write staged frames {path}: {text}")

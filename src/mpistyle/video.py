@@ -1,0 +1,377 @@
+"""Everything PyAV: probe an input and index its packets, decode one share of frames, encode the
+output and copy the input's audio into it packet for packet.
+
+Frames are identified by their presentation timestamp (pts, in the video stream's time base).
+The index is read from packets alone, so the root never decodes frames for the other ranks.
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import TypeVar
+
+import av
+import av.error
+import numpy as np
+
+from .errors import InputError, OutputError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Demuxers that FFmpeg uses for single still images: not a video, whatever the extension says.
+_STILL_IMAGE_FORMATS = ("image2", "_pipe")
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What the root learns from the input's packets: enough to plan and to encode."""
+
+    path: str
+    container: str
+    codec: str
+    width: int
+    height: int
+    time_base: Fraction
+    average_rate: Fraction | None
+    sample_aspect_ratio: Fraction | None
+    frame_pts: tuple[int, ...]  # every frame's pts, in presentation order
+    keyframe_pts: tuple[int, ...]  # pts of the keyframes each GOP starts at, ascending
+    audio_streams: tuple[int, ...]  # input stream indices copied into the output
+    dropped_streams: tuple[str, ...] = field(default=())  # e.g. "subtitle #2 (mov_text)"
+
+    @property
+    def frames(self) -> int:
+        return len(self.frame_pts)
+
+    @property
+    def duration_s(self) -> float:
+        if not self.frame_pts:
+            return 0.0
+        step = self.frame_pts[-1] - self.frame_pts[-2] if self.frames > 1 else 0
+        return float((self.frame_pts[-1] + step - self.frame_pts[0]) * self.time_base)
+
+    def gop_sizes(self) -> list[int]:
+        """Frames per GOP; frames shown before the first keyframe count with the first GOP."""
+        starts = [0] + [bisect.bisect_left(self.frame_pts, pts) for pts in self.keyframe_pts[1:]]
+        return [end - start for start, end in zip(starts, starts[1:] + [self.frames])]
+
+
+@dataclass(frozen=True)
+class Share:
+    """A contiguous run of whole GOPs: frames ``[start, stop)`` in presentation order."""
+
+    start: int
+    stop: int
+    pts_low: int | None  # first pts owned, None = from the start of the stream
+    pts_high: int | None  # first pts not owned, None = to the end of the stream
+
+    @property
+    def frames(self) -> int:
+        return self.stop - self.start
+
+
+def shares_for(info: VideoInfo, gop_ranges: Sequence[range]) -> list[Share]:
+    """Turn GOP ranges (from the partitioner) into frame ranges and the pts bounds a decoder uses."""
+    sizes = info.gop_sizes()
+    starts = [0]
+    for size in sizes:
+        starts.append(starts[-1] + size)
+    shares = []
+    for gops in gop_ranges:
+        if not gops:
+            shares.append(Share(starts[-1], starts[-1], 0, 0))
+            continue
+        low = None if gops.start == 0 else info.keyframe_pts[gops.start]
+        high = None if gops.stop == len(sizes) else info.keyframe_pts[gops.stop]
+        shares.append(Share(starts[gops.start], starts[gops.stop], low, high))
+    return shares
+
+
+def _open_input(path: str) -> av.container.InputContainer:
+    file = Path(path)
+    if not file.exists():
+        raise InputError(f"input not found: {path}")
+    if file.is_dir():
+        raise InputError(f"input is a directory, not a video file: {path}")
+    if not os.access(file, os.R_OK):
+        raise InputError(f"input is not readable (permission denied): {path}")
+    if file.stat().st_size == 0:
+        raise InputError(f"input is empty (0 bytes): {path}")
+    try:
+        return av.open(path, "r")
+    except av.error.FFmpegError as err:
+        raise InputError(f"input is not a video FFmpeg can read: {path} ({err.strerror})") from None
+
+
+def probe(path: str) -> VideoInfo:
+    """Read the input's packet index (no decoding) and check it is a video we can process."""
+    with _open_input(path) as container:
+        if any(tag in container.format.name for tag in _STILL_IMAGE_FORMATS):
+            raise InputError(f"input is a still image ({container.format.name}), not a video: {path}")
+        if not container.streams.video:
+            raise InputError(f"input has no video stream (audio only?): {path}")
+        stream = container.streams.video[0]
+        ctx = stream.codec_context
+        if ctx is None or not ctx.name:
+            raise InputError(f"input's video codec cannot be decoded by this PyAV build: {path}")
+        try:
+            av.codec.Codec(ctx.name, "r")
+        except av.error.FFmpegError:
+            raise InputError(f"no decoder for the video codec '{ctx.name}' in this PyAV build: {path}") from None
+        audio = tuple(s.index for s in container.streams.audio)
+        dropped = tuple(
+            f"{s.type} #{s.index} ({s.codec_context.name if s.codec_context else 'unknown'})"
+            for s in container.streams
+            if s.type not in ("video", "audio") or (s.type == "video" and s.index != stream.index)
+        )
+        frame_pts: list[int] = []
+        keyframes: list[int] = []
+        try:
+            for packet in container.demux(stream):
+                # The demuxer ends with an empty flush packet; it is not a frame.
+                if packet.size == 0 or packet.pts is None:
+                    continue
+                frame_pts.append(packet.pts)
+                if packet.is_keyframe:
+                    keyframes.append(packet.pts)
+        except av.error.FFmpegError as err:
+            raise InputError(f"input is damaged: reading its packets failed at packet {len(frame_pts)} ({err.strerror}): {path}") from None
+        if not frame_pts:
+            raise InputError(f"input has a video stream but no frames: {path}")
+        frame_pts.sort()
+        if len(set(frame_pts)) != len(frame_pts):
+            raise InputError(f"input has frames with duplicate timestamps, which cannot be kept in order: {path}")
+        keyframes = sorted(set(keyframes)) or [frame_pts[0]]
+        if keyframes[0] > frame_pts[0]:
+            keyframes[0] = frame_pts[0]
+        if stream.time_base is None:
+            raise InputError(f"input's video stream has no time base: {path}")
+        return VideoInfo(
+            path=path,
+            container=container.format.name,
+            codec=ctx.name,
+            width=ctx.width,
+            height=ctx.height,
+            time_base=Fraction(stream.time_base),
+            average_rate=Fraction(stream.average_rate) if stream.average_rate else None,
+            sample_aspect_ratio=Fraction(ctx.sample_aspect_ratio) if ctx.sample_aspect_ratio else None,
+            frame_pts=tuple(frame_pts),
+            keyframe_pts=tuple(keyframes),
+            audio_streams=audio,
+            dropped_streams=dropped,
+        )
+
+
+def decode_share(info: VideoInfo, share: Share) -> Iterator[np.ndarray]:
+    """Yield the share's frames as RGB ``(H, W, 3)`` uint8 arrays, in presentation order.
+
+    Decoding starts at the share's first keyframe, so no frame outside the share is decoded
+    (for closed GOPs) and each frame equals what a straight decode of the file gives.
+    """
+    if share.frames == 0:
+        return
+    expected = info.frame_pts[share.start : share.stop]
+    # Frames of an open GOP can leave the decoder after later ones; hold them until their turn.
+    pending: dict[int, np.ndarray] = {}
+    owned = _Span(expected)
+    next_index = 0
+    with _open_input(info.path) as container:
+        stream = container.streams.video[0]
+        # Frame threads speed decoding up without changing any decoded pixel.
+        stream.thread_type = "AUTO"
+        if share.pts_low is not None:
+            container.seek(share.pts_low, stream=stream, backward=True)
+        try:
+            for packet in container.demux(stream):
+                for frame in packet.decode():
+                    pts = frame.pts
+                    if pts is None or pts not in owned:
+                        continue
+                    pending[pts] = frame.to_ndarray(format="rgb24")
+                    while next_index < len(expected) and expected[next_index] in pending:
+                        yield pending.pop(expected[next_index])
+                        next_index += 1
+                if next_index == len(expected):
+                    return
+        except av.error.FFmpegError as err:
+            raise InputError(
+                f"input is damaged: decoding failed near frame {share.start + next_index} ({err.strerror}): {info.path}"
+            ) from None
+    if next_index < len(expected):
+        raise InputError(
+            f"input is damaged: frame {share.start + next_index} (pts {expected[next_index]}) "
+            f"did not decode: {info.path}"
+        )
+
+
+class _Span:
+    """Membership test for the pts a share owns, cheaper than a set for long shares."""
+
+    def __init__(self, expected: Sequence[int]) -> None:
+        self.expected = expected
+
+    def __contains__(self, pts: int) -> bool:
+        i = bisect.bisect_left(self.expected, pts)
+        return i < len(self.expected) and self.expected[i] == pts
+
+
+@dataclass(frozen=True)
+class EncodeSettings:
+    codec: str = "libx264"
+    pix_fmt: str = "yuv420p"
+    crf: int | None = 18
+    preset: str | None = "medium"
+    bit_rate: int | None = None
+    options: dict[str, str] = field(default_factory=dict)
+
+
+def output_size(width: int, height: int) -> tuple[int, int]:
+    """4:2:0 chroma needs even sides: odd sides grow by one edge-replicated pixel, never stretch."""
+    return width + width % 2, height + height % 2
+
+
+def _pad_even(frame: np.ndarray) -> np.ndarray:
+    height, width = frame.shape[:2]
+    pad_h, pad_w = height % 2, width % 2
+    if not (pad_h or pad_w):
+        return frame
+    return np.pad(frame, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+
+
+class _AudioCopier:
+    """Copies the input's audio packets into the output, interleaved with the video by time."""
+
+    def __init__(self, info: VideoInfo, output: av.container.OutputContainer) -> None:
+        self._input = av.open(info.path, "r") if info.audio_streams else None
+        self._map = {}
+        self._packets: Iterator[av.Packet] = iter(())
+        self._next: av.Packet | None = None
+        if self._input is not None:
+            streams = [self._input.streams[i] for i in info.audio_streams]
+            for stream in streams:
+                self._map[stream.index] = output.add_stream_from_template(stream)
+            self._packets = self._input.demux(streams)
+            self._advance()
+
+    def _advance(self) -> None:
+        for packet in self._packets:
+            # Flush packets carry no data and no timestamp; muxing one would fail.
+            if packet.dts is None or packet.size == 0:
+                continue
+            self._next = packet
+            return
+        self._next = None
+
+    def mux_until(self, output: av.container.OutputContainer, seconds: float) -> None:
+        while self._next is not None and float(self._next.dts * self._next.time_base) <= seconds:
+            packet = self._next
+            packet.stream = self._map[packet.stream_index]
+            output.mux(packet)
+            self._advance()
+
+    def close(self) -> None:
+        if self._input is not None:
+            self._input.close()
+
+
+class Encoder:
+    """Writes stylised frames, in order, with the input's timestamps, and the input's audio.
+
+    Use as a context manager; ``finish()`` flushes everything and must be called for a
+    complete file (leaving the block without it closes the file unfinished).
+    """
+
+    def __init__(self, path: Path, info: VideoInfo, settings: EncodeSettings, container_format: str | None = None) -> None:
+        self.info = info
+        self._written = 0
+        # mp4/mov: index at the front so players can start before the whole file has arrived.
+        options = {"movflags": "+faststart"} if container_format in ("mp4", "mov") else {}
+        try:
+            self._out = av.open(str(path), "w", format=container_format, options=options)
+        except av.error.FFmpegError as err:
+            raise OutputError(f"cannot create output {path}: {err.strerror}") from None
+        width, height = output_size(info.width, info.height)
+        try:
+            stream = self._out.add_stream(settings.codec, rate=info.average_rate or Fraction(25))
+        except (av.error.FFmpegError, ValueError) as err:
+            self._out.close()
+            raise OutputError(f"cannot encode with codec '{settings.codec}': {err}") from None
+        stream.width, stream.height, stream.pix_fmt = width, height, settings.pix_fmt
+        # Keep the input's clock so every frame keeps its exact timestamp (VFR included).
+        stream.time_base = info.time_base
+        stream.codec_context.time_base = info.time_base
+        if info.sample_aspect_ratio:
+            stream.codec_context.sample_aspect_ratio = info.sample_aspect_ratio
+        codec_options = dict(settings.options)
+        if settings.crf is not None:
+            codec_options.setdefault("crf", str(settings.crf))
+        if settings.preset is not None:
+            codec_options.setdefault("preset", settings.preset)
+        if settings.bit_rate:
+            stream.codec_context.bit_rate = settings.bit_rate
+        stream.options = codec_options
+        self._stream = stream
+        self._audio = _AudioCopier(info, self._out)
+
+    def write(self, frame: np.ndarray) -> None:
+        video_frame = av.VideoFrame.from_ndarray(_pad_even(frame), format="rgb24")
+        video_frame = video_frame.reformat(format=self._stream.pix_fmt)
+        video_frame.pts = self.info.frame_pts[self._written]
+        video_frame.time_base = self.info.time_base
+        self._encode(video_frame)
+        self._written += 1
+
+    def finish(self) -> None:
+        if self._written != self.info.frames:
+            raise OutputError(f"encoder got {self._written} frames, expected {self.info.frames}")
+        # Encoding None drains the frames the encoder still holds (B-frames, lookahead).
+        self._encode(None)
+        self._guarded(lambda: self._audio.mux_until(self._out, math.inf))
+
+    def _encode(self, frame: av.VideoFrame | None) -> None:
+        for packet in self._guarded(lambda: self._stream.encode(frame)):
+            if packet.dts is not None:
+                self._guarded(lambda: self._audio.mux_until(self._out, float(packet.dts * packet.time_base)))
+            self._guarded(lambda: self._out.mux(packet))
+
+    def _guarded(self, step: Callable[[], T]) -> T:
+        try:
+            return step()
+        except av.error.FFmpegError as err:
+            raise OutputError(
+                f"writing the {self._out.format.name} output failed: {err.strerror}"
+                " (an audio codec this container cannot hold? try output=....mkv)"
+            ) from None
+
+    def __enter__(self) -> Encoder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._audio.close()
+        try:
+            self._out.close()
+        except av.error.FFmpegError as err:
+            if exc[0] is None:
+                raise OutputError(f"finishing the output failed: {err.strerror}") from None
+
+
+def read_frames(path: str, indices: Sequence[int], info: VideoInfo) -> list[np.ndarray]:
+    """Decode a few frames by index (for the preview), each from its own GOP."""
+    frames = []
+    sizes = info.gop_sizes()
+    bounds = np.cumsum([0] + sizes)
+    for index in indices:
+        gop = int(np.searchsorted(bounds, index, side="right") - 1)
+        share = shares_for(info, [range(gop, gop + 1)])[0]
+        for offset, frame in enumerate(decode_share(info, share)):
+            if share.start + offset == index:
+                frames.append(frame)
+                break
+    return frames
