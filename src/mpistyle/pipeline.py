@@ -170,7 +170,8 @@ def build_scorer(cfg: DictConfig, ctx: RankContext) -> Scorer:
         cause = err.__cause__
         if isinstance(cause, MpistyleError):
             raise cause from None
-        raise ConfigError(f"cannot build the model {cfg.model.get('_target_')}: {cause or err}") from None
+        reason = (str(cause or err).strip().splitlines() or [type(cause or err).__name__])[0]
+        raise ConfigError(f"cannot build the model {cfg.model.get('_target_')}: {reason}") from None
     if not isinstance(model, nn.Module):
         raise ModelError(f"{cfg.model._target_} returned a {type(model).__name__}, not a torch.nn.Module")
     return Scorer(model, device, cfg.batch_size)

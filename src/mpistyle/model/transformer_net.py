@@ -12,18 +12,22 @@ from torch import nn
 
 
 class ConvLayer(nn.Module):
-    """Reflect pad + conv; optional nearest-neighbour upsampling first (the decoder's layers)."""
+    """Reflect pad + conv; nearest-neighbour upsampling first when ``upsample`` > 1 (decoder layers).
 
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, upsample: int | None = None) -> None:
+    Written so ``torch.jit.script`` accepts it: users ship TorchScript files of this net.
+    """
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, upsample: int = 1) -> None:
         super().__init__()
         self.upsample = upsample
         self.pad = kernel // 2
         self.conv2d = nn.Conv2d(cin, cout, kernel, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.upsample:
+        if self.upsample > 1:
             x = F.interpolate(x, scale_factor=float(self.upsample), mode="nearest")
-        return self.conv2d(F.pad(x, (self.pad,) * 4, mode="reflect"))
+        pad = self.pad
+        return self.conv2d(F.pad(x, [pad, pad, pad, pad], mode="reflect"))
 
 
 class ResidualBlock(nn.Module):

@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import DictConfig
+
+from mpistyle import config
+from mpistyle.sample import make_video
+
+TESTS = Path(__file__).parent
+config.register()
+
+# OpenMPI refuses to run as root without these; more ranks than cores needs oversubscription.
+MPI_ENV = {
+    "OMPI_ALLOW_RUN_AS_ROOT": "1",
+    "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+    "OMPI_MCA_rmaps_base_oversubscribe": "1",
+}
+
+
+@pytest.fixture
+def video(tmp_path: Path) -> Callable[..., Path]:
+    """Make a small real video in tmp_path: video(name="in.mp4", frames=24, width=64, ...)."""
+
+    def make(name: str = "in.mp4", **kwargs: Any) -> Path:
+        return make_video(tmp_path / name, **kwargs)
+
+    return make
+
+
+def make_cfg(overrides: list[str]) -> DictConfig:
+    with initialize_config_module("mpistyle.configs", version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+@pytest.fixture
+def cfg() -> Callable[..., DictConfig]:
+    return lambda *overrides: make_cfg(list(overrides))
+
+
+def mpistyle_command(*args: str, ranks: int | None = None) -> list[str]:
+    """The real program: `python -m mpistyle ...`, under `mpirun -n ranks` when ranks is given."""
+    command = [sys.executable, "-m", "mpistyle", *args]
+    if ranks is None:
+        return command
+    mpirun = shutil.which("mpirun")
+    if mpirun is None:
+        pytest.fail("mpirun not found: install Debian's openmpi-bin (scripts/setup.sh does)")
+    return [mpirun, "-n", str(ranks), *command]
+
+
+def run_mpistyle(*args: str, ranks: int | None = None, cwd: Path | None = None, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **MPI_ENV, "PYTHONPATH": str(TESTS) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run(
+        mpistyle_command(*args, ranks=ranks), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )

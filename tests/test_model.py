@@ -1,0 +1,163 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from mpistyle.errors import ConfigError, ModelError
+from mpistyle.model.loading import (
+    default_multistyle_weights,
+    load_multistyle,
+    load_torchscript,
+    load_transformer_net,
+    style_vector,
+)
+from mpistyle.model.multistyle import NUM_STYLES
+from mpistyle.model.transformer_net import TransformerNet
+
+
+@pytest.fixture(scope="module")
+def session() -> ort.InferenceSession:
+    return ort.InferenceSession(str(default_multistyle_weights()), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("style, blend", [(19, None), (0, None), (25, None), (0, {3: 0.5, 19: 0.5})])
+@pytest.mark.parametrize("height, width", [(64, 64), (92, 160), (36, 48)])
+def test_matches_onnxruntime(session: ort.InferenceSession, style: int, blend: dict | None, height: int, width: int) -> None:
+    net = load_multistyle(style=style, blend=blend)
+    # The exported graph has a batch of one.
+    x = np.random.default_rng(height + style).random((1, 3, height, width), dtype=np.float32)
+    weights = style_vector(style, blend).numpy()
+    expected = session.run(None, {"image": x, "style_weights": weights})[0]
+    with torch.inference_mode():
+        actual = net(torch.from_numpy(x)).numpy()
+    assert actual.shape == expected.shape
+    assert np.abs(actual - expected).max() < 1e-4
+
+
+@pytest.mark.parametrize("height, width", [(45, 81), (7, 9), (2, 2), (1, 30)])
+def test_any_frame_size_keeps_its_shape(height: int, width: int) -> None:
+    net = load_multistyle()
+    with torch.inference_mode():
+        y = net(torch.rand(1, 3, height, width))
+    assert y.shape == (1, 3, height, width)
+    assert float(y.min()) >= 0.0 and float(y.max()) <= 1.0
+
+
+def test_styles_differ_and_blend_is_between() -> None:
+    net = load_multistyle(style=3)
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        a = net(x)
+        net.set_style(style_vector(19))
+        b = net(x)
+    assert (a - b).abs().mean() > 0.05
+
+
+def test_blend_accepts_text_and_normalises() -> None:
+    vector = style_vector(0, "3:1,19:3")
+    assert vector[3] == pytest.approx(0.25) and vector[19] == pytest.approx(0.75)
+    assert float(vector.sum()) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("style, blend", [(26, None), (-1, None), (0, {40: 1.0}), (0, {3: -1.0}), (0, "nonsense"), (0, {3: 0.0})])
+def test_bad_styles_are_config_errors(style: int, blend: object) -> None:
+    with pytest.raises(ConfigError):
+        style_vector(style, blend)
+
+
+def test_wrong_checksum_is_refused(tmp_path: Path) -> None:
+    copy = tmp_path / "multistyle26.onnx"
+    data = bytearray(default_multistyle_weights().read_bytes())
+    data[-1] ^= 0xFF
+    copy.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="SHA-256"):
+        load_multistyle(weights=str(copy))
+
+
+def test_weights_of_the_default_are_all_loaded() -> None:
+    net = load_multistyle()
+    assert sum(p.numel() for p in net.parameters()) == 166_104
+    assert net.style_weights.shape == (NUM_STYLES,)
+
+
+def _random_transformer_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    net = TransformerNet()
+    for p in net.parameters():
+        p.data.normal_(0, 0.05)
+    return net.state_dict()
+
+
+def test_pytorch_examples_checkpoint_with_legacy_norm_keys(tmp_path: Path) -> None:
+    state = _random_transformer_state()
+    legacy = dict(state)
+    # What checkpoints saved by old PyTorch carry for every InstanceNorm layer.
+    for name in [k[: -len(".weight")] for k in state if k.split(".")[-2].startswith("in") and k.endswith("weight")]:
+        channels = state[name + ".weight"].shape[0]
+        legacy[name + ".running_mean"] = torch.zeros(channels)
+        legacy[name + ".running_var"] = torch.ones(channels)
+    path = tmp_path / "candy.pth"
+    torch.save(legacy, path)
+    model = load_transformer_net(str(path))
+    reference = TransformerNet()
+    reference.load_state_dict(state)
+    x = torch.rand(1, 3, 32, 48)
+    with torch.inference_mode():
+        assert torch.allclose(model(x), reference(x * 255) / 255, atol=1e-5)
+
+
+def test_torchscript_transformer_net(tmp_path: Path) -> None:
+    net = TransformerNet().eval()
+    net.load_state_dict(_random_transformer_state(1))
+    path = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(net), path)
+    model = load_transformer_net(str(path))
+    x = torch.rand(1, 3, 16, 16)
+    with torch.inference_mode():
+        assert torch.allclose(model(x), net(x * 255) / 255, atol=1e-5)
+
+
+def test_generic_torchscript_model(tmp_path: Path) -> None:
+    class Invert(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 1.0 - x
+
+    path = tmp_path / "invert.pt"
+    torch.jit.save(torch.jit.script(Invert()), path)
+    model = load_torchscript(str(path))
+    x = torch.rand(2, 3, 8, 8)
+    assert torch.allclose(model(x), 1.0 - x)
+    with pytest.raises(ModelError, match="not a TorchScript"):
+        torch.save({"a": torch.zeros(1)}, tmp_path / "state.pth")
+        load_torchscript(str(tmp_path / "state.pth"))
+
+
+def test_checkpoint_that_does_not_fit(tmp_path: Path) -> None:
+    state = _random_transformer_state()
+    state["conv1.conv2d.weight"] = torch.zeros(16, 3, 9, 9)
+    del state["deconv3.conv2d.bias"]
+    path = tmp_path / "wrong.pth"
+    torch.save(state, path)
+    with pytest.raises(ModelError, match="does not fit TransformerNet") as err:
+        load_transformer_net(str(path))
+    assert "\n" not in str(err.value)
+    assert "conv1.conv2d.weight" in str(err.value) and "deconv3.conv2d.bias" in str(err.value)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"PK\x03\x04broken zip"])
+def test_unreadable_checkpoints(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "bad.pth"
+    path.write_bytes(content)
+    with pytest.raises(ModelError):
+        load_transformer_net(str(path))
+
+
+def test_missing_checkpoint() -> None:
+    with pytest.raises(ConfigError, match="model.checkpoint"):
+        load_transformer_net(None)
+    with pytest.raises(ModelError, match="not found"):
+        load_transformer_net("/nonexistent/candy.pth")

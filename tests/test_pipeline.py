@@ -1,0 +1,183 @@
+"""The whole job in this process (one rank), against real files."""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import DictConfig
+
+from mpistyle.errors import ConfigError, InputError, ModelError, OutputError
+from mpistyle.pipeline import run
+from media import audio_packets, decode_all, stream_summary
+
+Cfg = Callable[..., DictConfig]
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def leftovers(directory: Path) -> list[str]:
+    """Anything a finished or failed job must not leave beside its output."""
+    return sorted(p.name for p in directory.rglob("*") if "partial" in p.name or p.suffix == ".h5")
+
+
+def test_restyles_every_frame_with_timestamps_and_audio(video: Callable[..., Path], cfg: Cfg, tmp_path: Path) -> None:
+    source = video(frames=30, width=96, height=54, gop=6)
+    before = digest(source)
+    output = tmp_path / "out.mp4"
+    report = run(cfg(f"input={source}", f"output={output}"))
+
+    frames_in, times_in = decode_all(source)
+    frames_out, times_out = decode_all(output)
+    assert len(frames_out) == len(frames_in) == 30
+    assert times_out == pytest.approx(times_in, abs=1e-6)
+    assert frames_out[0].shape == (54, 96, 3)
+    # Styled, not copied: the default style changes the picture a lot.
+    assert np.mean([np.abs(a.astype(int) - b).mean() for a, b in zip(frames_in, frames_out)]) > 20
+    assert audio_packets(output) == audio_packets(source)
+    assert stream_summary(output) == [("video", "h264"), ("audio", "aac")]
+    assert digest(source) == before
+
+    on_disk = json.loads((tmp_path / "out.mp4.report.json").read_text())
+    assert on_disk["frames"] == report["frames"] == 30
+    assert on_disk["ranks"] == 1 and on_disk["devices"] == ["cpu"]
+    assert set(on_disk["stages_s"]) >= {"probe", "load_model", "score", "encode", "total"}
+    assert on_disk["fps"]["end_to_end"] > 0
+    assert (tmp_path / "out.mp4.preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert leftovers(tmp_path) == []
+    assert not (tmp_path / ".mpistyle-staging").exists()
+
+
+@pytest.mark.parametrize("source_name, output_name", [("in.mkv", "out.mp4"), ("in.mov", "out.mkv"), ("in.mp4", "out.mov")])
+def test_containers(video: Callable[..., Path], cfg: Cfg, tmp_path: Path, source_name: str, output_name: str) -> None:
+    source = video(source_name, frames=12)
+    output = tmp_path / output_name
+    run(cfg(f"input={source}", f"output={output}", "report.preview_frames=0"))
+    frames, times = decode_all(output)
+    source_times = decode_all(source)[1]
+    assert len(frames) == 12
+    # Matroska cannot store the negative start of AAC priming, so the muxer shifts the whole
+    # timeline (audio with it) by those few ms; the frame timing itself is unchanged.
+    shift = times[0] - source_times[0] if output.suffix == ".mkv" else 0.0
+    assert 0 <= shift < 0.03
+    # Matroska keeps milliseconds.
+    assert times == pytest.approx([t + shift for t in source_times], abs=6e-4 if output.suffix == ".mkv" else 1e-6)
+    assert audio_packets(output) == audio_packets(source)
+
+
+def test_generic_model_by_target(video: Callable[..., Path], cfg: Cfg, tmp_path: Path) -> None:
+    source = video(frames=10, width=64, height=48)
+    output = tmp_path / "inverted.mp4"
+    run(cfg(f"input={source}", f"output={output}", "+model._target_=frame_models.invert", "~model", "video.crf=0"))
+    for a, b in zip(decode_all(source)[0], decode_all(output)[0]):
+        assert np.abs((255 - a.astype(int)) - b).mean() < 3
+
+
+def test_odd_sides_are_padded_not_stretched(video: Callable[..., Path], cfg: Cfg, tmp_path: Path) -> None:
+    # H.264 4:2:0 needs even sides: a 63x47 input is stored as 64x48, the picture unmoved.
+    source = tmp_path / "odd.mkv"
+    from mpistyle.sample import make_video
+
+    make_video(source, frames=6, width=63, height=47, codec="libx264rgb", pix_fmt="rgb24")
+    output = tmp_path / "odd-out.mp4"
+    run(cfg(f"input={source}", f"output={output}", "~model", "+model._target_=frame_models.invert", "video.crf=0"))
+    frames_in, _ = decode_all(source)
+    frames_out, _ = decode_all(output)
+    assert frames_out[0].shape == (48, 64, 3)
+    for a, b in zip(frames_in, frames_out):
+        assert np.abs((255 - a.astype(int)) - b[:47, :63]).mean() < 4
+
+
+def test_no_audio_and_two_audio_tracks(video: Callable[..., Path], cfg: Cfg, tmp_path: Path) -> None:
+    silent = video("silent.mp4", frames=8, audio=0)
+    run(cfg(f"input={silent}", f"output={tmp_path / 'silent-out.mp4'}", "report.preview_frames=0"))
+    assert stream_summary(tmp_path / "silent-out.mp4") == [("video", "h264")]
+    assert len(decode_all(tmp_path / "silent-out.mp4")[0]) == 8
+
+    two = video("two.mkv", frames=8, audio=2)
+    run(cfg(f"input={two}", f"output={tmp_path / 'two-out.mkv'}", "report.preview_frames=0"))
+    assert audio_packets(tmp_path / "two-out.mkv") == audio_packets(two)
+    assert len(audio_packets(two)) == 2
+
+
+def test_variable_frame_rate_is_kept(video: Callable[..., Path], cfg: Cfg, tmp_path: Path) -> None:
+    pts = [0, 1, 2, 4, 7, 8, 12, 13, 20, 21, 22, 30]
+    source = video("vfr.mkv", frames=len(pts), pts=pts, time_base=Fraction(1, 24), gop=4)
+    output = tmp_path / "vfr-out.mp4"
+    run(cfg(f"input={source}", f"output={output}", "report.preview_frames=0"))
+    times = decode_all(output)[1]
+    assert times == pytest.approx(decode_all(source)[1], abs=1e-6)
+    assert times == pytest.approx([p / 24 for p in pts], abs=6e-4)  # the source is Matroska: ms
+
+
+def test_staged_frames_are_reused_by_the_same_job(video: Callable[..., Path], cfg: Cfg, tmp_path: Path) -> None:
+    source = video(frames=12)
+    first = run(cfg(f"input={source}", f"output={tmp_path / 'a.mp4'}", "staging.keep=true"))
+    assert first["frames_reused"] == 0 and Path(first["staging"]).is_dir()
+    second = run(cfg(f"input={source}", f"output={tmp_path / 'b.mp4'}"))
+    assert second["frames_reused"] == 12
+    assert all(np.array_equal(x, y) for x, y in zip(decode_all(tmp_path / "a.mp4")[0], decode_all(tmp_path / "b.mp4")[0]))
+    # A different style is a different job: nothing reused.
+    third = run(cfg(f"input={source}", f"output={tmp_path / 'c.mp4'}", "model.style=3"))
+    assert third["frames_reused"] == 0
+
+
+def test_blend_and_codec_settings(video: Callable[..., Path], cfg: Cfg, tmp_path: Path) -> None:
+    source = video(frames=6)
+    output = tmp_path / "blend.mp4"
+    report = run(cfg(f"input={source}", f"output={output}", "model.blend={3: 0.5, 19: 0.5}", "video.codec=libx265", "video.crf=28", "video.preset=ultrafast"))
+    assert stream_summary(output)[0] == ("video", "hevc")
+    assert report["model"]["blend"] == {3: 0.5, 19: 0.5}
+
+
+@pytest.mark.parametrize(
+    "overrides, error, words",
+    [
+        (["input=/nonexistent.mp4"], InputError, "not found"),
+        (["model.style=31"], ConfigError, "unknown style 31"),
+        (["batch_size=0"], ConfigError, "batch_size"),
+        (["device=tpu"], ConfigError, "device"),
+        (["model=transformer_net", "model.checkpoint=/nonexistent.pth"], ModelError, "not found"),
+        (["~model", "+model._target_=frame_models.half_width"], ModelError, "keep the shape"),
+        (["~model", "+model._target_=no.such.module"], ConfigError, "cannot build the model"),
+    ],
+)
+def test_errors_leave_nothing_behind(
+    video: Callable[..., Path], cfg: Cfg, tmp_path: Path, overrides: list[str], error: type, words: str
+) -> None:
+    source = video(frames=6)
+    before = digest(source)
+    output = tmp_path / "out.mp4"
+    args = [f"input={source}", f"output={output}", *overrides]
+    with pytest.raises(error, match=words) as raised:
+        run(cfg(*args))
+    assert "\n" not in str(raised.value)
+    assert not output.exists()
+    assert leftovers(tmp_path) == []
+    assert digest(source) == before
+
+
+def test_output_equal_to_input_is_refused(video: Callable[..., Path], cfg: Cfg) -> None:
+    source = video(frames=4)
+    with pytest.raises(ConfigError, match="output is the input"):
+        run(cfg(f"input={source}", f"output={source}"))
+
+
+def test_output_location_that_cannot_be_a_directory(video: Callable[..., Path], cfg: Cfg, tmp_path: Path) -> None:
+    source = video(frames=4)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(OutputError, match="output directory"):
+        run(cfg(f"input={source}", f"output={blocker / 'out.mp4'}"))
+
+
+def test_unknown_output_container(video: Callable[..., Path], cfg: Cfg, tmp_path: Path) -> None:
+    source = video(frames=4)
+    with pytest.raises(ConfigError, match="container"):
+        run(cfg(f"input={source}", f"output={tmp_path / 'out.xyz'}"))

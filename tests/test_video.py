@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+from collections.abc import Callable
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from mpistyle.errors import InputError
+from mpistyle.parallel import partition
+from mpistyle.video import decode_share, probe, shares_for
+from media import decode_all
+
+
+@pytest.mark.parametrize("name", ["in.mp4", "in.mkv", "in.mov"])
+def test_probe_reads_the_index_without_decoding(video: Callable[..., Path], name: str) -> None:
+    path = video(name, frames=30, gop=6, width=64, height=48, fps=12)
+    info = probe(str(path))
+    assert info.frames == 30
+    assert (info.width, info.height) == (64, 48)
+    assert len(info.keyframe_pts) == 5 and info.gop_sizes() == [6] * 5
+    assert info.average_rate == 12
+    assert info.audio_streams and info.duration_s == pytest.approx(2.5, abs=0.01)
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3, 4, 7])
+@pytest.mark.parametrize("bframes", [0, 2])
+def test_shares_decode_to_exactly_the_straight_decode(video: Callable[..., Path], ranks: int, bframes: int) -> None:
+    path = video(frames=31, gop=5, bframes=bframes)
+    info = probe(str(path))
+    shares = shares_for(info, partition(info.gop_sizes(), ranks))
+    pieces = [frame for share in shares for frame in decode_share(info, share)]
+    straight, _ = decode_all(path)
+    assert len(pieces) == len(straight) == 31
+    assert all(np.array_equal(a, b) for a, b in zip(pieces, straight))
+    assert [s.start for s in shares][0] == 0 and shares[-1].stop == 31
+
+
+def test_variable_frame_rate_timestamps_are_indexed(video: Callable[..., Path]) -> None:
+    pts = [0, 1, 2, 4, 7, 8, 12, 13, 20, 21, 22, 30]
+    path = video("vfr.mkv", frames=len(pts), pts=pts, time_base=Fraction(1, 24), gop=4)
+    info = probe(str(path))
+    _, times = decode_all(path)
+    assert [float(p * info.time_base) for p in info.frame_pts] == pytest.approx(times)
+
+
+def test_missing_input() -> None:
+    with pytest.raises(InputError, match="not found"):
+        probe("/nonexistent/video.mp4")
+
+
+def test_directory_input(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="directory"):
+        probe(str(tmp_path))
+
+
+def test_empty_input(tmp_path: Path) -> None:
+    path = tmp_path / "empty.mp4"
+    path.write_bytes(b"")
+    with pytest.raises(InputError, match="empty"):
+        probe(str(path))
+
+
+def test_random_bytes_named_mp4(tmp_path: Path) -> None:
+    path = tmp_path / "noise.mp4"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 20000, dtype=np.uint8).tobytes())
+    with pytest.raises(InputError, match="not a video"):
+        probe(str(path))
+
+
+def test_audio_only(tmp_path: Path) -> None:
+    path = tmp_path / "tone.m4a"
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("aac", rate=48000)
+        stream.layout = "mono"
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 48000
+        for packet in stream.encode(frame) + stream.encode(None):
+            out.mux(packet)
+    with pytest.raises(InputError, match="no video stream"):
+        probe(str(path))
+
+
+def test_still_image(tmp_path: Path) -> None:
+    path = tmp_path / "picture.png"
+    codec = av.CodecContext.create("png", "w")
+    codec.width, codec.height, codec.pix_fmt = 16, 16, "rgb24"
+    frame = av.VideoFrame.from_ndarray(np.zeros((16, 16, 3), np.uint8), format="rgb24")
+    path.write_bytes(b"".join(bytes(p) for p in codec.encode(frame) + codec.encode(None)))
+    with pytest.raises(InputError, match="still image"):
+        probe(str(path))
