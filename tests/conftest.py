@@ -57,7 +57,9 @@ def mpistyle_command(*args: str, ranks: int | None = None) -> list[str]:
     return [mpirun, "-n", str(ranks), *command]
 
 
-def run_mpistyle(*args: str, ranks: int | None = None, cwd: Path | None = None, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+def run_mpistyle(
+    *args: str, ranks: int | None = None, cwd: Path | None = None, timeout: float = 240
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, **MPI_ENV, "PYTHONPATH": str(TESTS) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.run(
         mpistyle_command(*args, ranks=ranks), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout

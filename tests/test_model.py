@@ -157,7 +157,7 @@ def test_unreadable_checkpoints(tmp_path: Path, content: bytes) -> None:
 
 
 def test_missing_checkpoint() -> None:
-    with pytest.raises(ConfigError, match="model.checkpoint"):
+    with pytest.raises(ConfigError, match=r"model\.checkpoint"):
         load_transformer_net(None)
     with pytest.raises(ModelError, match="not found"):
         load_transformer_net("/nonexistent/candy.pth")

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from mpistyle.errors import ConfigError, InputError, ModelError, OutputError
 from mpistyle.pipeline import run
+
 from media import audio_packets, decode_all, stream_summary
 
 Cfg = Callable[..., DictConfig]
@@ -131,7 +132,8 @@ def test_staged_frames_are_reused_by_the_same_job(video: Callable[..., Path], cf
 def test_blend_and_codec_settings(video: Callable[..., Path], cfg: Cfg, tmp_path: Path) -> None:
     source = video(frames=6)
     output = tmp_path / "blend.mp4"
-    report = run(cfg(f"input={source}", f"output={output}", "model.blend={3: 0.5, 19: 0.5}", "video.codec=libx265", "video.crf=28", "video.preset=ultrafast"))
+    overrides = ["model.blend={3: 0.5, 19: 0.5}", "video.codec=libx265", "video.crf=28", "video.preset=ultrafast"]
+    report = run(cfg(f"input={source}", f"output={output}", *overrides))
     assert stream_summary(output)[0] == ("video", "hevc")
     assert report["model"]["blend"] == {3: 0.5, 19: 0.5}
 

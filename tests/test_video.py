@@ -11,6 +11,7 @@ import pytest
 from mpistyle.errors import InputError
 from mpistyle.parallel import partition
 from mpistyle.video import decode_share, probe, shares_for
+
 from media import decode_all
 
 
@@ -35,7 +36,7 @@ def test_shares_decode_to_exactly_the_straight_decode(video: Callable[..., Path]
     straight, _ = decode_all(path)
     assert len(pieces) == len(straight) == 31
     assert all(np.array_equal(a, b) for a, b in zip(pieces, straight))
-    assert [s.start for s in shares][0] == 0 and shares[-1].stop == 31
+    assert shares[0].start == 0 and shares[-1].stop == 31
 
 
 def test_variable_frame_rate_timestamps_are_indexed(video: Callable[..., Path]) -> None:

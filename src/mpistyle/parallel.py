@@ -5,6 +5,7 @@ Works the same under ``mpirun``/``srun`` and as a plain process (an MPI singleto
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import socket
 import sys
@@ -47,7 +48,7 @@ def partition(sizes: Sequence[int], parts: int) -> list[range]:
         best = min(range(bounds[-1], len(sizes) + 1), key=lambda b: (abs(cumulative[b] - target), b))
         bounds.append(best)
     bounds.append(len(sizes))
-    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+    return [range(a, b) for a, b in itertools.pairwise(bounds)]
 
 
 @dataclass

@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +27,11 @@ from . import __version__, config
 from .errors import ConfigError, JobStopped, ModelError, MpistyleError, OutputError
 from .parallel import RankContext, attempt, partition, unwrap
 from .report import Progress, StageTimer, preview_grid, preview_indices, write_json, write_png
-from .scoring import Scorer, pick_device, set_threads
+from .scoring import Scorer, default_batch_size, pick_device, set_threads
 from .staging import Staging, job_key
 from .video import (
-    EncodeSettings,
     Encoder,
+    EncodeSettings,
     Share,
     VideoInfo,
     decode_share,
@@ -79,9 +79,10 @@ def run(cfg: DictConfig, ctx: RankContext | None = None, run_id: str | None = No
     with timer("load_model"):
         scorer = ctx.check_all(lambda: build_scorer(cfg, ctx))
     ctx.check_all(plan.staging.create)
+    last = max(share.start, share.stop - 1)
     log.info(
         "rank %d/%d on %s (%s): frames %d-%d (%d of %d)",
-        ctx.rank, ctx.size, ctx.host, scorer.device, share.start, max(share.start, share.stop - 1), share.frames, plan.info.frames,
+        ctx.rank, ctx.size, ctx.host, scorer.device, share.start, last, share.frames, plan.info.frames,
     )
 
     progress = Progress(plan.info.frames, cfg.report.progress, cfg.report.progress_interval_s) if ctx.is_root else None
@@ -141,10 +142,11 @@ def make_plan(cfg: DictConfig, ranks: int, run_id: str) -> Plan:
     report = Path(cfg.report.path).expanduser() if cfg.report.path else output.with_name(output.name + ".report.json")
     preview = None
     if cfg.report.preview_frames > 0:
-        preview = Path(cfg.report.preview).expanduser() if cfg.report.preview else output.with_name(output.name + ".preview.png")
+        preview = Path(cfg.report.preview).expanduser() if cfg.report.preview else output.with_name(f"{output.name}.preview.png")
     log.info(
         "input %s: %s %dx%d, %d frames, %.2f s, %d GOPs, %d audio stream(s)",
-        info.path, info.codec, info.width, info.height, info.frames, info.duration_s, len(info.keyframe_pts), len(info.audio_streams),
+        info.path, info.codec, info.width, info.height, info.frames, info.duration_s,
+        len(info.keyframe_pts), len(info.audio_streams),
     )
     for dropped in info.dropped_streams:
         log.warning("the input's %s stream is not copied to the output", dropped)
@@ -174,7 +176,7 @@ def build_scorer(cfg: DictConfig, ctx: RankContext) -> Scorer:
         raise ConfigError(f"cannot build the model {cfg.model.get('_target_')}: {reason}") from None
     if not isinstance(model, nn.Module):
         raise ModelError(f"{cfg.model._target_} returned a {type(model).__name__}, not a torch.nn.Module")
-    return Scorer(model, device, cfg.batch_size)
+    return Scorer(model, device, cfg.batch_size or default_batch_size(device))
 
 
 def score_share(plan: Plan, share: Share, scorer: Scorer, tick: Any) -> dict[str, Any]:
@@ -266,7 +268,7 @@ def finish_job(
     width, height = output_size(info.width, info.height)
     report = {
         "mpistyle_version": __version__,
-        "finished_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "finished_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "run_id": run_id,
         "input": {
             "path": info.path,

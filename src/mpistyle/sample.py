@@ -133,7 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     width, height = args.size
     frames = max(1, round(args.seconds * args.fps))
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    make_video(args.output, frames, width, height, args.fps, gop=2 * args.fps, audio=args.audio_tracks)
+    # Half-second GOPs: even a short clip splits evenly over a few ranks (splits follow keyframes).
+    make_video(args.output, frames, width, height, args.fps, gop=max(1, args.fps // 2), audio=args.audio_tracks)
     print(f"wrote {args.output}: {frames} frames, {width}x{height} at {args.fps} fps, {args.audio_tracks} audio track(s)")
     return 0
 

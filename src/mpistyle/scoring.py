@@ -27,6 +27,12 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return device
 
 
+def default_batch_size(device: torch.device) -> int:
+    """Batches feed a GPU; on a CPU one frame at a time was fastest (bigger batches mostly add
+    page faults for the larger activations: 176 vs 196 ms/frame at 640x360 on 2 cores)."""
+    return 8 if device.type == "cuda" else 1
+
+
 def set_threads(threads: int | None, ranks_on_node: int) -> int:
     """Torch CPU threads for this rank: the CPUs it may run on (mpirun binding respected),
     shared among the node's ranks, unless given."""

@@ -7,14 +7,14 @@ The index is read from packets alone, so the root never decodes frames for the o
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import TypeVar
 
 import av
 import av.error
@@ -23,7 +23,6 @@ import numpy as np
 from .errors import InputError, OutputError
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 # Demuxers that FFmpeg uses for single still images: not a video, whatever the extension says.
 _STILL_IMAGE_FORMATS = ("image2", "_pipe")
@@ -60,7 +59,7 @@ class VideoInfo:
     def gop_sizes(self) -> list[int]:
         """Frames per GOP; frames shown before the first keyframe count with the first GOP."""
         starts = [0] + [bisect.bisect_left(self.frame_pts, pts) for pts in self.keyframe_pts[1:]]
-        return [end - start for start, end in zip(starts, starts[1:] + [self.frames])]
+        return [end - start for start, end in itertools.pairwise([*starts, self.frames])]
 
 
 @dataclass(frozen=True)
@@ -142,7 +141,9 @@ def probe(path: str) -> VideoInfo:
                 if packet.is_keyframe:
                     keyframes.append(packet.pts)
         except av.error.FFmpegError as err:
-            raise InputError(f"input is damaged: reading its packets failed at packet {len(frame_pts)} ({err.strerror}): {path}") from None
+            raise InputError(
+                f"input is damaged: reading its packets failed at packet {len(frame_pts)} ({err.strerror}): {path}"
+            ) from None
         if not frame_pts:
             raise InputError(f"input has a video stream but no frames: {path}")
         frame_pts.sort()
@@ -333,22 +334,28 @@ class Encoder:
             raise OutputError(f"encoder got {self._written} frames, expected {self.info.frames}")
         # Encoding None drains the frames the encoder still holds (B-frames, lookahead).
         self._encode(None)
-        self._guarded(lambda: self._audio.mux_until(self._out, math.inf))
+        self._flush_audio()
 
     def _encode(self, frame: av.VideoFrame | None) -> None:
-        for packet in self._guarded(lambda: self._stream.encode(frame)):
-            if packet.dts is not None:
-                self._guarded(lambda: self._audio.mux_until(self._out, float(packet.dts * packet.time_base)))
-            self._guarded(lambda: self._out.mux(packet))
-
-    def _guarded(self, step: Callable[[], T]) -> T:
         try:
-            return step()
+            for packet in self._stream.encode(frame):
+                if packet.dts is not None:
+                    self._audio.mux_until(self._out, float(packet.dts * packet.time_base))
+                self._out.mux(packet)
         except av.error.FFmpegError as err:
-            raise OutputError(
-                f"writing the {self._out.format.name} output failed: {err.strerror}"
-                " (an audio codec this container cannot hold? try output=....mkv)"
-            ) from None
+            raise self._write_error(err) from None
+
+    def _flush_audio(self) -> None:
+        try:
+            self._audio.mux_until(self._out, math.inf)
+        except av.error.FFmpegError as err:
+            raise self._write_error(err) from None
+
+    def _write_error(self, err: av.error.FFmpegError) -> OutputError:
+        return OutputError(
+            f"writing the {self._out.format.name} output failed: {err.strerror}"
+            " (an audio codec this container cannot hold? try output=....mkv)"
+        )
 
     def __enter__(self) -> Encoder:
         return self
@@ -366,7 +373,7 @@ def read_frames(path: str, indices: Sequence[int], info: VideoInfo) -> list[np.n
     """Decode a few frames by index (for the preview), each from its own GOP."""
     frames = []
     sizes = info.gop_sizes()
-    bounds = np.cumsum([0] + sizes)
+    bounds = np.cumsum([0, *sizes])
     for index in indices:
         gop = int(np.searchsorted(bounds, index, side="right") - 1)
         share = shares_for(info, [range(gop, gop + 1)])[0]

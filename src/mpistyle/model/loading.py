@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import warnings
 import zipfile
 from collections.abc import Mapping
 from importlib import resources
@@ -122,7 +123,10 @@ def _is_torchscript(path: Path) -> bool:
 
 def _load_torchscript_file(path: Path) -> nn.Module:
     try:
-        return torch.jit.load(str(path), map_location="cpu").eval()
+        with warnings.catch_warnings():
+            # Torch nags that TorchScript is deprecated; users' files are TorchScript all the same.
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            return torch.jit.load(str(path), map_location="cpu").eval()
     except Exception as err:  # TorchScript raises RuntimeError subclasses with long C++ traces
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(f"cannot load TorchScript file {path}: {first_line}") from None

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Set up mpistyle on a fresh Debian machine: OpenMPI from Debian's packages, then a virtual
+# environment (.venv) holding the package with its test tools. Safe to run again.
+#   MPISTYLE_TORCH  which torch to install (default torch==2.13.0: the CPU build where one lies
+#                   on local disk, as on our dev/CI machines; a CUDA build from PyPI elsewhere)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+need=()
+for pkg in openmpi-bin libopenmpi-dev; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+# mpi4py compiles against the system MPI: it needs a C compiler and Python's headers.
+command -v gcc >/dev/null || need+=(gcc)
+python3 -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+  || need+=(python3-dev)
+python3 -c 'import ensurepip' 2>/dev/null || need+=(python3-venv)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "setup: installing Debian packages: ${need[*]}"
+  $sudo apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+python3 - <<'PY'
+import sys
+if sys.version_info < (3, 11):
+    sys.exit(f"setup: mpistyle needs Python 3.11 or newer, python3 is {sys.version.split()[0]}")
+PY
+[ -x .venv/bin/python ] || python3 -m venv .venv
+pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+"${pip[@]}" --upgrade pip
+"${pip[@]}" "${MPISTYLE_TORCH:-torch==2.13.0}"
+"${pip[@]}" -e ".[test]"
+.venv/bin/python -c 'import mpi4py.MPI, torch, av, h5py, hydra; print("setup: ready,", "torch", torch.__version__, "| PyAV", av.__version__, "|", mpi4py.MPI.Get_library_version().splitlines()[0][:40])'

@@ -1,0 +1,123 @@
+"""The real `mpistyle` program, as a user runs it: one process, or under mpirun."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import run_mpistyle
+from media import audio_packets, decode_all
+
+
+def test_help_and_cfg_job(tmp_path: Path) -> None:
+    shown = run_mpistyle("--help", cwd=tmp_path)
+    assert shown.returncode == 0
+    assert "mpistyle input=in.mp4 output=out.mp4" in shown.stdout and "model: multistyle" in shown.stdout
+    job = run_mpistyle("--cfg", "job", "model.style=5", "input=a.mp4", cwd=tmp_path)
+    assert job.returncode == 0
+    assert "style: 5" in job.stdout and "input: a.mp4" in job.stdout
+
+
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).with_name("mpistyle")
+    assert script.exists(), "pip install -e . should install the mpistyle console script"
+    shown = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and "== Choices" in shown.stdout
+
+
+def test_one_process_run_dir_and_logs(video: Callable[..., Path], tmp_path: Path) -> None:
+    source = video(frames=12)
+    done = run_mpistyle(f"input={source}", f"output={tmp_path / 'out.mp4'}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    runs = list((tmp_path / "outputs").iterdir())
+    assert len(runs) == 1
+    assert (runs[0] / "mpistyle.log").read_text().count("wrote ") == 1
+    assert (runs[0] / ".hydra" / "config.yaml").exists()
+    assert "progress: 12/12 frames" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "overrides, code, words",
+    [
+        (["input=/nonexistent/in.mp4"], 3, "input not found"),
+        (["model.style=99"], 2, "unknown style 99"),
+        (["batch_size=-4"], 2, "batch_size must be at least 1"),
+        (["model=transformer_net", "model.checkpoint={bad}"], 5, "cannot read checkpoint"),
+        (["input={noise}"], 3, "not a video"),
+    ],
+)
+def test_errors_are_one_line_with_exit_code(
+    video: Callable[..., Path], tmp_path: Path, overrides: list[str], code: int, words: str
+) -> None:
+    source = video(frames=6)
+    noise = tmp_path / "noise.mp4"
+    noise.write_bytes(bytes(range(256)) * 40)
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"garbage")
+    args = [f"input={source}", f"output={tmp_path / 'out.mp4'}"]
+    args += [o.format(bad=bad, noise=noise) for o in overrides]
+    done = run_mpistyle(*args, cwd=tmp_path)
+    assert done.returncode == code, done.stderr
+    errors = [line for line in done.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and words in errors[0]
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "out.mp4").exists()
+
+
+@pytest.mark.mpi
+def test_output_is_identical_for_one_two_and_three_ranks(video: Callable[..., Path], tmp_path: Path) -> None:
+    source = video(frames=31, width=80, height=60, gop=5)  # 7 GOPs: no even split for 2 or 3
+    outputs = {}
+    for ranks in (1, 2, 3):
+        output = tmp_path / f"out{ranks}.mp4"
+        done = run_mpistyle(f"input={source}", f"output={output}", "model.style=5", ranks=ranks, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        report = json.loads(Path(f"{output}.report.json").read_text())
+        assert report["ranks"] == ranks and len(report["per_rank"]) == ranks
+        assert sum(r["frames"] for r in report["per_rank"]) == 31
+        # Every rank logs its share; only rank 0 writes the job's files.
+        for rank in range(ranks):
+            assert f"rank {rank}/{ranks} on " in done.stderr
+        outputs[ranks] = decode_all(output)
+        assert audio_packets(output) == audio_packets(source)
+    frames1, times1 = outputs[1]
+    assert len(frames1) == 31
+    for ranks in (2, 3):
+        frames, times = outputs[ranks]
+        assert times == times1
+        assert all(np.array_equal(a, b) for a, b in zip(frames, frames1))
+    assert len(list((tmp_path / "outputs").iterdir())) == 3  # one run directory per job, not per rank
+
+
+@pytest.mark.mpi
+def test_a_rank_failing_mid_job_stops_every_rank(video: Callable[..., Path], tmp_path: Path) -> None:
+    source = video(frames=24, gop=4)
+    output = tmp_path / "out.mp4"
+    done = run_mpistyle(
+        f"input={source}", f"output={output}", "~model", "+model._target_=frame_models.fail_on_rank",
+        "+model.rank=1", "batch_size=2", ranks=2, cwd=tmp_path, timeout=120,
+    )
+    assert done.returncode == 1, done.stderr
+    errors = [line for line in done.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1
+    assert "rank 1: internal error: RuntimeError: simulated failure inside the model" in errors[0]
+    assert "mpistyle.log" in errors[0]  # where the traceback went
+    assert not output.exists()
+    assert not list(tmp_path.glob(".out.partial*"))
+
+
+@pytest.mark.mpi
+def test_a_rank_failing_to_load_the_model(video: Callable[..., Path], tmp_path: Path) -> None:
+    source = video(frames=12)
+    done = run_mpistyle(
+        f"input={source}", f"output={tmp_path / 'out.mp4'}", "~model", "+model._target_=frame_models.refuse_on_rank",
+        "+model.rank=2", ranks=3, cwd=tmp_path, timeout=120,
+    )
+    assert done.returncode == 5, done.stderr
+    errors = [line for line in done.stderr.splitlines() if "ERROR" in line]
+    assert errors == [errors[0]] and "rank 2: simulated damaged checkpoint" in errors[0]
