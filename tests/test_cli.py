@@ -91,7 +91,11 @@ def test_output_is_identical_for_one_two_and_three_ranks(video: Callable[..., Pa
         frames, times = outputs[ranks]
         assert times == times1
         assert all(np.array_equal(a, b) for a, b in zip(frames, frames1))
-    assert len(list((tmp_path / "outputs").iterdir())) == 3  # one run directory per job, not per rank
+    runs = list((tmp_path / "outputs").iterdir())
+    assert len(runs) == 3  # one run directory per job, not per rank
+    for run_dir in runs:
+        # Only rank 0 writes there: one log, one Hydra config dump.
+        assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "mpistyle.log"]
 
 
 @pytest.mark.mpi

@@ -129,6 +129,18 @@ def test_staged_frames_are_reused_by_the_same_job(video: Callable[..., Path], cf
     assert third["frames_reused"] == 0
 
 
+def test_only_missing_gops_are_scored_again(video: Callable[..., Path], cfg: Cfg, tmp_path: Path) -> None:
+    source = video(frames=24, gop=6)
+    first = run(cfg(f"input={source}", f"output={tmp_path / 'a.mp4'}", "staging.keep=true"))
+    staged = sorted(Path(first["staging"]).glob("frames-*.h5"))
+    assert len(staged) == 4  # one file per GOP
+    staged[1].unlink()
+    staged[3].rename(staged[3].with_name(staged[3].name + ".partial"))  # as a killed writer leaves it
+    second = run(cfg(f"input={source}", f"output={tmp_path / 'b.mp4'}"))
+    assert second["frames_reused"] == 12
+    assert all(np.array_equal(x, y) for x, y in zip(decode_all(tmp_path / "a.mp4")[0], decode_all(tmp_path / "b.mp4")[0]))
+
+
 def test_blend_and_codec_settings(video: Callable[..., Path], cfg: Cfg, tmp_path: Path) -> None:
     source = video(frames=6)
     output = tmp_path / "blend.mp4"
@@ -136,6 +148,17 @@ def test_blend_and_codec_settings(video: Callable[..., Path], cfg: Cfg, tmp_path
     report = run(cfg(f"input={source}", f"output={output}", *overrides))
     assert stream_summary(output)[0] == ("video", "hevc")
     assert report["model"]["blend"] == {3: 0.5, 19: 0.5}
+
+
+def test_report_and_preview_paths_and_progress_bar(video: Callable[..., Path], cfg: Cfg, tmp_path: Path) -> None:
+    source = video(frames=9)
+    report_path, preview_path = tmp_path / "reports" / "job.json", tmp_path / "p.png"
+    (tmp_path / "reports").mkdir()
+    overrides = [f"report.path={report_path}", f"report.preview={preview_path}", "report.preview_frames=3", "report.progress=bar"]
+    run(cfg(f"input={source}", f"output={tmp_path / 'out.mp4'}", *overrides))
+    assert json.loads(report_path.read_text())["frames"] == 9
+    assert preview_path.read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "out.mp4.report.json").exists() and not (tmp_path / "out.mp4.preview.png").exists()
 
 
 @pytest.mark.parametrize(

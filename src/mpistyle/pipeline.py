@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -179,56 +180,67 @@ def build_scorer(cfg: DictConfig, ctx: RankContext) -> Scorer:
     return Scorer(model, device, cfg.batch_size or default_batch_size(device))
 
 
-def score_share(plan: Plan, share: Share, scorer: Scorer, tick: Any) -> dict[str, Any]:
-    """Decode, score and stage this rank's frames, a batch at a time (memory stays fixed)."""
+def score_share(plan: Plan, share: Share, scorer: Scorer, tick: Callable[[int], bool]) -> dict[str, Any]:
+    """Decode, score and stage this rank's frames, a batch at a time (memory stays fixed).
+
+    Each GOP is staged in its own file; GOPs already staged by an earlier attempt of the same
+    job are reused, whatever the rank count was then.
+    """
     info = plan.info
+    bounds = info.gop_bounds()
     seconds = {"decode": 0.0, "score": 0.0, "stage": 0.0}
-    summary: dict[str, Any] = {
+    began = time.perf_counter()
+    missing = [g for g in share.gops if not plan.staging.has(*bounds[g])]
+    reused = share.frames - sum(bounds[g][1] - bounds[g][0] for g in missing)
+    if reused and not tick(reused):
+        raise JobStopped("stopped because another rank failed")
+    batch = np.empty((scorer.batch_size, info.height, info.width, 3), np.uint8)
+    for run in _consecutive(missing):
+        frames = decode_share(info, shares_for(info, [run])[0])
+        for start, stop in bounds[run.start : run.stop]:
+            with plan.staging.writer(start, stop, info.height, info.width) as writer:
+                for first in range(start, stop, scorer.batch_size):
+                    count = min(scorer.batch_size, stop - first)
+                    mark = time.perf_counter()
+                    for slot in range(count):
+                        batch[slot] = next(frames)
+                    seconds["decode"] += time.perf_counter() - mark
+                    mark = time.perf_counter()
+                    styled = scorer(batch[:count])
+                    seconds["score"] += time.perf_counter() - mark
+                    mark = time.perf_counter()
+                    writer.write(styled)
+                    seconds["stage"] += time.perf_counter() - mark
+                    if not tick(count):
+                        raise JobStopped("stopped because another rank failed")
+    total = time.perf_counter() - began
+    log.info(
+        "scored %d frames in %.2f s (decode %.2f, score %.2f, stage %.2f)%s",
+        share.frames - reused, total, seconds["decode"], seconds["score"], seconds["stage"],
+        f", {reused} reused from staging" if reused else "",
+    )
+    return {
         "host": os.uname().nodename,
         "device": str(scorer.device),
         "threads": torch.get_num_threads() if scorer.device.type == "cpu" else None,
         "frames": share.frames,
         "first_frame": share.start,
-        "frames_reused": 0,
+        "frames_reused": reused,
         "seconds": seconds,
+        "seconds_total": total,
+        "fps": (share.frames - reused) / total if total > 0 and share.frames > reused else None,
     }
-    began = time.perf_counter()
-    if share.frames and plan.staging.shard_path(share.start, share.stop).exists():
-        # Finished in an earlier attempt of this same job (same input, model and split).
-        summary["frames_reused"] = share.frames
-        tick(share.frames)
-    elif share.frames:
-        batch = np.empty((scorer.batch_size, info.height, info.width, 3), np.uint8)
-        with plan.staging.writer(share.start, share.stop, info.height, info.width) as writer:
-            frames = decode_share(info, share)
-            filled = 0
-            while True:
-                mark = time.perf_counter()
-                frame = next(frames, None)
-                seconds["decode"] += time.perf_counter() - mark
-                if frame is not None:
-                    batch[filled] = frame
-                    filled += 1
-                if filled == scorer.batch_size or (frame is None and filled):
-                    mark = time.perf_counter()
-                    styled = scorer(batch[:filled])
-                    seconds["score"] += time.perf_counter() - mark
-                    mark = time.perf_counter()
-                    writer.write(styled)
-                    seconds["stage"] += time.perf_counter() - mark
-                    if not tick(filled):
-                        raise JobStopped("stopped because another rank failed")
-                    filled = 0
-                if frame is None:
-                    break
-    summary["seconds_total"] = time.perf_counter() - began
-    summary["fps"] = share.frames / summary["seconds_total"] if summary["seconds_total"] > 0 else None
-    log.info(
-        "scored %d frames in %.2f s (decode %.2f, score %.2f, stage %.2f)%s",
-        share.frames, summary["seconds_total"], seconds["decode"], seconds["score"], seconds["stage"],
-        f", {summary['frames_reused']} reused from staging" if summary["frames_reused"] else "",
-    )
-    return summary
+
+
+def _consecutive(gops: list[int]) -> list[range]:
+    """[3, 4, 5, 8, 9] -> [range(3, 6), range(8, 10)]: runs decoded with one seek each."""
+    runs: list[range] = []
+    for gop in gops:
+        if runs and runs[-1].stop == gop:
+            runs[-1] = range(runs[-1].start, gop + 1)
+        else:
+            runs.append(range(gop, gop + 1))
+    return runs
 
 
 def finish_job(
@@ -249,12 +261,10 @@ def finish_job(
     with timer("encode"):
         try:
             with Encoder(plan.partial, info, settings, plan.container_format) as encoder:
-                for share in plan.shares:
-                    if not share.frames:
-                        continue
-                    for offset, frame in enumerate(plan.staging.read(share.start, share.stop)):
-                        if share.start + offset in wanted:
-                            styled_for_preview[share.start + offset] = frame
+                for start, stop in info.gop_bounds():
+                    for index, frame in enumerate(plan.staging.read(start, stop), start):
+                        if index in wanted:
+                            styled_for_preview[index] = frame
                         encoder.write(frame)
                 encoder.finish()
             os.replace(plan.partial, plan.output)

@@ -1,9 +1,9 @@
 """The staging area: stylised frames on a filesystem every rank and the root can see (NFS on a
 cluster), between scoring and encoding.
 
-Layout: ``<root>/<job key>/frames-<start>-<stop>.h5``, one HDF5 file per share of frames, with
+Layout: ``<root>/<job key>/frames-<start>-<stop>.h5``, one HDF5 file per GOP of the input, with
 one dataset ``frames`` of shape ``(n, H, W, 3)`` uint8, chunked one frame per chunk so the root
-can stream it back frame by frame. Each rank writes only its own files, so the serial h5py
+can stream it back frame by frame. Each rank writes only the files of its own GOPs, so the serial h5py
 wheel suffices (no parallel HDF5 build, no MPI-IO locking on NFS). A file is written under a
 temporary name and renamed once complete: a crash never leaves a file that looks finished.
 """
@@ -44,6 +44,10 @@ class Staging:
 
     def shard_path(self, start: int, stop: int) -> Path:
         return self.dir / f"frames-{start:09d}-{stop:09d}.h5"
+
+    def has(self, start: int, stop: int) -> bool:
+        """Whether frames ``[start, stop)`` are staged completely (partial files never count)."""
+        return self.shard_path(start, stop).is_file()
 
     def writer(self, start: int, stop: int, height: int, width: int) -> ShardWriter:
         return ShardWriter(self.shard_path(start, stop), stop - start, height, width)

@@ -56,20 +56,24 @@ class VideoInfo:
         step = self.frame_pts[-1] - self.frame_pts[-2] if self.frames > 1 else 0
         return float((self.frame_pts[-1] + step - self.frame_pts[0]) * self.time_base)
 
-    def gop_sizes(self) -> list[int]:
-        """Frames per GOP; frames shown before the first keyframe count with the first GOP."""
+    def gop_bounds(self) -> list[tuple[int, int]]:
+        """Each GOP's frames ``[start, stop)``; frames shown before the first keyframe count
+        with the first GOP."""
         starts = [0] + [bisect.bisect_left(self.frame_pts, pts) for pts in self.keyframe_pts[1:]]
-        return [end - start for start, end in itertools.pairwise([*starts, self.frames])]
+        return list(itertools.pairwise([*starts, self.frames]))
+
+    def gop_sizes(self) -> list[int]:
+        return [stop - start for start, stop in self.gop_bounds()]
 
 
 @dataclass(frozen=True)
 class Share:
     """A contiguous run of whole GOPs: frames ``[start, stop)`` in presentation order."""
 
+    gops: range
     start: int
     stop: int
-    pts_low: int | None  # first pts owned, None = from the start of the stream
-    pts_high: int | None  # first pts not owned, None = to the end of the stream
+    seek_pts: int | None  # the first GOP's keyframe; None = decode from the start of the stream
 
     @property
     def frames(self) -> int:
@@ -78,19 +82,16 @@ class Share:
 
 def shares_for(info: VideoInfo, gop_ranges: Sequence[range]) -> list[Share]:
     """Turn GOP ranges (from the partitioner) into frame ranges and the pts bounds a decoder uses."""
-    sizes = info.gop_sizes()
-    starts = [0]
-    for size in sizes:
-        starts.append(starts[-1] + size)
-    shares = []
-    for gops in gop_ranges:
-        if not gops:
-            shares.append(Share(starts[-1], starts[-1], 0, 0))
-            continue
-        low = None if gops.start == 0 else info.keyframe_pts[gops.start]
-        high = None if gops.stop == len(sizes) else info.keyframe_pts[gops.stop]
-        shares.append(Share(starts[gops.start], starts[gops.stop], low, high))
-    return shares
+    starts = [start for start, _ in info.gop_bounds()] + [info.frames]
+    return [
+        Share(
+            gops,
+            starts[gops.start],
+            starts[gops.stop],
+            None if gops.start == 0 or not gops else info.keyframe_pts[gops.start],
+        )
+        for gops in gop_ranges
+    ]
 
 
 def _open_input(path: str) -> av.container.InputContainer:
@@ -187,8 +188,8 @@ def decode_share(info: VideoInfo, share: Share) -> Iterator[np.ndarray]:
         stream = container.streams.video[0]
         # Frame threads speed decoding up without changing any decoded pixel.
         stream.thread_type = "AUTO"
-        if share.pts_low is not None:
-            container.seek(share.pts_low, stream=stream, backward=True)
+        if share.seek_pts is not None:
+            container.seek(share.seek_pts, stream=stream, backward=True)
         try:
             for packet in container.demux(stream):
                 for frame in packet.decode():
@@ -372,10 +373,9 @@ class Encoder:
 def read_frames(path: str, indices: Sequence[int], info: VideoInfo) -> list[np.ndarray]:
     """Decode a few frames by index (for the preview), each from its own GOP."""
     frames = []
-    sizes = info.gop_sizes()
-    bounds = np.cumsum([0, *sizes])
+    starts = [start for start, _ in info.gop_bounds()]
     for index in indices:
-        gop = int(np.searchsorted(bounds, index, side="right") - 1)
+        gop = bisect.bisect_right(starts, index) - 1
         share = shares_for(info, [range(gop, gop + 1)])[0]
         for offset, frame in enumerate(decode_share(info, share)):
             if share.start + offset == index:
