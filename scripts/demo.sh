@@ -10,8 +10,8 @@ if [ "$(id -u)" -eq 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_
 mkdir -p demo
 .venv/bin/mpistyle-sample demo/sample.mp4 --seconds 5 --size 640x360
 # --oversubscribe: two ranks even on a one-core machine.
-mpirun -n 2 --oversubscribe .venv/bin/mpistyle input=demo/sample.mp4 output=demo/sample-styled.mp4 \
-  hydra.run.dir=demo/runs/\${oc.env:MPISTYLE_RUN_ID} "$@"
+MPISTYLE_RUNS_DIR=demo/runs mpirun -n 2 --oversubscribe \
+  .venv/bin/mpistyle input=demo/sample.mp4 output=demo/sample-styled.mp4 "$@"
 echo
 echo "demo: styled video  $(pwd)/demo/sample-styled.mp4"
 echo "demo: preview       $(pwd)/demo/sample-styled.mp4.preview.png"

@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import run_mpistyle
+from conftest import MPI_ENV, mpistyle_command, run_mpistyle
 from media import audio_packets, decode_all
 
 
@@ -125,3 +128,29 @@ def test_a_rank_failing_to_load_the_model(video: Callable[..., Path], tmp_path: 
     assert done.returncode == 5, done.stderr
     errors = [line for line in done.stderr.splitlines() if "ERROR" in line]
     assert errors == [errors[0]] and "rank 2: simulated damaged checkpoint" in errors[0]
+
+
+def test_sigterm_stops_cleanly_and_the_rerun_resumes(video: Callable[..., Path], tmp_path: Path) -> None:
+    source = video(frames=60, width=320, height=180, gop=4)
+    output = tmp_path / "out.mp4"
+    staging = tmp_path / "staging"
+    args = [f"input={source}", f"output={output}", f"staging.root={staging}"]
+    env = {**os.environ, **MPI_ENV}
+    job = subprocess.Popen(mpistyle_command(*args), cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(staging.glob("*/frames-*.h5")) and time.monotonic() < deadline and job.poll() is None:
+        time.sleep(0.05)
+    job.send_signal(signal.SIGTERM)
+    _, stderr = job.communicate(timeout=60)
+    assert job.returncode == 143, stderr
+    assert "stopped by SIGTERM" in stderr and "Traceback" not in stderr
+    assert not output.exists() and not list(tmp_path.glob(".out.partial*"))
+    assert not list(staging.glob("*/*.partial"))
+    staged = len(list(staging.glob("*/frames-*.h5")))
+    assert 1 <= staged < 15
+
+    done = run_mpistyle(*args, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(Path(f"{output}.report.json").read_text())
+    assert report["frames_reused"] == 4 * staged
+    assert len(decode_all(output)[0]) == 60

@@ -13,7 +13,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-from . import config
+from . import config, signals
 from .errors import InternalError, MpistyleError
 from .parallel import RankContext
 
@@ -30,6 +30,7 @@ def main() -> None:
         # Only rank 0 writes Hydra's config dumps (and, below, the log file).
         sys.argv.append("hydra.output_subdir=null")
     sys.excepthook = _abort_on_crash
+    signals.install()
     config.register()
     _hydra_main()
 

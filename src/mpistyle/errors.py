@@ -7,7 +7,8 @@ Exit codes (documented in README.md):
   4  output location unusable (unwritable directory, output equals input, ...)
   5  model or checkpoint problem (checksum, shape mismatch, unknown style)
   6  staging area problem (disk full, unwritable, corrupt staged frames)
-  7  another rank failed or the job was interrupted
+  7  the job stopped because another rank failed
+  128+N  stopped by signal N (143: SIGTERM, e.g. scancel or preemption; 130: Ctrl-C)
 """
 from __future__ import annotations
 
@@ -46,6 +47,17 @@ class StagingError(MpistyleError):
 
 class JobAborted(MpistyleError):
     exit_code = 7
+
+
+class JobInterrupted(JobAborted):
+    """A stop signal arrived (scancel, preemption, Ctrl-C); exits with 128 + the signal number."""
+
+    def __init__(self, message: str, exit_code: int = 143) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def __reduce__(self) -> tuple[type, tuple[str, int]]:
+        return (type(self), (str(self), self.exit_code))
 
 
 class JobStopped(JobAborted):

@@ -5,6 +5,7 @@ Works the same under ``mpirun``/``srun`` and as a plain process (an MPI singleto
 """
 from __future__ import annotations
 
+import copy as copy_module
 import itertools
 import logging
 import socket
@@ -185,8 +186,10 @@ class RankContext:
 
 
 def _from_rank(error: MpistyleError, rank: int) -> MpistyleError:
-    """The same error type, its message naming the rank it came from."""
-    return type(error)(f"rank {rank}: {error}")
+    """The same error, its message naming the rank it came from."""
+    copy = copy_module.copy(error)
+    copy.args = (f"rank {rank}: {error}",)
+    return copy
 
 
 def _wait(request: Any) -> Any:

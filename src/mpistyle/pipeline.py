@@ -24,7 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from . import __version__, config
+from . import __version__, config, signals
 from .errors import ConfigError, JobStopped, ModelError, MpistyleError, OutputError
 from .parallel import RankContext, attempt, partition, unwrap
 from .report import Progress, StageTimer, preview_grid, preview_indices, write_json, write_png
@@ -78,7 +78,7 @@ def run(cfg: DictConfig, ctx: RankContext | None = None, run_id: str | None = No
         plan = ctx.share(lambda: make_plan(cfg, ctx.size, run_id))
     share = plan.shares[ctx.rank]
     with timer("load_model"):
-        scorer = ctx.check_all(lambda: build_scorer(cfg, ctx))
+        scorer = ctx.check_all(lambda: _then_check(build_scorer(cfg, ctx)))
     ctx.check_all(plan.staging.create)
     last = max(share.start, share.stop - 1)
     log.info(
@@ -101,6 +101,11 @@ def run(cfg: DictConfig, ctx: RankContext | None = None, run_id: str | None = No
         return finish_job(cfg, plan, summaries, timer, started, run_id)
 
     return ctx.share(finish)
+
+
+def _then_check(value: Any) -> Any:
+    signals.check()
+    return value
 
 
 def _ignore(frames: int) -> None:
@@ -192,8 +197,8 @@ def score_share(plan: Plan, share: Share, scorer: Scorer, tick: Callable[[int], 
     began = time.perf_counter()
     missing = [g for g in share.gops if not plan.staging.has(*bounds[g])]
     reused = share.frames - sum(bounds[g][1] - bounds[g][0] for g in missing)
-    if reused and not tick(reused):
-        raise JobStopped("stopped because another rank failed")
+    if reused:
+        _step(tick, reused)
     batch = np.empty((scorer.batch_size, info.height, info.width, 3), np.uint8)
     for run in _consecutive(missing):
         frames = decode_share(info, shares_for(info, [run])[0])
@@ -211,8 +216,7 @@ def score_share(plan: Plan, share: Share, scorer: Scorer, tick: Callable[[int], 
                     mark = time.perf_counter()
                     writer.write(styled)
                     seconds["stage"] += time.perf_counter() - mark
-                    if not tick(count):
-                        raise JobStopped("stopped because another rank failed")
+                    _step(tick, count)
     total = time.perf_counter() - began
     log.info(
         "scored %d frames in %.2f s (decode %.2f, score %.2f, stage %.2f)%s",
@@ -230,6 +234,14 @@ def score_share(plan: Plan, share: Share, scorer: Scorer, tick: Callable[[int], 
         "seconds_total": total,
         "fps": (share.frames - reused) / total if total > 0 and share.frames > reused else None,
     }
+
+
+def _step(tick: Callable[[int], bool], frames: int) -> None:
+    """Report progress; give up at this safe point if the job is stopping."""
+    if not tick(frames):
+        signals.check()
+        raise JobStopped("stopped because another rank failed")
+    signals.check()
 
 
 def _consecutive(gops: list[int]) -> list[range]:
@@ -266,6 +278,7 @@ def finish_job(
                         if index in wanted:
                             styled_for_preview[index] = frame
                         encoder.write(frame)
+                        signals.check()
                 encoder.finish()
             os.replace(plan.partial, plan.output)
         finally:

@@ -1,0 +1,168 @@
+"""A real single-node Slurm (Debian's slurm-wlm + munge) for the tests, on loopback.
+
+Writes a slurm.conf for this machine (no cgroups, no systemd, no accounting database), starts
+munged (unless one already answers), slurmctld and slurmd, and stops what it started.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "scancel")
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
+
+
+class SlurmUnavailable(RuntimeError):
+    pass
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _program(name: str) -> str:
+    for folder in (None, "/usr/sbin", "/sbin"):
+        found = shutil.which(name, path=folder)
+        if found:
+            return found
+    raise SlurmUnavailable(f"{name} not found: install slurm-wlm and munge (scripts/setup.sh --test)")
+
+
+class SlurmCluster:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.conf = root / "slurm.conf"
+        self._started: list[subprocess.Popen[bytes]] = []
+        self._munged: str | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self, timeout: float = 60) -> None:
+        programs = {name: _program(name) for name in DAEMONS}
+        for sub in ("state", "spool", "log"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self._start_munge(programs["munged"])
+        cpus = os.cpu_count() or 1
+        memory_mb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) // 1024 - 1024
+        host = socket.gethostname()
+        self.conf.write_text(
+            "\n".join(
+                [
+                    "ClusterName=mpistyle-test",
+                    f"SlurmctldHost={host}(127.0.0.1)",
+                    f"SlurmctldPort={_free_port()}",
+                    f"SlurmdPort={_free_port()}",
+                    "SlurmUser=root",
+                    "AuthType=auth/munge",
+                    # A requeued job waits this long before it may start again (default 120 s).
+                    "AuthInfo=cred_expire=10",
+                    f"StateSaveLocation={self.root / 'state'}",
+                    f"SlurmdSpoolDir={self.root / 'spool'}",
+                    f"SlurmctldPidFile={self.root / 'slurmctld.pid'}",
+                    f"SlurmdPidFile={self.root / 'slurmd.pid'}",
+                    f"SlurmctldLogFile={self.root / 'log' / 'slurmctld.log'}",
+                    f"SlurmdLogFile={self.root / 'log' / 'slurmd.log'}",
+                    # No cgroups or systemd on these machines.
+                    "ProctrackType=proctrack/linuxproc",
+                    "TaskPlugin=task/none",
+                    "SelectType=select/cons_tres",
+                    "SelectTypeParameters=CR_Core",
+                    "AccountingStorageType=accounting_storage/none",
+                    "JobCompType=jobcomp/none",
+                    "MpiDefault=none",
+                    "ReturnToService=2",
+                    "SchedulerType=sched/backfill",
+                    "KillWait=30",
+                    "MinJobAge=600",
+                    f"NodeName=localhost NodeHostname={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN",
+                    "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP",
+                    "",
+                ]
+            )
+        )
+        env = self.env()
+        log = (self.root / "log" / "daemons.out").open("ab")
+        self._started.append(subprocess.Popen([programs["slurmctld"], "-D", "-f", str(self.conf)], env=env, stdout=log, stderr=log))
+        self._started.append(
+            subprocess.Popen([programs["slurmd"], "-D", "-N", "localhost", "-f", str(self.conf)], env=env, stdout=log, stderr=log)
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for daemon in self._started:
+                if daemon.poll() is not None:
+                    raise SlurmUnavailable(f"{daemon.args[0]} exited: {self._log_tail()}")
+            state = self.run("sinfo", "-h", "-o", "%T", check=False).stdout.strip()
+            if state in ("idle", "idle*") and state == "idle":
+                return
+            time.sleep(0.3)
+        raise SlurmUnavailable(f"the node did not become idle in {timeout:.0f} s: {self._log_tail()}")
+
+    def _start_munge(self, munged: str) -> None:
+        if subprocess.run("munge -n | unmunge", shell=True, capture_output=True).returncode == 0:
+            return  # a munged is already running and answering
+        key = Path("/etc/munge/munge.key")
+        if not key.exists():
+            subprocess.run(["mungekey", "--create"], check=True, capture_output=True)
+            shutil.chown(key, "munge", "munge")
+        Path("/run/munge").mkdir(parents=True, exist_ok=True)
+        shutil.chown("/run/munge", "munge", "munge")
+        subprocess.run(["runuser", "-u", "munge", "--", munged], check=True, capture_output=True)
+        self._munged = munged
+        for _ in range(50):
+            if subprocess.run("munge -n | unmunge", shell=True, capture_output=True).returncode == 0:
+                return
+            time.sleep(0.1)
+        raise SlurmUnavailable("munged started but does not answer")
+
+    def stop(self) -> None:
+        for daemon in self._started:
+            daemon.terminate()
+        for daemon in self._started:
+            try:
+                daemon.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+        if self._munged:
+            subprocess.run(["pkill", "-x", "munged"], capture_output=True)
+
+    def _log_tail(self) -> str:
+        lines = []
+        for name in ("daemons.out", "slurmctld.log", "slurmd.log"):
+            path = self.root / "log" / name
+            if path.exists():
+                lines += path.read_text(errors="replace").splitlines()[-5:]
+        return " | ".join(lines)
+
+    # -- use ---------------------------------------------------------------------------------
+
+    def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        return {**os.environ, "SLURM_CONF": str(self.conf), **(extra or {})}
+
+    def run(self, *command: str, check: bool = True, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(list(command), capture_output=True, text=True, check=check, env=env or self.env(), cwd=cwd, timeout=60)
+
+    def sbatch(self, *args: str, cwd: Path, env: dict[str, str] | None = None) -> int:
+        done = self.run("sbatch", "--parsable", *args, cwd=cwd, env=self.env(env), check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"sbatch {' '.join(args)} failed: {done.stderr.strip()}")
+        return int(done.stdout.strip().split(";")[0])
+
+    def job(self, job_id: int) -> dict[str, str]:
+        shown = self.run("scontrol", "show", "job", "-o", str(job_id)).stdout
+        return dict(re.findall(r"(\w+)=(\S*)", shown))
+
+    def wait(self, job_id: int, states: set[str] = FINAL_STATES, timeout: float = 300) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = self.job(job_id)
+            if info.get("JobState") in states:
+                return info
+            time.sleep(0.5)
+        raise TimeoutError(f"job {job_id} still {self.job(job_id).get('JobState')} after {timeout:.0f} s")

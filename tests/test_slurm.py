@@ -1,0 +1,113 @@
+"""`sbatch slurm/style.sbatch` end to end on a real single-node Slurm started by the tests."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from slurm_cluster import SlurmCluster, SlurmUnavailable
+
+from conftest import MPI_ENV, TESTS
+from media import audio_packets, decode_all
+
+SCRIPT = TESTS.parent / "slurm" / "style.sbatch"
+pytestmark = pytest.mark.slurm
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+    except SlurmUnavailable as err:
+        if os.environ.get("MPISTYLE_REQUIRE_SERVICES") == "1":
+            pytest.fail(f"Slurm must run here but cannot start: {err}")
+        pytest.skip(f"Slurm cannot be started on this machine: {err}")
+    yield cluster
+    cluster.stop()
+
+
+def job_env(tmp_path: Path) -> dict[str, str]:
+    return {
+        **MPI_ENV,
+        "MPISTYLE_PYTHON": sys.executable,
+        "MPISTYLE_STAGING": str(tmp_path / "staging"),
+        "PYTHONPATH": str(TESTS),
+    }
+
+
+def test_job_restyles_a_video_on_two_ranks(slurm: SlurmCluster, video: Callable[..., Path], tmp_path: Path) -> None:
+    source = video(frames=24, gop=4)
+    output = tmp_path / "results" / "out.mp4"
+    job = slurm.sbatch("--ntasks=2", "--cpus-per-task=1", str(SCRIPT), f"input={source}", f"output={output}", "model.style=3",
+                       cwd=tmp_path, env=job_env(tmp_path))
+    info = slurm.wait(job)
+    log = (tmp_path / f"mpistyle-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED", log
+    assert info["ExitCode"] == "0:0"
+    assert len(decode_all(output)[0]) == 24
+    assert audio_packets(output) == audio_packets(source)
+    report = json.loads(Path(f"{output}.report.json").read_text())
+    assert report["ranks"] == 2 and report["run_id"] == str(job)
+    assert report["model"]["style"] == 3
+    # Run directory keyed by the job id; the staging area was emptied after success.
+    assert "wrote " in (tmp_path / "runs" / str(job) / "mpistyle.log").read_text()
+    assert not list((tmp_path / "staging").glob("*/*.h5"))
+    assert "2 rank(s)" in log
+
+
+def test_bad_input_fails_with_the_clear_error_in_the_log(slurm: SlurmCluster, tmp_path: Path) -> None:
+    job = slurm.sbatch("--ntasks=2", "--cpus-per-task=1", str(SCRIPT), f"input={tmp_path / 'missing.mp4'}",
+                       f"output={tmp_path / 'out.mp4'}", cwd=tmp_path, env=job_env(tmp_path))
+    info = slurm.wait(job)
+    assert info["JobState"] == "FAILED"
+    assert info["ExitCode"] == "3:0"
+    log = (tmp_path / f"mpistyle-{job}.out").read_text()
+    assert f"error: input not found: {tmp_path / 'missing.mp4'}" in log
+    assert "Traceback" not in log
+
+
+def _wait_for_staged_gops(tmp_path: Path, slurm: SlurmCluster, job: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not list((tmp_path / "staging").glob("*/frames-*.h5")):
+        assert time.monotonic() < deadline, f"no GOP staged; job {slurm.job(job).get('JobState')}"
+        time.sleep(0.1)
+
+
+def test_scancel_leaves_no_half_written_output(slurm: SlurmCluster, video: Callable[..., Path], tmp_path: Path) -> None:
+    source = video(frames=80, width=320, height=180, gop=4)
+    output = tmp_path / "out.mp4"
+    job = slurm.sbatch("--ntasks=2", "--cpus-per-task=1", str(SCRIPT), f"input={source}", f"output={output}",
+                       cwd=tmp_path, env=job_env(tmp_path))
+    _wait_for_staged_gops(tmp_path, slurm, job)
+    slurm.run("scancel", str(job))
+    info = slurm.wait(job)
+    assert info["JobState"] == "CANCELLED"
+    time.sleep(1)  # ranks finish their batch and exit after the job is marked cancelled
+    assert not output.exists()
+    assert not [p for p in tmp_path.rglob("*") if "partial" in p.name]
+
+
+def test_time_limit_warning_requeues_and_the_job_resumes(
+    slurm: SlurmCluster, video: Callable[..., Path], tmp_path: Path
+) -> None:
+    source = video(frames=80, width=320, height=180, gop=4)
+    output = tmp_path / "out.mp4"
+    job = slurm.sbatch("--ntasks=2", "--cpus-per-task=1", str(SCRIPT), f"input={source}", f"output={output}",
+                       cwd=tmp_path, env=job_env(tmp_path))
+    _wait_for_staged_gops(tmp_path, slurm, job)
+    # What Slurm does 180 s before the time limit (--signal=B:USR1@180), sent now.
+    slurm.run("scancel", "--signal=USR1", "--batch", str(job))
+    info = slurm.wait(job, timeout=300)
+    log = (tmp_path / f"mpistyle-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED", log
+    assert info["Restarts"] == "1"
+    assert "requeueing job" in log and "stopped by SIGUSR1" in log
+    report = json.loads(Path(f"{output}.report.json").read_text())
+    assert 0 < report["frames_reused"] < 80
+    assert len(decode_all(output)[0]) == 80
