@@ -87,19 +87,17 @@ class SlurmCluster:
                 ]
             )
         )
-        env = self.env()
         log = (self.root / "log" / "daemons.out").open("ab")
-        self._started.append(subprocess.Popen([programs["slurmctld"], "-D", "-f", str(self.conf)], env=env, stdout=log, stderr=log))
-        self._started.append(
-            subprocess.Popen([programs["slurmd"], "-D", "-N", "localhost", "-f", str(self.conf)], env=env, stdout=log, stderr=log)
-        )
+        for command in ([programs["slurmctld"], "-D"], [programs["slurmd"], "-D", "-N", "localhost"]):
+            daemon = subprocess.Popen([*command, "-f", str(self.conf)], env=self.env(), stdout=log, stderr=log)
+            self._started.append(daemon)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for daemon in self._started:
                 if daemon.poll() is not None:
                     raise SlurmUnavailable(f"{daemon.args[0]} exited: {self._log_tail()}")
             state = self.run("sinfo", "-h", "-o", "%T", check=False).stdout.strip()
-            if state in ("idle", "idle*") and state == "idle":
+            if state == "idle":
                 return
             time.sleep(0.3)
         raise SlurmUnavailable(f"the node did not become idle in {timeout:.0f} s: {self._log_tail()}")
@@ -145,8 +143,12 @@ class SlurmCluster:
     def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         return {**os.environ, "SLURM_CONF": str(self.conf), **(extra or {})}
 
-    def run(self, *command: str, check: bool = True, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(list(command), capture_output=True, text=True, check=check, env=env or self.env(), cwd=cwd, timeout=60)
+    def run(
+        self, *command: str, check: bool = True, env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            list(command), capture_output=True, text=True, check=check, env=env or self.env(), cwd=cwd, timeout=60
+        )
 
     def sbatch(self, *args: str, cwd: Path, env: dict[str, str] | None = None) -> int:
         done = self.run("sbatch", "--parsable", *args, cwd=cwd, env=self.env(env), check=False)

@@ -119,6 +119,21 @@ def test_a_rank_failing_mid_job_stops_every_rank(video: Callable[..., Path], tmp
 
 
 @pytest.mark.mpi
+def test_the_root_failing_stops_the_other_ranks_early(video: Callable[..., Path], tmp_path: Path) -> None:
+    source = video(frames=48, gop=4)
+    done = run_mpistyle(
+        f"input={source}", f"output={tmp_path / 'out.mp4'}", "~model", "+model._target_=frame_models.fail_on_rank",
+        "+model.rank=0", ranks=2, cwd=tmp_path, timeout=120,
+    )
+    assert done.returncode == 1, done.stderr
+    errors = [line for line in done.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and "internal error: RuntimeError: simulated failure inside the model" in errors[0]
+    # Rank 1 was told to stop: it never reports its share as scored.
+    assert "[rank 1/2] INFO scored" not in done.stderr
+    assert not (tmp_path / "out.mp4").exists()
+
+
+@pytest.mark.mpi
 def test_a_rank_failing_to_load_the_model(video: Callable[..., Path], tmp_path: Path) -> None:
     source = video(frames=12)
     done = run_mpistyle(
@@ -145,7 +160,7 @@ def test_sigterm_stops_cleanly_and_the_rerun_resumes(video: Callable[..., Path],
     assert job.returncode == 143, stderr
     assert "stopped by SIGTERM" in stderr and "Traceback" not in stderr
     assert not output.exists() and not list(tmp_path.glob(".out.partial*"))
-    assert not list(staging.glob("*/*.partial"))
+    assert not list(staging.glob("*/*partial*"))
     staged = len(list(staging.glob("*/frames-*.h5")))
     assert 1 <= staged < 15
 

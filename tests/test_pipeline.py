@@ -153,7 +153,6 @@ def test_blend_and_codec_settings(video: Callable[..., Path], cfg: Cfg, tmp_path
 def test_report_and_preview_paths_and_progress_bar(video: Callable[..., Path], cfg: Cfg, tmp_path: Path) -> None:
     source = video(frames=9)
     report_path, preview_path = tmp_path / "reports" / "job.json", tmp_path / "p.png"
-    (tmp_path / "reports").mkdir()
     overrides = [f"report.path={report_path}", f"report.preview={preview_path}", "report.preview_frames=3", "report.progress=bar"]
     run(cfg(f"input={source}", f"output={tmp_path / 'out.mp4'}", *overrides))
     assert json.loads(report_path.read_text())["frames"] == 9
@@ -186,6 +185,30 @@ def test_errors_leave_nothing_behind(
     assert not output.exists()
     assert leftovers(tmp_path) == []
     assert digest(source) == before
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("video.preset=warpspeed", "refuses these video settings"),
+        ("video.pix_fmt=bogus", "refuses"),
+        ("video.codec=nosuch", "not an encoder"),
+    ],
+)
+def test_bad_encoder_settings_fail_before_scoring(
+    video: Callable[..., Path], cfg: Cfg, tmp_path: Path, override: str, words: str
+) -> None:
+    source = video(frames=4)
+    with pytest.raises(ConfigError, match=words):
+        run(cfg(f"input={source}", f"output={tmp_path / 'out.mp4'}", override))
+    assert not (tmp_path / ".mpistyle-staging").exists()  # nothing was scored
+
+
+def test_report_directory_is_created(video: Callable[..., Path], cfg: Cfg, tmp_path: Path) -> None:
+    source = video(frames=4)
+    report = tmp_path / "new" / "dir" / "job.json"
+    run(cfg(f"input={source}", f"output={tmp_path / 'out.mp4'}", f"report.path={report}"))
+    assert json.loads(report.read_text())["frames"] == 4
 
 
 def test_output_equal_to_input_is_refused(video: Callable[..., Path], cfg: Cfg) -> None:

@@ -10,11 +10,12 @@ from pathlib import Path
 from types import TracebackType
 
 import hydra
+from hydra import compose, initialize_config_module
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from . import config, signals
-from .errors import InternalError, MpistyleError
+from .errors import ConfigError, InternalError, MpistyleError
 from .parallel import RankContext
 
 log = logging.getLogger("mpistyle")
@@ -32,7 +33,26 @@ def main() -> None:
     sys.excepthook = _abort_on_crash
     signals.install()
     config.register()
+    _check_overrides(sys.argv[1:])
     _hydra_main()
+
+
+def _check_overrides(args: list[str]) -> None:
+    """Compose the config once before Hydra does, so a bad override is one line and exit 2
+    (Hydra itself prints several lines and exits 1). Flags such as --help go to Hydra as is."""
+    if any(arg.startswith("-") for arg in args):
+        return
+    overrides = [arg for arg in args if not arg.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    try:
+        with initialize_config_module("mpistyle.configs", version_base="1.3"):
+            compose("config", overrides=overrides)
+    except Exception as err:  # Hydra and OmegaConf raise many types, all about the overrides
+        text = f"{err}\n{err.__cause__ or ''}"
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        lines = [line for line in lines if not line.startswith(("full_key:", "object_type", "reference_type"))]
+        if _ctx is not None and _ctx.is_root:
+            print(f"error: {'; '.join(lines[:4]) or type(err).__name__} (see mpistyle --help)", file=sys.stderr)
+        sys.exit(ConfigError.exit_code)
 
 
 def _new_run_id() -> str:
@@ -47,12 +67,12 @@ def _new_run_id() -> str:
 def _hydra_main(cfg: DictConfig) -> None:
     assert _ctx is not None
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    _setup_logging(_ctx, run_dir)
-    with open_dict(cfg):
-        cfg.run_dir = str(run_dir)
-    from .pipeline import run  # after logging is set up: importing torch takes a moment
-
     try:
+        _setup_logging(_ctx, run_dir)
+        with open_dict(cfg):
+            cfg.run_dir = str(run_dir)
+        from .pipeline import run  # after logging is set up: importing torch takes a moment
+
         run(cfg, _ctx, os.environ["MPISTYLE_RUN_ID"])
     except MpistyleError as err:
         # Every rank holds the same error; one line from rank 0 is enough.
@@ -66,6 +86,12 @@ def _hydra_main(cfg: DictConfig) -> None:
                 log.error("error: %s", first_line)
         logging.shutdown()
         sys.exit(err.exit_code)
+    except Exception as err:  # a bug outside the ranks' agreed error path
+        # Hydra would print this and exit this rank alone, leaving the others waiting forever.
+        log.exception("internal error on rank %d: %s", _ctx.rank, err)
+        logging.shutdown()
+        _ctx.abort(1)
+        sys.exit(1)
 
 
 def _log_file_only(level: int, message: str) -> None:

@@ -13,7 +13,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
 from .errors import ConfigError
-from .model.loading import MULTISTYLE_SHA256
+from .model.checksums import MULTISTYLE_SHA256
 
 PROGRESS_MODES = ("auto", "bar", "log", "off")
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")

@@ -7,7 +7,6 @@ Exit codes (documented in README.md):
   4  output location unusable (unwritable directory, output equals input, ...)
   5  model or checkpoint problem (checksum, shape mismatch, unknown style)
   6  staging area problem (disk full, unwritable, corrupt staged frames)
-  7  the job stopped because another rank failed
   128+N  stopped by signal N (143: SIGTERM, e.g. scancel or preemption; 130: Ctrl-C)
 """
 from __future__ import annotations

@@ -5,6 +5,7 @@ Works the same under ``mpirun``/``srun`` and as a plain process (an MPI singleto
 """
 from __future__ import annotations
 
+import bisect
 import copy as copy_module
 import itertools
 import logging
@@ -38,16 +39,15 @@ def partition(sizes: Sequence[int], parts: int) -> list[range]:
     """
     if parts < 1:
         raise ValueError("parts must be at least 1")
-    total = sum(sizes)
+    cumulative = [0, *itertools.accumulate(sizes)]
+    total = cumulative[-1]
     bounds = [0]
-    cumulative = [0]
-    for size in sizes:
-        cumulative.append(cumulative[-1] + size)
     for part in range(1, parts):
         target = total * part / parts
-        # The boundary (unit index) whose cumulative frame count is nearest to the target.
-        best = min(range(bounds[-1], len(sizes) + 1), key=lambda b: (abs(cumulative[b] - target), b))
-        bounds.append(best)
+        # The unit boundary whose cumulative frame count is nearest the target (ties: earlier).
+        after = bisect.bisect_left(cumulative, target, lo=bounds[-1])
+        candidates = [b for b in (after - 1, after) if bounds[-1] <= b <= len(sizes)]
+        bounds.append(min(candidates, key=lambda b: (abs(cumulative[b] - target), b)))
     bounds.append(len(sizes))
     return [range(a, b) for a, b in itertools.pairwise(bounds)]
 
@@ -92,7 +92,14 @@ class RankContext:
             for request in requests:
                 _wait(request)
         else:
-            outcome = _wait(self.comm.irecv(source=0, tag=_TAG_SHARE))
+            # Probe first: a plain irecv gets a fixed 32 KiB buffer, too small for a long index.
+            while not self.comm.iprobe(source=0, tag=_TAG_SHARE):
+                time.sleep(_POLL_S)
+            outcome = self.comm.recv(source=0, tag=_TAG_SHARE)
+            # A STOP the root sent while this rank was already done is stale now; drop it so a
+            # later job in this process does not see it.
+            while self.comm.iprobe(source=0, tag=_TAG_STOP):
+                self.comm.recv(source=0, tag=_TAG_STOP)
         return unwrap(outcome)
 
     def check_all(self, compute: Callable[[], T]) -> T:
@@ -122,8 +129,6 @@ class RankContext:
 
             outcome = attempt(lambda: work(tick))
             self.comm.send(outcome[1], dest=0, tag=_TAG_DONE)
-            if self.comm.iprobe(source=0, tag=_TAG_STOP):
-                self.comm.recv(source=0, tag=_TAG_STOP)
             return []
 
         results: dict[int, Any] = {}
@@ -192,11 +197,8 @@ def _from_rank(error: MpistyleError, rank: int) -> MpistyleError:
     return copy
 
 
-def _wait(request: Any) -> Any:
-    while True:
-        done, value = request.test()
-        if done:
-            return value
+def _wait(request: Any) -> None:
+    while not request.Test():
         time.sleep(_POLL_S)
 
 

@@ -29,12 +29,13 @@ from .errors import ConfigError, JobStopped, ModelError, MpistyleError, OutputEr
 from .parallel import RankContext, attempt, partition, unwrap
 from .report import Progress, StageTimer, preview_grid, preview_indices, write_json, write_png
 from .scoring import Scorer, default_batch_size, pick_device, set_threads
-from .staging import Staging, job_key
+from .staging import DEFAULT_STAGING, Staging, fingerprint, job_key
 from .video import (
     Encoder,
     EncodeSettings,
     Share,
     VideoInfo,
+    check_encoder,
     decode_share,
     output_size,
     probe,
@@ -57,6 +58,7 @@ class Plan:
     output: Path
     partial: Path
     container_format: str
+    settings: EncodeSettings
     report: Path
     preview: Path | None
     staging: Staging
@@ -90,7 +92,8 @@ def run(cfg: DictConfig, ctx: RankContext | None = None, run_id: str | None = No
     with timer("score"):
         scoring = attempt(
             lambda: ctx.run_everywhere(
-                lambda tick: score_share(plan, share, scorer, tick), progress.add if progress else _ignore
+                lambda tick: {"host": ctx.host, **score_share(plan, share, scorer, tick)},
+                progress.add if progress else _ignore,
             )
         )
     if progress:
@@ -113,7 +116,9 @@ def _ignore(frames: int) -> None:
 
 
 def make_plan(cfg: DictConfig, ranks: int, run_id: str) -> Plan:
-    """Root: probe the input, check the output location, split the frames among the ranks."""
+    """Root: probe the input, check every place the job will write and the encoder settings,
+    and split the frames among the ranks. Everything that can be checked fails here, before
+    any frame is scored."""
     output = Path(cfg.output).expanduser().absolute()
     container_format = cfg.video.format or _OUTPUT_SUFFIXES.get(output.suffix.lower())
     if container_format is None:
@@ -122,33 +127,31 @@ def make_plan(cfg: DictConfig, ranks: int, run_id: str) -> Plan:
             f"use one of {', '.join(sorted(_OUTPUT_SUFFIXES))} or set video.format"
         )
     info = probe(str(Path(cfg.input).expanduser()))
-    if output.exists() and output.is_dir():
+    if output.is_dir():
         raise OutputError(f"output is a directory: {output}")
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OutputError(f"cannot create the output directory {output.parent}: {err.strerror}") from None
-    if not os.access(output.parent, os.W_OK):
-        raise OutputError(f"output directory is not writable: {output.parent}")
     if output.exists() and os.path.samefile(output, cfg.input):
         raise ConfigError(f"output is the input ({cfg.input}): choose another output path")
-
-    shares = shares_for(info, partition(info.gop_sizes(), ranks))
-    stat = Path(info.path).stat()
-    key = job_key(
-        {
-            "input": str(Path(info.path).absolute()),
-            "size": stat.st_size,
-            "mtime_ns": stat.st_mtime_ns,
-            "frames": info.frames,
-            "model": OmegaConf.to_container(cfg.model, resolve=True),
-        }
-    )
-    staging_root = Path(cfg.staging.root).expanduser() if cfg.staging.root else output.parent / ".mpistyle-staging"
-    report = Path(cfg.report.path).expanduser() if cfg.report.path else output.with_name(output.name + ".report.json")
+    report = Path(cfg.report.path).expanduser() if cfg.report.path else output.with_name(f"{output.name}.report.json")
     preview = None
     if cfg.report.preview_frames > 0:
         preview = Path(cfg.report.preview).expanduser() if cfg.report.preview else output.with_name(f"{output.name}.preview.png")
+    for what, path in (("output", output), ("report", report), ("preview", preview)):
+        if path is not None:
+            _writable_dir(path.parent, what)
+    settings = EncodeSettings(**OmegaConf.to_container(cfg.video, resolve=True))
+    check_encoder(settings, info)
+
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    key = job_key(
+        {
+            "input": fingerprint(Path(info.path)),
+            "frames": info.frames,
+            "model": model,
+            # A checkpoint retrained in place is a new model: key on its contents too.
+            "model_files": {k: fingerprint(Path(v)) for k, v in model.items() if isinstance(v, str) and Path(v).is_file()},
+        }
+    )
+    staging_root = Path(cfg.staging.root).expanduser() if cfg.staging.root else output.parent / DEFAULT_STAGING
     log.info(
         "input %s: %s %dx%d, %d frames, %.2f s, %d GOPs, %d audio stream(s)",
         info.path, info.codec, info.width, info.height, info.frames, info.duration_s,
@@ -158,14 +161,25 @@ def make_plan(cfg: DictConfig, ranks: int, run_id: str) -> Plan:
         log.warning("the input's %s stream is not copied to the output", dropped)
     return Plan(
         info=info,
-        shares=shares,
+        shares=shares_for(info, partition(info.gop_sizes(), ranks)),
         output=output,
         partial=output.with_name(f".{output.stem}.partial-{run_id}{output.suffix}"),
         container_format=container_format,
+        settings=settings,
         report=report,
         preview=preview,
         staging=Staging(staging_root, key),
     )
+
+
+def _writable_dir(directory: Path, what: str) -> None:
+    """Create ``directory`` if needed and check this process can write in it."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"cannot create the {what} directory {directory}: {err.strerror}") from None
+    if not os.access(directory, os.W_OK):
+        raise OutputError(f"the {what} directory is not writable: {directory}")
 
 
 def build_scorer(cfg: DictConfig, ctx: RankContext) -> Scorer:
@@ -203,8 +217,11 @@ def score_share(plan: Plan, share: Share, scorer: Scorer, tick: Callable[[int], 
     for run in _consecutive(missing):
         frames = decode_share(info, shares_for(info, [run])[0])
         for start, stop in bounds[run.start : run.stop]:
+            count = 0
             with plan.staging.writer(start, stop, info.height, info.width) as writer:
                 for first in range(start, stop, scorer.batch_size):
+                    if first > start:
+                        _step(tick, count)  # not after the GOP's last batch: that waits for the file
                     count = min(scorer.batch_size, stop - first)
                     mark = time.perf_counter()
                     for slot in range(count):
@@ -216,7 +233,7 @@ def score_share(plan: Plan, share: Share, scorer: Scorer, tick: Callable[[int], 
                     mark = time.perf_counter()
                     writer.write(styled)
                     seconds["stage"] += time.perf_counter() - mark
-                    _step(tick, count)
+            _step(tick, count)  # the GOP's file is complete: stopping now keeps it
     total = time.perf_counter() - began
     log.info(
         "scored %d frames in %.2f s (decode %.2f, score %.2f, stage %.2f)%s",
@@ -224,7 +241,6 @@ def score_share(plan: Plan, share: Share, scorer: Scorer, tick: Callable[[int], 
         f", {reused} reused from staging" if reused else "",
     )
     return {
-        "host": os.uname().nodename,
         "device": str(scorer.device),
         "threads": torch.get_num_threads() if scorer.device.type == "cpu" else None,
         "frames": share.frames,
@@ -262,14 +278,7 @@ def finish_job(
     info = plan.info
     wanted = preview_indices(info.frames, cfg.report.preview_frames) if plan.preview else []
     styled_for_preview: dict[int, np.ndarray] = {}
-    settings = EncodeSettings(
-        codec=cfg.video.codec,
-        pix_fmt=cfg.video.pix_fmt,
-        crf=cfg.video.crf,
-        preset=cfg.video.preset,
-        bit_rate=cfg.video.bit_rate,
-        options=dict(cfg.video.options),
-    )
+    settings = plan.settings
     with timer("encode"):
         try:
             with Encoder(plan.partial, info, settings, plan.container_format) as encoder:
@@ -330,7 +339,7 @@ def finish_job(
     }
     write_json(plan.report, report)
     if not cfg.staging.keep:
-        plan.staging.remove()
+        plan.staging.remove(remove_empty_root=not cfg.staging.root)
     log.info(
         "wrote %s: %d frames in %.1f s (%.2f fps end to end) on %d rank(s)",
         plan.output, info.frames, total, info.frames / total if total else 0.0, len(summaries),

