@@ -1,10 +1,20 @@
 #!/usr/bin/env bash
 # Set up mpistyle on a fresh Debian machine: OpenMPI from Debian's packages, then a virtual
 # environment (.venv) holding the package with its test tools. Safe to run again.
+#   --test          also install what the tests start for real: Slurm (slurm-wlm, munge), and
+#                   the shell linter the tests run
 #   MPISTYLE_TORCH  which torch to install (default torch==2.13.0: the CPU build where one lies
 #                   on local disk, as on our dev/CI machines; a CUDA build from PyPI elsewhere)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+with_tests=0
+for arg in "$@"; do
+  case "$arg" in
+    --test) with_tests=1 ;;
+    *) echo "setup: unknown option '$arg' (only --test)" >&2; exit 2 ;;
+  esac
+done
 
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -17,6 +27,11 @@ command -v gcc >/dev/null || need+=(gcc)
 python3 -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
   || need+=(python3-dev)
 python3 -c 'import ensurepip' 2>/dev/null || need+=(python3-venv)
+if [ "$with_tests" = 1 ]; then
+  for pkg in slurm-wlm munge shellcheck; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+  done
+fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${need[*]}"
   $sudo apt-get update -qq

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 from omegaconf import DictConfig
@@ -93,6 +94,15 @@ def test_odd_sides_are_padded_not_stretched(video: Callable[..., Path], cfg: Cfg
     assert frames_out[0].shape == (48, 64, 3)
     for a, b in zip(frames_in, frames_out):
         assert np.abs((255 - a.astype(int)) - b[:47, :63]).mean() < 4
+
+
+def test_rotation_metadata_is_kept(video: Callable[..., Path], cfg: Cfg, tmp_path: Path) -> None:
+    source = video("phone.mp4", frames=6, width=64, height=48, rotation=90)
+    output = tmp_path / "phone-out.mp4"
+    run(cfg(f"input={source}", f"output={output}", "report.preview_frames=0"))
+    with av.open(str(output)) as container:
+        frame = next(container.decode(video=0))
+    assert (frame.width, frame.height) == (64, 48) and frame.rotation == 90
 
 
 def test_no_audio_and_two_audio_tracks(video: Callable[..., Path], cfg: Cfg, tmp_path: Path) -> None:

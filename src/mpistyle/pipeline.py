@@ -313,6 +313,7 @@ def finish_job(
             "average_fps": float(info.average_rate) if info.average_rate else None,
             "gops": len(info.keyframe_pts),
             "audio_streams": len(info.audio_streams),
+            "rotation": info.rotation,
             "dropped_streams": list(info.dropped_streams),
         },
         "output": {

@@ -57,6 +57,7 @@ def make_video(
     pts: Sequence[int] | None = None,
     time_base: Fraction | None = None,
     bframes: int = 2,
+    rotation: float = 0.0,
 ) -> Path:
     """Write a real video of ``frames`` frames with ``audio`` AAC tracks of sine tones.
 
@@ -74,6 +75,8 @@ def make_video(
                 "bf": str(bframes),
                 "preset": "veryfast",
             }
+        if rotation:
+            video.set_display_rotation(rotation)  # as a phone held upright records it
         if time_base is not None:
             video.time_base = time_base
             video.codec_context.time_base = time_base

@@ -44,6 +44,7 @@ class VideoInfo:
     keyframe_pts: tuple[int, ...]  # pts of the keyframes each GOP starts at, ascending
     audio_streams: tuple[int, ...]  # input stream indices copied into the output
     dropped_streams: tuple[str, ...] = field(default=())  # e.g. "subtitle #2 (mov_text)"
+    rotation: float = 0.0  # display rotation (degrees counter-clockwise) players apply
 
     @property
     def frames(self) -> int:
@@ -159,6 +160,7 @@ def probe(path: str) -> VideoInfo:
         keyframes = sorted(set(keyframes))
         if stream.time_base is None:
             raise InputError(f"input's video stream has no time base: {path}")
+        rotation = _display_rotation(container, stream)
         return VideoInfo(
             path=path,
             container=container.format.name,
@@ -172,7 +174,20 @@ def probe(path: str) -> VideoInfo:
             keyframe_pts=tuple(keyframes),
             audio_streams=audio,
             dropped_streams=dropped,
+            rotation=rotation,
         )
+
+
+def _display_rotation(container: av.container.InputContainer, stream: av.VideoStream) -> float:
+    """The rotation phones record as a display matrix; PyAV shows it on decoded frames only, so
+    decode the first one (frames are stored, and styled, unrotated)."""
+    try:
+        container.seek(0, stream=stream, backward=True)
+        for frame in _frames(container, stream):
+            return float(frame.rotation or 0.0)
+    except av.error.FFmpegError:
+        pass  # a damaged start is reported by the decode that needs it, with a better message
+    return 0.0
 
 
 def decode_share(info: VideoInfo, share: Share) -> Iterator[np.ndarray]:
@@ -332,6 +347,8 @@ class Encoder:
             stream = self._out.add_stream(settings.codec, rate=info.average_rate or Fraction(25))
             stream.time_base = info.time_base
             settings.apply(stream.codec_context, info)
+            if info.rotation:
+                stream.set_display_rotation(info.rotation)
         except (av.error.FFmpegError, ValueError) as err:
             self._out.close()
             raise OutputError(f"cannot encode with codec '{settings.codec}': {err}") from None
