@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up mpistyle on a fresh Debian machine: OpenMPI from Debian's packages, then a virtual
 # environment (.venv) holding the package with its test tools. Safe to run again.
-#   --test          also install what the tests start for real: Slurm (slurm-wlm, munge), and
+#   --test          also install what the tests start for real: Slurm (slurm-wlm, munge),
+#                   Azurite (the Azure Storage emulator, from npm, into .cache/azurite), and
 #                   the shell linter the tests run
 #   MPISTYLE_TORCH  which torch to install (default torch==2.13.0: the CPU build where one lies
 #                   on local disk, as on our dev/CI machines; a CUDA build from PyPI elsewhere)
@@ -31,6 +32,7 @@ if [ "$with_tests" = 1 ]; then
   for pkg in slurm-wlm munge shellcheck; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
   done
+  command -v npm >/dev/null || need+=(nodejs npm)
 fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing Debian packages: ${need[*]}"
@@ -48,4 +50,8 @@ pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 "${pip[@]}" --upgrade pip
 "${pip[@]}" "${MPISTYLE_TORCH:-torch==2.13.0}"
 "${pip[@]}" -e ".[test]"
+if [ "$with_tests" = 1 ] && [ ! -x .cache/azurite/node_modules/.bin/azurite-blob ]; then
+  echo "setup: installing Azurite from npm into .cache/azurite"
+  npm install --prefix .cache/azurite --no-audit --no-fund --loglevel=error azurite@3.37.0 >/dev/null
+fi
 .venv/bin/python -c 'import mpi4py.MPI, torch, av, h5py, hydra; print("setup: ready,", "torch", torch.__version__, "| PyAV", av.__version__, "|", mpi4py.MPI.Get_library_version().splitlines()[0][:40])'

@@ -4,7 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +12,10 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
+from azurite import Azurite, AzuriteUnavailable
 from mpistyle import config
 from mpistyle.sample import make_video
+from slurm_cluster import SlurmCluster, SlurmUnavailable
 
 TESTS = Path(__file__).parent
 config.register()
@@ -34,6 +36,35 @@ def video(tmp_path: Path) -> Callable[..., Path]:
         return make_video(tmp_path / name, **kwargs)
 
     return make
+
+
+def service_missing(what: str, err: Exception) -> None:
+    """Skip when a real service cannot run here, unless the run requires it (scripts/test.sh)."""
+    if os.environ.get("MPISTYLE_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"{what} must run here but cannot start: {err}")
+    pytest.skip(f"{what} cannot be started on this machine: {err}")
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+    except SlurmUnavailable as err:
+        service_missing("Slurm", err)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
+    emulator = Azurite(tmp_path_factory.mktemp("azurite"))
+    try:
+        emulator.start()
+    except AzuriteUnavailable as err:
+        service_missing("Azurite", err)
+    yield emulator
+    emulator.stop()
 
 
 def make_cfg(overrides: list[str]) -> DictConfig:

@@ -2,34 +2,20 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from slurm_cluster import SlurmCluster, SlurmUnavailable
+from slurm_cluster import SlurmCluster
 
 from conftest import MPI_ENV, TESTS
 from media import audio_packets, decode_all
 
 SCRIPT = TESTS.parent / "slurm" / "style.sbatch"
 pytestmark = pytest.mark.slurm
-
-
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
-    try:
-        cluster.start()
-    except SlurmUnavailable as err:
-        if os.environ.get("MPISTYLE_REQUIRE_SERVICES") == "1":
-            pytest.fail(f"Slurm must run here but cannot start: {err}")
-        pytest.skip(f"Slurm cannot be started on this machine: {err}")
-    yield cluster
-    cluster.stop()
 
 
 def job_env(tmp_path: Path) -> dict[str, str]:

@@ -89,6 +89,46 @@ class JobConfig:
     report: ReportConfig = field(default_factory=ReportConfig)
 
 
+@dataclass
+class AreaConfig:
+    """One storage area: a blob container (url, prefix, credential_env) or a local folder (root)."""
+
+    kind: str = "local"
+    root: str | None = None
+    url: str | None = None  # the container URL, e.g. https://ACCOUNT.blob.core.windows.net/videos-in
+    prefix: str = ""
+    # Name of the environment variable holding the SAS token or connection string; unset or
+    # empty: DefaultAzureCredential. The secret itself never goes in the config.
+    credential_env: str | None = None
+
+
+@dataclass
+class StorageAreas:
+    input: AreaConfig = field(default_factory=AreaConfig)
+    output: AreaConfig = field(default_factory=AreaConfig)
+    work: AreaConfig = field(default_factory=AreaConfig)  # state records, logs, quarantine
+
+
+@dataclass
+class RunnerConfig:
+    kind: str = "local"  # local: run here, now; slurm: sbatch slurm/style.sbatch
+    ranks: int = 1  # local: mpirun -n ranks
+    python: str | None = None  # local: the Python with mpistyle (default: this one)
+    script: str | None = None  # slurm: the sbatch script (default: slurm/style.sbatch)
+    sbatch_args: list[str] = field(default_factory=list)  # slurm: e.g. [--partition=gpu, --gpus-per-node=1]
+
+
+@dataclass
+class WatchConfig:
+    storage: StorageAreas = field(default_factory=StorageAreas)
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
+    workdir: str = "mpistyle-watch"  # shared filesystem when the runner is Slurm
+    max_attempts: int = 3
+    lease_s: float = 600.0
+    job_overrides: list[str] = field(default_factory=list)  # Hydra overrides for every job
+    delete_inputs: bool = False  # delete an input once done or quarantined (needs delete rights)
+
+
 def register() -> None:
     store = ConfigStore.instance()
     store.store(group="schema", name="job", node=JobConfig)
@@ -98,6 +138,9 @@ def register() -> None:
     store.store(group="schema", name="video", node=VideoConfig)
     store.store(group="schema", name="staging", node=StagingConfig)
     store.store(group="schema", name="report", node=ReportConfig)
+    store.store(group="schema", name="watch", node=WatchConfig)
+    store.store(group="schema", name="storage", node=StorageAreas)
+    store.store(group="schema", name="runner", node=RunnerConfig)
 
 
 def check(cfg: DictConfig) -> None:

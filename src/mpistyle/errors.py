@@ -7,6 +7,7 @@ Exit codes (documented in README.md):
   4  output location unusable (unwritable directory, output equals input, ...)
   5  model or checkpoint problem (checksum, shape mismatch, unknown style)
   6  staging area problem (disk full, unwritable, corrupt staged frames)
+  9  blob storage or job scheduler problem that retries did not cure (mpistyle-watch)
   128+N  stopped by signal N (143: SIGTERM, e.g. scancel or preemption; 130: Ctrl-C)
 """
 from __future__ import annotations
@@ -42,6 +43,12 @@ class ModelError(MpistyleError):
 
 class StagingError(MpistyleError):
     exit_code = 6
+
+
+class StorageError(MpistyleError):
+    """Storage or scheduler calls that failed for good after retries, or an unusable name."""
+
+    exit_code = 9
 
 
 class JobAborted(MpistyleError):

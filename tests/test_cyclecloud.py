@@ -1,0 +1,382 @@
+"""cyclecloud/ without Azure: the cluster template parsed and checked (structure, parameters and
+their defaults, spot, autoscale from zero, shared NFS), the cluster-init project and the parameters
+file checked against it, and the cluster-init scripts run against a fake `jetpack` on the paths
+that need no root, apt or network. bash -n and shellcheck of the scripts: test_sbatch_script.py."""
+from __future__ import annotations
+
+import configparser
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from cyclecloud_template import Section, Template, TemplateError, load, names_in_expression, parse, references, unquote
+
+from conftest import TESTS
+
+ROOT = TESTS.parent
+CC = ROOT / "cyclecloud"
+TEMPLATE = CC / "mpistyle-slurm.txt"
+SPECS = CC / "specs"
+SBATCH = ROOT / "slurm" / "style.sbatch"
+NCV3 = ("Standard_NC6s_v3", "Standard_NC12s_v3", "Standard_NC24s_v3")
+NCV3_PATTERN = re.compile(r"Standard_NC\d+r?s_v3")
+GPU_SIZES_SOLD = ("Standard_NC4as_T4_v3", "Standard_NC24ads_A100_v4", "Standard_NC40ads_H100_v5")
+# Parameters the user picks in the UI or params.json: no sensible default to give.
+NO_DEFAULT_TYPES = {"Cloud.Credentials", "Cloud.Region", "Azure.Subnet", "String"}
+CLUSTER_INIT = re.compile(r"^(?:(?P<locker>[\w.-]+)/)?(?P<project>[\w.-]+):(?P<spec>[\w.-]+):(?P<version>[\w.-]+)$")
+
+
+@pytest.fixture(scope="module")
+def template() -> Template:
+    return load(TEMPLATE)
+
+
+@pytest.fixture(scope="module")
+def cluster(template: Template) -> Section:
+    clusters = template.sections("cluster")
+    assert len(clusters) == 1, f"expected exactly one [cluster ...], found {[str(c) for c in clusters]}"
+    return clusters[0]
+
+
+@pytest.fixture(scope="module")
+def parameters(template: Template) -> dict[str, Section]:
+    found: dict[str, Section] = {}
+    for section in template.walk():
+        if section.kind == "parameter":
+            assert section.name not in found, f"parameter {section.name} defined twice"
+            found[section.name] = section
+    return found
+
+
+@pytest.fixture(scope="module")
+def project() -> configparser.ConfigParser:
+    ini = configparser.ConfigParser()
+    assert ini.read(CC / "project.ini"), "cyclecloud/project.ini missing"
+    return ini
+
+
+def one(parent: Section, kind: str, name: str) -> Section:
+    matches = parent.sections(kind, name)
+    assert len(matches) == 1, f"expected one {kind} {name!r} in {parent}, found {len(matches)}"
+    return matches[0]
+
+
+def configuration(section: Section, name: str = "") -> dict[str, str]:
+    """The attributes of a node's [[[configuration NAME]]] sections."""
+    merged: dict[str, str] = {}
+    for part in section.sections("configuration", name):
+        merged.update(part.attributes)
+    return merged
+
+
+def parameter_type(parameter: Section) -> str:
+    """The declared ParameterType, else what the UI widget implies (CycleCloud's own templates
+    type numbers by their NumberTextBox), else String."""
+    declared = parameter.get("ParameterType")
+    if declared:
+        return declared
+    if parameter.get("Widget.Plugin") == "pico.form.BooleanCheckBox":
+        return "Boolean"
+    if parameter.get("Config.Plugin") == "pico.form.NumberTextBox":
+        return "Integer" if (parameter.get("Config.IntegerOnly") or "").lower() == "true" else "Number"
+    return "String"
+
+
+def template_value_fits(kind: str, text: str) -> bool:
+    value = unquote(text)
+    if kind == "Boolean":
+        return value.lower() in ("true", "false")
+    if kind == "Integer":
+        return re.fullmatch(r"-?\d+", value) is not None
+    if kind in ("Double", "Number"):
+        try:
+            float(value)
+        except ValueError:
+            return False
+        return True
+    if kind == "Cloud.MachineType":
+        return value.startswith("Standard_")
+    if kind == "Cloud.Image":  # a marketplace URN or a CycleCloud image name
+        return re.fullmatch(r"[\w.-]+:[\w.-]+:[\w.-]+:[\w.-]+", value) is not None or value.startswith("cycle.image.")
+    return bool(value)
+
+
+def json_value_fits(kind: str, value: object) -> bool:
+    if kind == "Boolean":
+        return isinstance(value, bool)
+    if kind == "Integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind in ("Double", "Number"):
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind == "Cloud.MachineType":
+        return isinstance(value, str) and value.startswith("Standard_")
+    return isinstance(value, str) and template_value_fits(kind, value)
+
+
+# --- structure ---------------------------------------------------------------------------------
+
+
+def test_one_cluster_with_node_defaults_a_scheduler_and_partitions(cluster: Section) -> None:
+    one(cluster, "node", "defaults")
+    one(cluster, "node", "scheduler")
+    one(cluster, "nodearray", "gpu")
+    one(cluster, "nodearray", "cpu")
+    assert configuration(one(cluster, "node", "scheduler")).get("slurm.role") == "scheduler"
+
+
+def test_gpu_and_cpu_nodearrays_extend_one_abstract_execute_base(cluster: Section) -> None:
+    gpu, cpu = one(cluster, "nodearray", "gpu"), one(cluster, "nodearray", "cpu")
+    base_name = gpu.get("Extends")
+    assert base_name, "[[nodearray gpu]] has no Extends"
+    assert cpu.get("Extends") == base_name, "the cpu nodearray should extend the same base as gpu"
+    base = one(cluster, "node", base_name)
+    assert (base.get("Abstract") or "").lower() == "true", f"{base} must be Abstract = true"
+    settings = configuration(base)
+    assert settings.get("slurm.role") == "execute"
+    assert settings.get("slurm.autoscale") == "true"
+    assert "mpistyle:execute:" in " ".join(s.name for s in base.sections("cluster-init"))
+
+
+def test_gpu_is_the_default_partition(cluster: Section) -> None:
+    gpu = configuration(one(cluster, "nodearray", "gpu"))
+    cpu = configuration(one(cluster, "nodearray", "cpu"))
+    assert gpu.get("slurm.partition") == "gpu" and gpu.get("slurm.default_partition") == "true"
+    assert cpu.get("slurm.partition") == "cpu" and cpu.get("slurm.default_partition", "false") == "false"
+    assert gpu.get("mpistyle.expect_gpu") == "true" and cpu.get("mpistyle.expect_gpu") == "false"
+
+
+# --- parameters ---------------------------------------------------------------------------------
+
+
+def test_every_reference_is_a_parameter_and_every_parameter_is_used(cluster: Section, parameters: dict[str, Section]) -> None:
+    used = references(cluster)
+    undefined = {name: where for name, where in used.items() if name not in parameters}
+    assert not undefined, f"referenced but not defined as [[[parameter ...]]]: {undefined}"
+    unused = sorted(set(parameters) - set(used))
+    assert not unused, f"parameters the cluster never reads: {unused}"
+
+
+def test_parameter_conditions_name_parameters(parameters: dict[str, Section]) -> None:
+    for parameter in parameters.values():
+        for key in parameter.attributes:
+            if key.startswith("conditions."):
+                names = names_in_expression(parameter.attributes[key])
+                assert names and names <= set(parameters), f"{parameter} {key} reads unknown names {names - set(parameters)}"
+
+
+def test_defaults_have_their_parameters_type(parameters: dict[str, Section]) -> None:
+    wrong, missing = [], []
+    for name, parameter in parameters.items():
+        kind, default = parameter_type(parameter), parameter.get("DefaultValue")
+        if default is None:
+            if kind not in NO_DEFAULT_TYPES:
+                missing.append(f"{name} ({kind})")
+        elif not template_value_fits(kind, default):
+            wrong.append(f"{name} ({kind}) = {default!r}")
+        minimum = parameter.get("Config.MinValue")
+        if default is not None and minimum is not None:
+            assert float(unquote(default)) >= float(minimum), f"{name}: default {default} below Config.MinValue {minimum}"
+    assert not wrong, f"defaults that do not fit their ParameterType: {wrong}"
+    assert not missing, f"parameters that need a DefaultValue: {missing}"
+
+
+def test_gpu_default_is_still_sold_and_ncv3_stays_selectable_with_a_retirement_note(parameters: dict[str, Section]) -> None:
+    gpu = parameters["GPUMachineType"]
+    assert gpu.get("ParameterType") == "Cloud.MachineType"
+    default = unquote(gpu.get("DefaultValue") or "")
+    assert not NCV3_PATTERN.fullmatch(default), f"{default} is NCv3, retired by Azure on 2025-09-30"
+    assert default in GPU_SIZES_SOLD
+    # Selectable: nothing narrows the machine type list; the retirement is said where one picks.
+    assert gpu.get("Config.Filter") is None and gpu.get("Config.Entries") is None
+    description = unquote(gpu.get("Description") or "")
+    for size in (*NCV3, *GPU_SIZES_SOLD):
+        assert size in description, f"GPUMachineType's description should name {size}"
+    assert "retired" in description and "2025-09-30" in description
+    readme = (CC / "README.md").read_text()
+    assert "2025-09-30" in readme and all(size in readme for size in NCV3)
+
+
+def test_execute_nodearrays_autoscale_from_zero(cluster: Section, parameters: dict[str, Section]) -> None:
+    assert cluster.get("Autoscale") == "$Autoscale"
+    assert parameters["Autoscale"].get("DefaultValue") == "true"
+    for name in ("gpu", "cpu"):
+        array = one(cluster, "nodearray", name)
+        assert array.get("InitialCount", "0") == "0", f"{array} should start with no nodes"
+        limit = re.fullmatch(r"\$(\w+)", array.get("MaxCount") or "")
+        assert limit, f"{array} MaxCount should be a parameter"
+        maximum = parameters[limit.group(1)]
+        assert parameter_type(maximum) == "Integer"
+        assert maximum.get("Config.MinValue") == "0", f"{maximum} should allow 0 nodes"
+        assert int(maximum.get("DefaultValue") or 0) >= 1
+
+
+def test_gpu_nodes_can_be_spot_with_a_max_price(cluster: Section, parameters: dict[str, Section]) -> None:
+    gpu = one(cluster, "nodearray", "gpu")
+    assert gpu.get("Interruptible") == "$UseLowPrio"
+    assert gpu.get("MaxPrice") == "$SpotMaxPrice"
+    assert parameter_type(parameters["UseLowPrio"]) == "Boolean"
+    assert parameter_type(parameters["SpotMaxPrice"]) in ("Double", "Number")
+    assert float(parameters["SpotMaxPrice"].get("DefaultValue") or "nan") == -1  # -1: never evicted for price
+    assert names_in_expression(parameters["SpotMaxPrice"].get("Conditions.Excluded") or "") == {"UseLowPrio"}
+
+
+def test_nodes_go_in_the_subnet_parameter(cluster: Section, parameters: dict[str, Section]) -> None:
+    assert one(cluster, "node", "defaults").get("SubnetId") == "$SubnetId"
+    subnet = parameters["SubnetId"]
+    assert subnet.get("ParameterType") == "Azure.Subnet" and (subnet.get("Required") or "").lower() == "true"
+
+
+def test_shared_is_nfs_on_every_node_from_the_scheduler_or_an_external_server(cluster: Section) -> None:
+    defaults, scheduler = one(cluster, "node", "defaults"), one(cluster, "node", "scheduler")
+    mount = configuration(defaults, "cyclecloud.mounts.nfs_shared")
+    assert mount.get("type") == "nfs" and mount.get("mountpoint") == "/shared"
+    address = mount.get("address", "").removeprefix("${").removesuffix("}")
+    assert names_in_expression(address) == {"UseBuiltinShared", "NFSAddress"}
+    assert configuration(defaults).get("mpistyle.root", "").startswith("/shared/")
+    volumes = [v for v in scheduler.sections("volume") if v.get("Mount") == "builtinshared"]
+    assert len(volumes) == 1 and volumes[0].get("Disabled") == "${!UseBuiltinShared}"
+    assert configuration(scheduler, "cyclecloud.mounts.builtinshared").get("mountpoint") == "/shared"
+    assert configuration(scheduler, "cyclecloud.exports.builtinshared").get("export_path") == "/shared"
+
+
+# --- the cluster-init project and the parameters file ------------------------------------------
+
+
+def test_project_ini_and_a_spec_for_every_cluster_init_of_the_project(
+    template: Template, project: configparser.ConfigParser
+) -> None:
+    assert {"name", "type", "version"} <= set(project["project"]), "project.ini needs [project] name, type and version"
+    name, version = project["project"]["name"], project["project"]["version"]
+    referenced = set()
+    for section in template.walk():
+        if section.kind != "cluster-init":
+            continue
+        spec = CLUSTER_INIT.match(section.name)
+        assert spec, f"{section}: expected [locker/]project:spec:version"
+        if spec["project"] == name and spec["locker"] is None:
+            assert spec["version"] == version, f"{section} names version {spec['version']}, project.ini has {version}"
+            referenced.add(spec["spec"])
+    assert referenced, f"the template uses no {name} spec"
+    present = {path.name for path in SPECS.iterdir() if path.is_dir()}
+    assert referenced == present, f"specs the template names {sorted(referenced)} vs specs/ holds {sorted(present)}"
+    for spec_name in present:
+        scripts = sorted((SPECS / spec_name / "cluster-init" / "scripts").glob("*"))
+        assert scripts, f"specs/{spec_name} has no cluster-init scripts"
+        for script in scripts:
+            assert re.fullmatch(r"\d\d-[\w.-]+\.sh", script.name), f"{script}: cluster-init scripts are named NN-name.sh"
+            assert os.access(script, os.X_OK), f"{script} is not executable"
+            text = script.read_text()
+            assert text.startswith("#!/bin/bash\n") and "set -euo pipefail" in text
+
+
+def test_params_example_sets_defined_parameters_with_fitting_values(parameters: dict[str, Section]) -> None:
+    values = json.loads((CC / "params.example.json").read_text())
+    unknown = sorted(set(values) - set(parameters))
+    assert not unknown, f"params.example.json sets parameters the template does not define: {unknown}"
+    assert {"Credentials", "Region", "SubnetId"} <= set(values), "the parameters with no default should be in the example"
+    wrong = {name: value for name, value in values.items() if not json_value_fits(parameter_type(parameters[name]), value)}
+    assert not wrong, f"values that do not fit their ParameterType: {wrong}"
+
+
+# --- the cluster-init scripts ------------------------------------------------------------------
+
+
+def sbatch_reads() -> set[str]:
+    return set(re.findall(r"\$\{(MPISTYLE_\w+)", SBATCH.read_text()))
+
+
+def test_profile_exports_what_style_sbatch_reads(tmp_path: Path) -> None:
+    profile = SPECS / "default" / "cluster-init" / "files" / "mpistyle-profile.sh"
+    installer = (SPECS / "default" / "cluster-init" / "scripts" / "10-install-mpistyle.sh").read_text()
+    assert "files/mpistyle-profile.sh" in installer and "/etc/profile.d/mpistyle.sh" in installer
+    root = tmp_path / "shared" / "mpistyle"
+    installed = tmp_path / "mpistyle.sh"
+    installed.write_text(profile.read_text().replace("@MPISTYLE_ROOT@", str(root)))
+    # Read twice, as nested login shells do: PATH must not grow.
+    shell = shutil.which("dash") or "sh"
+    done = subprocess.run([shell, "-c", f'. "{installed}"; . "{installed}"; env'],
+                          env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, check=True)
+    env = dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
+    assert env["MPISTYLE_PYTHON"] == f"{root}/venv/bin/python"
+    assert env["MPISTYLE_STAGING"] == f"{root}/staging"
+    assert env["MPISTYLE_RUNS_DIR"] == f"{root}/runs"
+    assert env["PATH"] == f"{root}/venv/bin:/usr/bin:/bin"
+    exported = {name for name in env if name.startswith("MPISTYLE_")}
+    assert exported <= sbatch_reads(), f"the profile sets variables style.sbatch never reads: {exported - sbatch_reads()}"
+
+
+def run_script(spec: str, name: str, tmp_path: Path, config: dict[str, str],
+               extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a cluster-init script with a fake `jetpack config KEY DEFAULT` answering from config."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    jetpack = bin_dir / "jetpack"
+    jetpack.write_text('#!/bin/bash\n[ "$1" = config ] || exit 2\nvar="FAKE_JETPACK_${2//./_}"\nprintf "%s\\n" "${!var-$3}"\n')
+    jetpack.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", **{f"FAKE_JETPACK_{k.replace('.', '_')}": v for k, v in config.items()},
+           **(extra_env or {})}
+    script = SPECS / spec / "cluster-init" / "scripts" / name
+    return subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_scheduler_script_waits_for_its_source_then_skips_an_up_to_date_environment(tmp_path: Path) -> None:
+    root = tmp_path / "shared" / "mpistyle"
+    root.parent.mkdir()
+    config = {"mpistyle.root": str(root), "mpistyle.source": str(root / "src"), "mpistyle.torch": "torch==2.13.0",
+              "mpistyle.python": "/nonexistent/python3"}
+
+    done = run_script("scheduler", "20-mpistyle-venv.sh", tmp_path, config)
+    assert done.returncode == 0, done.stderr
+    assert "nothing to install yet" in done.stdout and f"{root}/src does not exist" in done.stdout
+    for shared in ("staging", "runs"):
+        assert (root / shared).stat().st_mode & 0o7777 == 0o1777, f"{shared} should be world-writable and sticky"
+
+    (root / "src").mkdir()
+    (root / "venv").mkdir()
+    marker = root / "venv" / ".mpistyle-install"
+    marker.write_text(f"source={root}/src\ntorch=torch==2.13.0\npython=/nonexistent/python3\n")
+    done = run_script("scheduler", "20-mpistyle-venv.sh", tmp_path, config)
+    assert done.returncode == 0 and "up to date" in done.stdout, done.stdout + done.stderr
+
+    # Another torch: a rebuild, which stops at the missing interpreter before touching the old one.
+    done = run_script("scheduler", "20-mpistyle-venv.sh", tmp_path, config, {"MPISTYLE_TORCH": "torch==2.12.0"})
+    assert done.returncode == 1 and "/nonexistent/python3 not found" in done.stderr
+    assert marker.exists()
+
+
+def test_execute_script_fails_clearly_without_the_shared_environment(tmp_path: Path) -> None:
+    config = {"mpistyle.root": str(tmp_path / "mpistyle"), "mpistyle.expect_gpu": "False", "mpistyle.venv_wait_minutes": "0"}
+    done = run_script("execute", "20-check-node.sh", tmp_path, config)
+    assert done.returncode == 1
+    assert f"{tmp_path}/mpistyle/venv is not ready after 0 minute(s)" in done.stderr
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi", path="/usr/bin:/bin") is not None, reason="this machine has nvidia-smi")
+def test_execute_script_refuses_a_gpu_node_without_a_driver(tmp_path: Path) -> None:
+    config = {"mpistyle.root": str(tmp_path / "mpistyle"), "mpistyle.expect_gpu": "True", "mpistyle.venv_wait_minutes": "0"}
+    done = run_script("execute", "20-check-node.sh", tmp_path, config)
+    assert done.returncode == 1 and "no working nvidia-smi on this GPU node" in done.stderr
+
+
+# --- the parser itself ---------------------------------------------------------------------------
+
+
+def test_parser_reads_nesting_expressions_and_rejects_malformed_text() -> None:
+    parsed = parse(
+        "# comment\n[cluster c]\nAutoscale = $Auto\n  [[node defaults]]\n  SubnetId = ${ifThenElse(Fixed, \"a/b\", Burst)}\n"
+        "    [[[configuration]]]\n    x.y = ${!Flag && size(Name) > 2}\n"
+        "[parameters P]\n  [[parameters Q]]\n    [[[parameter Auto]]]\n    Conditions.Hidden := Other isnt true\n"
+    )
+    cluster = parsed.sections("cluster")[0]
+    assert cluster.name == "c" and one(cluster, "node", "defaults").sections("configuration")[0].get("X.Y")
+    assert set(references(cluster)) == {"Auto", "Fixed", "Burst", "Flag", "Name"}
+    assert names_in_expression("Other isnt true") == {"Other"}
+    for bad in ("[cluster c]\n[[[node n]]]\n", "Key = value\n", "[cluster c]]\n", "[cluster c]\nnot an attribute\n",
+                "[cluster c]\nA = 1\nA = 2\n"):
+        with pytest.raises(TemplateError):
+            parse(bad)

@@ -1,0 +1,296 @@
+"""mpistyle-watch against local folders, a real Azure Storage endpoint (Azurite) and a real
+Slurm: outputs delivered once, poison inputs quarantined, concurrent and killed watchers, and
+no secret in anything a run writes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from azurite import Azurite
+from mpistyle.sample import make_video
+from mpistyle.storage.names import job_name, output_name
+from slurm_cluster import SlurmCluster
+
+from conftest import MPI_ENV, TESTS
+from media import audio_packets, decode_all
+
+Watch = Callable[..., subprocess.CompletedProcess[str]]
+
+
+def watch_command(*overrides: str) -> list[str]:
+    return [sys.executable, "-c", "from mpistyle.watch import main; main()", *overrides]
+
+
+def run_watch(
+    cwd: Path, *overrides: str, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, **MPI_ENV, "PYTHONPATH": str(TESTS), **(env or {})}
+    return subprocess.run(watch_command(*overrides), cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def states(work: Path) -> dict[str, dict]:
+    return {json.loads(p.read_text())["input"]: json.loads(p.read_text()) for p in (work / "state").glob("*.json")}
+
+
+def starts(record: dict) -> int:
+    return sum(1 for h in record["history"] if h["step"] == "submitted")
+
+
+# -- names ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name", ["../../etc/passwd", "/abs/path.mp4", "a/../b.mp4", "weird name (1).MOV", "ünïcode.mp4", "..", "x" * 400]
+)
+def test_job_names_are_safe_path_parts(name: str) -> None:
+    key = job_name(name, "etag")
+    assert "/" not in key and "\\" not in key and not key.startswith(".") and ".." not in key.replace("...", "")
+    assert len(key) < 100
+
+
+def test_different_names_or_versions_never_share_a_job() -> None:
+    assert job_name("a b.mp4", "1") != job_name("a_b.mp4", "1")
+    assert job_name("x/clip.mp4", "1") != job_name("y/clip.mp4", "1")
+    assert job_name("clip.mp4", "1") != job_name("clip.mp4", "2")
+    with pytest.raises(ValueError):
+        job_name("bad\nname.mp4", "1")
+    assert output_name("dir/clip.MOV") == "dir/clip.mp4" and output_name("noext") == "noext.mp4"
+
+
+# -- local folders ---------------------------------------------------------------------------------
+
+
+def local_overrides(tmp_path: Path, *extra: str) -> list[str]:
+    (tmp_path / "inbox").mkdir(exist_ok=True)
+    return [
+        f"storage.input.root={tmp_path / 'inbox'}", f"storage.output.root={tmp_path / 'outbox'}",
+        f"storage.work.root={tmp_path / 'work'}", f"workdir={tmp_path / 'scratch'}", *extra,
+    ]
+
+
+def test_local_flow_good_bad_and_nothing_twice(tmp_path: Path) -> None:
+    inbox = tmp_path / "inbox"
+    (inbox / "sub").mkdir(parents=True)
+    make_video(inbox / "clip.mp4", frames=8)
+    make_video(inbox / "sub" / "clip.mkv", frames=6)  # the same stem in another folder
+    (inbox / "notes.mp4").write_text("this is not a video")
+    first = run_watch(tmp_path, *local_overrides(tmp_path))
+    assert first.returncode == 0, first.stderr
+    outbox = tmp_path / "outbox"
+    assert len(decode_all(outbox / "clip.mp4")[0]) == 8
+    assert len(decode_all(outbox / "sub" / "clip.mp4")[0]) == 6
+    assert audio_packets(outbox / "clip.mp4") == audio_packets(inbox / "clip.mp4")
+    assert json.loads((outbox / "clip.mp4.report.json").read_text())["frames"] == 8
+    assert (outbox / "clip.mp4.preview.png").exists()
+
+    work = tmp_path / "work"
+    records = states(work)
+    assert {k: v["step"] for k, v in records.items()} == {"clip.mp4": "done", "sub/clip.mkv": "done", "notes.mp4": "quarantined"}
+    bad_key = records["notes.mp4"]["key"]
+    error = json.loads((work / "quarantine" / bad_key / "error.json").read_text())
+    assert error["input"] == "notes.mp4" and error["exit_code"] == 3
+    assert "not a video" in error["log_tail"] and "what_to_do" in error
+    assert (work / "quarantine" / bad_key / "notes.mp4").read_text() == "this is not a video"
+    assert (work / "logs" / records["clip.mp4"]["key"] / "job.log").exists()
+    assert not (tmp_path / "scratch" / records["clip.mp4"]["key"]).exists()  # local copies cleaned
+
+    second = run_watch(tmp_path, *local_overrides(tmp_path))
+    assert second.returncode == 0
+    assert all(starts(r) == 1 for r in states(work).values())
+    assert "started" not in second.stderr
+
+
+def test_a_job_failing_every_time_is_quarantined_after_max_attempts(tmp_path: Path) -> None:
+    overrides = local_overrides(
+        tmp_path, "max_attempts=2", "job_overrides=['~model','+model._target_=frame_models.refuse_on_rank','+model.rank=0']"
+    )
+    make_video(tmp_path / "inbox" / "clip.mp4", frames=4)
+    done = run_watch(tmp_path, *overrides)
+    assert done.returncode == 0, done.stderr
+    record = states(tmp_path / "work")["clip.mp4"]
+    assert record["step"] == "quarantined" and starts(record) == 2
+    error = json.loads((tmp_path / "work" / "quarantine" / record["key"] / "error.json").read_text())
+    assert error["reason"] == "failed 2 times" and error["exit_code"] == 5
+
+
+def test_two_watchers_at_once_process_each_video_once(tmp_path: Path) -> None:
+    overrides = local_overrides(tmp_path)
+    for index in range(4):
+        make_video(tmp_path / "inbox" / f"clip{index}.mp4", frames=6)
+    env = {**os.environ, **MPI_ENV, "PYTHONPATH": str(TESTS)}
+    watchers = [
+        subprocess.Popen(watch_command(*overrides), cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    logs = [w.communicate(timeout=300)[1] for w in watchers]
+    assert all(w.returncode == 0 for w in watchers), logs
+    records = states(tmp_path / "work")
+    assert len(records) == 4 and all(r["step"] == "done" and starts(r) == 1 for r in records.values())
+    assert sum(log.count("started as") for log in logs) == 4
+    assert sorted(p.name for p in (tmp_path / "outbox").glob("*.mp4")) == [f"clip{i}.mp4" for i in range(4)]
+
+
+def test_a_killed_watcher_is_taken_over_after_its_lease(tmp_path: Path) -> None:
+    overrides = local_overrides(tmp_path, "lease_s=3")
+    make_video(tmp_path / "inbox" / "clip.mp4", frames=40, width=320, height=180, gop=4)
+    env = {**os.environ, **MPI_ENV, "PYTHONPATH": str(TESTS)}
+    first = subprocess.Popen(
+        watch_command(*overrides), cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "scratch").glob("staging/*/frames-*.h5")):
+        assert time.monotonic() < deadline and first.poll() is None
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)  # the watcher and its job, mid-run
+    first.communicate()
+    record = states(tmp_path / "work")["clip.mp4"]
+    assert record["step"] == "submitted"
+
+    busy = run_watch(tmp_path, *overrides)  # the lease is still the dead watcher's
+    assert states(tmp_path / "work")["clip.mp4"]["step"] == "submitted", busy.stderr
+    time.sleep(3.5)
+    second = run_watch(tmp_path, *overrides)
+    assert second.returncode == 0, second.stderr
+    record = states(tmp_path / "work")["clip.mp4"]
+    assert record["step"] == "done" and starts(record) == 2
+    assert len(decode_all(tmp_path / "outbox" / "clip.mp4")[0]) == 40
+    report = json.loads((tmp_path / "outbox" / "clip.mp4.report.json").read_text())
+    assert report["frames_reused"] > 0  # the second attempt resumed from the staged GOPs
+
+
+def test_unsafe_names_never_leave_the_output_folder(tmp_path: Path) -> None:
+    from mpistyle.errors import StorageError
+    from mpistyle.storage.areas import LocalArea
+
+    area = LocalArea("output", str(tmp_path / "out"))
+    for name in ("../escape.mp4", "/etc/x.mp4", "a/../../b.mp4", "ctl\x07.mp4"):
+        with pytest.raises(StorageError, match="unsafe name"):
+            area.upload(name, Path(__file__))
+    assert not (tmp_path / "escape.mp4").exists()
+
+
+# -- Azure Blob Storage (Azurite) ------------------------------------------------------------------
+
+
+def blob_setup(azurite: Azurite, tag: str) -> tuple[dict[str, str], list[str], object]:
+    """Containers for one test and SAS tokens scoped per area; returns env, overrides, service."""
+    from azure.storage.blob import BlobServiceClient, ContainerSasPermissions, generate_container_sas
+
+    service = BlobServiceClient.from_connection_string(azurite.connection_string)
+    names = {area: f"{tag}-{area}" for area in ("input", "output", "work")}
+    permissions = {
+        "input": ContainerSasPermissions(read=True, list=True),
+        "output": ContainerSasPermissions(create=True, write=True),
+        "work": ContainerSasPermissions(read=True, write=True, create=True, list=True, delete=True),
+    }
+    env, overrides = {}, []
+    for area, container in names.items():
+        service.create_container(container)
+        sas = generate_container_sas(
+            "devstoreaccount1", container, account_key=azurite_key(), permission=permissions[area],
+            expiry=datetime.now(UTC) + timedelta(hours=2),
+        )
+        env[f"MPISTYLE_{area.upper()}_CREDENTIAL"] = sas
+        overrides.append(f"storage.{area}.url={azurite.endpoint}/{container}")
+    return env, ["storage=blob", *overrides], service
+
+
+def azurite_key() -> str:
+    from azurite import KEY
+
+    return KEY
+
+
+@pytest.mark.azurite
+def test_blob_flow_two_watchers_quarantine_and_no_secrets(azurite: Azurite, tmp_path: Path) -> None:
+    env, overrides, service = blob_setup(azurite, "flow")
+    source = make_video(tmp_path / "clip.mp4", frames=8)
+    inputs = service.get_container_client("flow-input")
+    for name in ("clip.mp4", "again/clip.mp4", "corrupt.mp4"):
+        data = source.read_bytes() if name != "corrupt.mp4" else source.read_bytes()[:3000]
+        inputs.upload_blob(name, data)
+    scratch = tmp_path / "scratch"
+    command = watch_command(*overrides, f"workdir={scratch}")
+    full_env = {**os.environ, **MPI_ENV, "PYTHONPATH": str(TESTS), **env}
+    watchers = [subprocess.Popen(command, cwd=tmp_path, env=full_env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    logs = [w.communicate(timeout=300)[1] for w in watchers]
+    assert all(w.returncode == 0 for w in watchers), logs
+
+    outputs = service.get_container_client("flow-output")
+    names = sorted(b.name for b in outputs.list_blobs())
+    assert names == sorted(f"{n}{s}" for n in ("clip.mp4", "again/clip.mp4") for s in ("", ".preview.png", ".report.json"))
+    (tmp_path / "got.mp4").write_bytes(outputs.download_blob("again/clip.mp4").readall())
+    assert len(decode_all(tmp_path / "got.mp4")[0]) == 8
+    work = service.get_container_client("flow-work")
+    work_names = [b.name for b in work.list_blobs()]
+    records = [json.loads(work.download_blob(n).readall()) for n in work_names if n.startswith("state/")]
+    assert sorted((r["input"], r["step"], starts(r)) for r in records) == [
+        ("again/clip.mp4", "done", 1), ("clip.mp4", "done", 1), ("corrupt.mp4", "quarantined", 1)
+    ]
+    assert any(n.startswith("quarantine/") and n.endswith("/error.json") for n in work_names)
+    assert sum(log.count("started as") for log in logs) == 3
+
+    # No secret anywhere: watcher logs, scratch files, and every blob written.
+    secrets = [v for v in env.values()] + [azurite_key()] + [v.split("sig=")[1].split("&")[0] for v in env.values()]
+    written = "\n".join(logs)
+    written += "\n".join(p.read_text(errors="replace") for p in scratch.rglob("*") if p.is_file())
+    for container in (outputs, work):
+        written += "\n".join(container.download_blob(b.name).readall().decode(errors="replace") for b in container.list_blobs())
+    for secret in secrets:
+        assert secret not in written
+
+
+@pytest.mark.azurite
+def test_a_refused_upload_is_redacted_and_retried_next_tick(azurite: Azurite, tmp_path: Path) -> None:
+    from azure.storage.blob import ContainerSasPermissions, generate_container_sas
+
+    env, overrides, service = blob_setup(azurite, "refused")
+    service.get_container_client("refused-input").upload_blob("clip.mp4", make_video(tmp_path / "c.mp4", frames=4).read_bytes())
+    read_only = generate_container_sas(
+        "devstoreaccount1", "refused-output", account_key=azurite_key(), permission=ContainerSasPermissions(read=True),
+        expiry=datetime.now(UTC) + timedelta(hours=1),
+    )
+    scratch = f"workdir={tmp_path / 'scratch'}"
+    first = run_watch(tmp_path, *overrides, scratch, env={**env, "MPISTYLE_OUTPUT_CREDENTIAL": read_only})
+    assert first.returncode == 9
+    assert "output storage refused to upload" in first.stderr
+    assert read_only.split("sig=")[1].split("&")[0] not in first.stderr
+    second = run_watch(tmp_path, *overrides, f"workdir={tmp_path / 'scratch'}", env=env)
+    assert second.returncode == 0, second.stderr
+    assert [b.name for b in service.get_container_client("refused-output").list_blobs()].count("clip.mp4") == 1
+
+
+# -- through the real Slurm --------------------------------------------------------------------------
+
+
+@pytest.mark.azurite
+@pytest.mark.slurm
+def test_blob_to_slurm_end_to_end(azurite: Azurite, slurm: SlurmCluster, tmp_path: Path) -> None:
+    env, overrides, service = blob_setup(azurite, "slurm")
+    source = make_video(tmp_path / "clip.mp4", frames=12)
+    service.get_container_client("slurm-input").upload_blob("clip.mp4", source.read_bytes())
+    sbatch_args = "runner.sbatch_args=['--ntasks=2','--cpus-per-task=1']"
+    watch = [*overrides, "runner=slurm", f"workdir={tmp_path / 'shared'}", sbatch_args]
+    job_env = {**slurm.env(), **env, "MPISTYLE_PYTHON": sys.executable}
+    first = run_watch(tmp_path, *watch, env=job_env)
+    assert first.returncode == 0 and "started as slurm:" in first.stderr, first.stderr
+    deadline = time.monotonic() + 240
+    while True:
+        tick = run_watch(tmp_path, *watch, env=job_env)
+        assert tick.returncode == 0, tick.stderr
+        if "1 done" in tick.stderr:
+            break
+        assert time.monotonic() < deadline, tick.stderr
+        time.sleep(1)
+    (tmp_path / "out.mp4").write_bytes(service.get_container_client("slurm-output").download_blob("clip.mp4").readall())
+    assert len(decode_all(tmp_path / "out.mp4")[0]) == 12
+    report = json.loads(service.get_container_client("slurm-output").download_blob("clip.mp4.report.json").readall())
+    assert report["ranks"] == 2
