@@ -15,7 +15,10 @@ ROOT = TESTS.parent
 SCRIPT = ROOT / "slurm" / "style.sbatch"
 GOLDEN = TESTS / "golden" / "style.sbatch.txt"
 SHELL_SCRIPTS = sorted(
-    [*ROOT.glob("scripts/*.sh"), *ROOT.glob("slurm/*.sbatch"), *ROOT.glob("cyclecloud/**/*.sh"), ROOT / ".ci" / "run"]
+    [
+        *ROOT.glob("scripts/*.sh"), *ROOT.glob("slurm/*.sbatch"), *ROOT.glob("cyclecloud/**/*.sh"),
+        *ROOT.glob("deploy/**/*.sh"), ROOT / ".ci" / "run",
+    ]
 )
 
 CASES = {

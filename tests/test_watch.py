@@ -166,6 +166,20 @@ def test_a_killed_watcher_is_taken_over_after_its_lease(tmp_path: Path) -> None:
     assert report["frames_reused"] > 0  # the second attempt resumed from the staged GOPs
 
 
+def test_the_scheduled_tick_script(tmp_path: Path) -> None:
+    overrides = local_overrides(tmp_path)
+    make_video(tmp_path / "inbox" / "clip.mp4", frames=4)
+    env_file = tmp_path / "watch.env"
+    watch = Path(sys.executable).with_name("mpistyle-watch")
+    env_file.write_text(f"MPISTYLE_WATCH={watch}\nMPISTYLE_WATCH_ARGS=\"{' '.join(overrides)}\"\n")
+    script = TESTS.parent / "deploy" / "watch" / "mpistyle-watch-tick.sh"
+    env = {**os.environ, "MPISTYLE_WATCH_ENV": str(env_file), "MPISTYLE_WATCH_LOCK": str(tmp_path / "lock")}
+    done = subprocess.run([str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert states(tmp_path / "work")["clip.mp4"]["step"] == "done"
+    assert (tmp_path / "outbox" / "clip.mp4").exists()
+
+
 def test_unsafe_names_never_leave_the_output_folder(tmp_path: Path) -> None:
     from mpistyle.errors import StorageError
     from mpistyle.storage.areas import LocalArea
