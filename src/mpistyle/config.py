@@ -83,6 +83,10 @@ class JobConfig:
     batch_size: int | None = None  # frames per model call; default 1 on CPU, 8 on a GPU
     threads: int | None = None  # torch threads per rank; default: the rank's CPUs / ranks per node
     run_dir: str | None = None  # where logs go; the CLI sets Hydra's run directory
+    # Damaged input (corrupt frames, undecodable packets): conceal (FFmpeg's concealment, a
+    # missing frame repeats the one before; counted in the report) or fail (exit 3).
+    on_damage: str = "conceal"
+    max_pixels: int = 7680 * 4320  # larger frames are refused (exit 3): 8K UHD by default
     model: Any = MISSING
     video: VideoConfig = field(default_factory=VideoConfig)
     staging: StagingConfig = field(default_factory=StagingConfig)
@@ -159,6 +163,10 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError(f"report.progress must be one of {', '.join(PROGRESS_MODES)}, got '{cfg.report.progress}'")
     if cfg.report.preview_frames < 0:
         raise ConfigError(f"report.preview_frames must be 0 or more, got {cfg.report.preview_frames}")
+    if cfg.on_damage not in ("conceal", "fail"):
+        raise ConfigError(f"on_damage must be conceal or fail, got '{cfg.on_damage}'")
+    if cfg.max_pixels < 1:
+        raise ConfigError(f"max_pixels must be positive, got {cfg.max_pixels}")
     if cfg.video.crf is not None and cfg.video.crf < 0:
         raise ConfigError(f"video.crf must be 0 or more, got {cfg.video.crf}")
     if "_target_" not in cfg.model:

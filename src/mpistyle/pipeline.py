@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,12 +25,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from . import __version__, config, signals
-from .errors import ConfigError, JobStopped, ModelError, MpistyleError, OutputError
+from .errors import ConfigError, InputError, JobStopped, ModelError, MpistyleError, OutputError
 from .parallel import RankContext, attempt, partition, unwrap
 from .report import Progress, StageTimer, preview_grid, preview_indices, write_json, write_png
 from .scoring import Scorer, default_batch_size, pick_device, set_threads
 from .staging import DEFAULT_STAGING, Staging, fingerprint, job_key
 from .video import (
+    Damage,
     Encoder,
     EncodeSettings,
     Share,
@@ -92,7 +93,7 @@ def run(cfg: DictConfig, ctx: RankContext | None = None, run_id: str | None = No
     with timer("score"):
         scoring = attempt(
             lambda: ctx.run_everywhere(
-                lambda tick: {"host": ctx.host, **score_share(plan, share, scorer, tick)},
+                lambda tick: {"host": ctx.host, **score_share(plan, share, scorer, tick, cfg.on_damage)},
                 progress.add if progress else _ignore,
             )
         )
@@ -127,6 +128,11 @@ def make_plan(cfg: DictConfig, ranks: int, run_id: str) -> Plan:
             f"use one of {', '.join(sorted(_OUTPUT_SUFFIXES))} or set video.format"
         )
     info = probe(str(Path(cfg.input).expanduser()))
+    if info.width * info.height > cfg.max_pixels:
+        raise InputError(
+            f"frames of {info.width}x{info.height} are over max_pixels={cfg.max_pixels}: "
+            f"raise it (max_pixels={info.width * info.height}) if this node has the memory: {info.path}"
+        )
     if output.is_dir():
         raise OutputError(f"output is a directory: {output}")
     if output.exists() and os.path.samefile(output, cfg.input):
@@ -199,7 +205,9 @@ def build_scorer(cfg: DictConfig, ctx: RankContext) -> Scorer:
     return Scorer(model, device, cfg.batch_size or default_batch_size(device))
 
 
-def score_share(plan: Plan, share: Share, scorer: Scorer, tick: Callable[[int], bool]) -> dict[str, Any]:
+def score_share(
+    plan: Plan, share: Share, scorer: Scorer, tick: Callable[[int], bool], on_damage: str = "fail"
+) -> dict[str, Any]:
     """Decode, score and stage this rank's frames, a batch at a time (memory stays fixed).
 
     Each GOP is staged in its own file; GOPs already staged by an earlier attempt of the same
@@ -214,8 +222,9 @@ def score_share(plan: Plan, share: Share, scorer: Scorer, tick: Callable[[int], 
     if reused:
         _step(tick, reused)
     batch = np.empty((scorer.batch_size, info.height, info.width, 3), np.uint8)
+    damage = Damage()
     for run in _consecutive(missing):
-        frames = decode_share(info, shares_for(info, [run])[0])
+        frames = decode_share(info, shares_for(info, [run])[0], on_damage, damage)
         for start, stop in bounds[run.start : run.stop]:
             count = 0
             with plan.staging.writer(start, stop, info.height, info.width) as writer:
@@ -240,12 +249,18 @@ def score_share(plan: Plan, share: Share, scorer: Scorer, tick: Callable[[int], 
         share.frames - reused, total, seconds["decode"], seconds["score"], seconds["stage"],
         f", {reused} reused from staging" if reused else "",
     )
+    if damage.damaged or damage.concealed or damage.packet_errors:
+        log.warning(
+            "damaged input: %d corrupt frame(s) kept as concealed, %d missing frame(s) repeated, %d bad packet(s)",
+            damage.damaged, damage.concealed, damage.packet_errors,
+        )
     return {
         "device": str(scorer.device),
         "threads": torch.get_num_threads() if scorer.device.type == "cpu" else None,
         "frames": share.frames,
         "first_frame": share.start,
         "frames_reused": reused,
+        "damage": asdict(damage),
         "seconds": seconds,
         "seconds_total": total,
         "fps": (share.frames - reused) / total if total > 0 and share.frames > reused else None,
@@ -327,6 +342,10 @@ def finish_job(
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "frames": info.frames,
         "frames_reused": sum(s["frames_reused"] for s in summaries),
+        "damage": {
+            "policy": cfg.on_damage,
+            **{k: sum(s["damage"][k] for s in summaries) for k in summaries[0]["damage"]},
+        },
         "ranks": len(summaries),
         "devices": [s["device"] for s in summaries],
         "per_rank": [dict(rank=rank, **summary) for rank, summary in enumerate(summaries)],

@@ -90,6 +90,10 @@ class Staging:
                 pass  # another job's frames are staged there too
 
 
+# Room for HDF5's superblock, object headers and chunk index beyond the frames themselves.
+_HDF5_OVERHEAD = 1 << 16
+
+
 class ShardWriter:
     """Appends frames to one shard; renames it into place only when every frame is in."""
 
@@ -105,7 +109,13 @@ class ShardWriter:
             self._data = self._file.create_dataset(
                 "frames", shape=(frames, height, width, 3), dtype=np.uint8, chunks=(1, height, width, 3)
             )
+            # Reserve the whole file now: a full disk (or a file-size limit) fails here, cleanly,
+            # instead of inside HDF5's writes, which it does not survive (it can crash on close).
+            os.posix_fallocate(self._file.id.get_vfd_handle(), 0, frames * height * width * 3 + _HDF5_OVERHEAD)
         except OSError as err:
+            if hasattr(self, "_file"):
+                self.close(complete=False, quiet=True)
+            self.partial.unlink(missing_ok=True)
             raise _staging_error(self.partial, err) from None
 
     def write(self, batch: np.ndarray) -> None:
@@ -115,10 +125,16 @@ class ShardWriter:
             raise _staging_error(self.partial, err) from None
         self.count += len(batch)
 
-    def close(self, complete: bool) -> None:
+    def close(self, complete: bool, quiet: bool = False) -> None:
+        # Drop the dataset before the file: HDF5 crashes closing a dataset whose file already
+        # failed to close.
+        self._data = None
         try:
             self._file.close()
         except OSError as err:
+            self.partial.unlink(missing_ok=True)
+            if quiet:
+                return
             raise _staging_error(self.partial, err) from None
         if complete and self.count == self.expected:
             os.replace(self.partial, self.path)
@@ -134,6 +150,6 @@ class ShardWriter:
 
 def _staging_error(path: Path, err: OSError) -> StagingError:
     text = str(err)
-    if getattr(err, "errno", None) == errno.ENOSPC or "No space left" in text or "file too large" in text.lower():
+    if getattr(err, "errno", None) in (errno.ENOSPC, errno.EFBIG) or "No space left" in text or "file too large" in text.lower():
         return StagingError(f"staging filesystem is full while writing {path}: free space or set staging.root")
     return StagingError(f"cannot write staged frames {path}: {text}")

@@ -183,54 +183,102 @@ def _display_rotation(container: av.container.InputContainer, stream: av.VideoSt
     decode the first one (frames are stored, and styled, unrotated)."""
     try:
         container.seek(0, stream=stream, backward=True)
-        for frame in _frames(container, stream):
+        for frame in _frames(container, stream, "conceal", Damage(), ""):
             return float(frame.rotation or 0.0)
-    except av.error.FFmpegError:
+    except (av.error.FFmpegError, InputError):
         pass  # a damaged start is reported by the decode that needs it, with a better message
     return 0.0
 
 
-def decode_share(info: VideoInfo, share: Share) -> Iterator[np.ndarray]:
+DAMAGE_POLICIES = ("conceal", "fail")
+
+
+@dataclass
+class Damage:
+    """What went wrong while decoding, under the ``conceal`` policy (counted, not fatal)."""
+
+    damaged: int = 0  # frames the decoder flagged corrupt (it concealed the errors in them)
+    concealed: int = 0  # frames that did not decode at all: the previous frame stands in
+    packet_errors: int = 0  # packets the decoder rejected
+
+    def add(self, other: Damage) -> None:
+        self.damaged += other.damaged
+        self.concealed += other.concealed
+        self.packet_errors += other.packet_errors
+
+
+def decode_share(info: VideoInfo, share: Share, policy: str = "fail", damage: Damage | None = None) -> Iterator[np.ndarray]:
     """Yield the share's frames as RGB ``(H, W, 3)`` uint8 arrays, in presentation order.
 
     Decoding starts at the share's first keyframe, so no frame outside the share is decoded
-    (for closed GOPs) and each frame equals what a straight decode of the file gives. A frame
-    of the index that does not come out of the decoder is an error, raised at once.
+    (for closed GOPs) and each frame equals what a straight decode of the file gives.
+
+    Damage (a corrupt frame, a rejected packet, a frame of the index that never decodes) raises
+    :class:`InputError` under ``policy="fail"``. Under ``"conceal"`` it is counted in
+    ``damage``: corrupt frames are kept as FFmpeg concealed them, and a frame that never decodes
+    is replaced by the one before it, so the output keeps every timestamp.
     """
     if share.frames == 0:
         return
+    damage = damage if damage is not None else Damage()
     expected = info.frame_pts[share.start : share.stop]
     first, last = expected[0], expected[-1]
     index = 0
+    previous: np.ndarray | None = None
     with _open_input(info.path) as container:
         stream = container.streams.video[0]
         # Frame threads speed decoding up without changing any decoded pixel.
         stream.thread_type = "AUTO"
         if share.seek_pts is not None:
             container.seek(share.seek_pts, stream=stream, backward=True)
-        try:
-            for frame in _frames(container, stream):
-                if frame.pts is None or not first <= frame.pts <= last:
-                    continue  # another share's frame (the seek may land a GOP early)
-                if frame.pts != expected[index]:
-                    break
-                yield frame.to_ndarray(format="rgb24")
+        for frame in _frames(container, stream, policy, damage, info.path):
+            if frame.pts is None or not first <= frame.pts <= last:
+                continue  # another share's frame (the seek may land a GOP early)
+            if frame.is_corrupt:
+                if policy == "fail":
+                    raise _damaged(info, share.start + index, "is corrupt")
+                damage.damaged += 1
+            picture = frame.to_ndarray(format="rgb24")
+            while expected[index] < frame.pts:  # frames that never came out of the decoder
+                if policy == "fail":
+                    raise _damaged(info, share.start + index, "did not decode")
+                damage.concealed += 1
+                yield picture if previous is None else previous
                 index += 1
-                if index == len(expected):
-                    return
-        except av.error.FFmpegError as err:
-            raise InputError(
-                f"input is damaged: decoding failed near frame {share.start + index} ({err.strerror}): {info.path}"
-            ) from None
-    raise InputError(
-        f"input is damaged: frame {share.start + index} (pts {expected[index]}) did not decode: {info.path}"
+            if frame.pts != expected[index]:
+                continue  # a frame shown twice by a damaged stream: its slot is filled already
+            yield picture
+            previous = picture
+            index += 1
+            if index == len(expected):
+                return
+    if policy == "fail" or previous is None:
+        raise _damaged(info, share.start + index, "did not decode")
+    for _ in range(index, len(expected)):
+        damage.concealed += 1
+        yield previous
+
+
+def _damaged(info: VideoInfo, frame: int, what: str) -> InputError:
+    return InputError(
+        f"input is damaged: frame {frame} {what} (on_damage=conceal keeps going and reports it): {info.path}"
     )
 
 
-def _frames(container: av.container.InputContainer, stream: av.VideoStream) -> Iterator[av.VideoFrame]:
+def _frames(
+    container: av.container.InputContainer, stream: av.VideoStream, policy: str, damage: Damage, path: str
+) -> Iterator[av.VideoFrame]:
     # demux() ends with an empty packet whose decode() drains the decoder's last frames.
-    for packet in container.demux(stream):
-        yield from packet.decode()
+    try:
+        for packet in container.demux(stream):
+            try:
+                yield from packet.decode()
+            except av.error.InvalidDataError:
+                if policy == "fail":
+                    raise
+                damage.packet_errors += 1
+    except av.error.FFmpegError as err:
+        raise InputError(f"input is damaged: reading or decoding failed ({err.strerror}): {path}") from None
 
 
 @dataclass(frozen=True)
@@ -410,7 +458,7 @@ def read_frames(path: str, indices: Sequence[int], info: VideoInfo) -> list[np.n
     for index in indices:
         gop = bisect.bisect_right(starts, index) - 1
         share = shares_for(info, [range(gop, gop + 1)])[0]
-        for offset, frame in enumerate(decode_share(info, share)):
+        for offset, frame in enumerate(decode_share(info, share, "conceal")):
             if share.start + offset == index:
                 frames.append(frame)
                 break
