@@ -169,3 +169,53 @@ def test_sigterm_stops_cleanly_and_the_rerun_resumes(video: Callable[..., Path],
     report = json.loads(Path(f"{output}.report.json").read_text())
     assert report["frames_reused"] == 4 * staged
     assert len(decode_all(output)[0]) == 60
+
+
+def _rank_pids(parent: int, rank: int) -> list[int]:
+    """PIDs of the processes mpirun started for ``rank`` (read from their environment)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"OMPI_COMM_WORLD_RANK={rank}".encode() in environ and b"MPISTYLE_TEST_MARK=" + str(parent).encode() in environ:
+            found.append(int(proc.name))
+    return found
+
+
+@pytest.mark.mpi
+def test_a_killed_rank_ends_the_job_promptly_and_the_rerun_resumes(video: Callable[..., Path], tmp_path: Path) -> None:
+    source = video(frames=60, width=320, height=180, gop=4)
+    staging = tmp_path / "staging"
+    reference = tmp_path / "reference.mp4"
+    done = run_mpistyle(f"input={source}", f"output={reference}", f"staging.root={tmp_path / 'ref-staging'}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+
+    output = tmp_path / "out.mp4"
+    args = [f"input={source}", f"output={output}", f"staging.root={staging}"]
+    env = {**os.environ, **MPI_ENV, "MPISTYLE_TEST_MARK": str(os.getpid())}
+    job = subprocess.Popen(mpistyle_command(*args, ranks=2), cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while len(list(staging.glob("*/frames-*.h5"))) < 2:
+        assert time.monotonic() < deadline and job.poll() is None
+        time.sleep(0.05)
+    victims = _rank_pids(os.getpid(), 1)
+    assert victims
+    killed_at = time.monotonic()
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    _, stderr = job.communicate(timeout=60)
+    assert time.monotonic() - killed_at < 15, "the other rank kept the job alive"
+    assert job.returncode != 0
+    assert "rank 1" in stderr and "signal 9" in stderr  # mpirun names the rank and the cause
+    assert not output.exists() and not list(tmp_path.glob(".out.partial*"))
+
+    done = run_mpistyle(*args, ranks=2, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(Path(f"{output}.report.json").read_text())
+    assert report["frames_reused"] >= 8
+    resumed, reference_frames = decode_all(output)[0], decode_all(reference)[0]
+    assert len(resumed) == 60 and all(np.array_equal(a, b) for a, b in zip(resumed, reference_frames, strict=True))

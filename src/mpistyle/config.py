@@ -57,6 +57,10 @@ class VideoConfig:
     preset: str | None = "medium"
     bit_rate: int | None = None
     options: dict[str, str] = field(default_factory=dict)  # extra encoder options, e.g. {tune: film}
+    # Encoder threads. Fixed, because x264's output depends on its thread count, and an
+    # automatic count follows the CPUs mpirun binds rank 0 to: with a fixed count the output is
+    # the same bits whatever the rank count. 0: let the encoder choose.
+    threads: int = 8
     format: str | None = None  # container; default: from the output's extension
 
 

@@ -290,11 +290,13 @@ class EncodeSettings:
     bit_rate: int | None = None
     options: dict[str, str] = field(default_factory=dict)
     format: str | None = None  # container; the caller resolves it from the output's name
+    threads: int = 8  # 0: the encoder chooses (by the CPUs this process may use)
 
     def apply(self, codec: av.VideoCodecContext, info: VideoInfo) -> None:
         """Size, pixel format, clock and options of an encoder for ``info``'s frames."""
         codec.width, codec.height = output_size(info.width, info.height)
         codec.pix_fmt = self.pix_fmt
+        codec.thread_count = self.threads
         # Keep the input's clock so every frame keeps its exact timestamp (VFR included).
         codec.time_base = info.time_base
         if info.sample_aspect_ratio:
