@@ -239,3 +239,17 @@ def test_unknown_output_container(video: Callable[..., Path], cfg: Cfg, tmp_path
     source = video(frames=4)
     with pytest.raises(ConfigError, match="container"):
         run(cfg(f"input={source}", f"output={tmp_path / 'out.xyz'}"))
+
+
+def test_thirty_videos_back_to_back(cfg: Cfg, tmp_path: Path) -> None:
+    from mpistyle.sample import make_video
+
+    staging = tmp_path / "staging"
+    for index in range(30):
+        source = make_video(tmp_path / f"v{index:02d}.mp4", frames=2 + index % 5, width=32, height=24, gop=2)
+        output = tmp_path / "out" / f"v{index:02d}.mp4"
+        report = run(cfg(f"input={source}", f"output={output}", f"staging.root={staging}", "report.preview_frames=0"))
+        assert report["frames"] == len(decode_all(output)[0]) == 2 + index % 5
+        assert report["frames_reused"] == 0
+    assert len(list((tmp_path / "out").glob("*.mp4"))) == 30
+    assert not [p for p in staging.rglob("*") if p.is_file()]

@@ -263,6 +263,29 @@ def test_blob_flow_two_watchers_quarantine_and_no_secrets(azurite: Azurite, tmp_
 
 
 @pytest.mark.azurite
+def test_sas_urls_given_as_overrides_stay_out_of_every_file(azurite: Azurite, tmp_path: Path) -> None:
+    """Another config source: the SAS inside the container URLs on the command line."""
+    env, _, service = blob_setup(azurite, "sasurl")
+    service.get_container_client("sasurl-input").upload_blob("clip.mp4", make_video(tmp_path / "c.mp4", frames=4).read_bytes())
+    # Quoted: '?', '=' and '&' mean something to Hydra's override grammar.
+    urls = [f"storage.{area}.url='{azurite.endpoint}/sasurl-{area}?{env[f'MPISTYLE_{area.upper()}_CREDENTIAL']}'" for area in
+            ("input", "output", "work")]
+    scratch = tmp_path / "scratch"
+    done = run_watch(tmp_path, "storage=blob", *urls, f"workdir={scratch}", "storage.input.credential_env=null",
+                     "storage.output.credential_env=null", "storage.work.credential_env=null")
+    assert done.returncode == 0, done.stderr
+    assert "clip.mp4" in [b.name for b in service.get_container_client("sasurl-output").list_blobs()]
+    signatures = [value.split("sig=")[1].split("&")[0] for value in env.values()]
+    written = done.stdout + done.stderr + "".join(p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file()
+                                                  and p.suffix not in (".mp4", ".h5"))
+    for container in ("sasurl-output", "sasurl-work"):
+        client = service.get_container_client(container)
+        written += "".join(client.download_blob(b.name).readall().decode(errors="replace") for b in client.list_blobs())
+    for signature in signatures:
+        assert signature not in written
+
+
+@pytest.mark.azurite
 def test_a_refused_upload_is_redacted_and_retried_next_tick(azurite: Azurite, tmp_path: Path) -> None:
     from azure.storage.blob import ContainerSasPermissions, generate_container_sas
 
@@ -280,6 +303,29 @@ def test_a_refused_upload_is_redacted_and_retried_next_tick(azurite: Azurite, tm
     second = run_watch(tmp_path, *overrides, f"workdir={tmp_path / 'scratch'}", env=env)
     assert second.returncode == 0, second.stderr
     assert [b.name for b in service.get_container_client("refused-output").list_blobs()].count("clip.mp4") == 1
+
+
+# -- load ------------------------------------------------------------------------------------------
+
+
+def test_thirty_videos_through_two_concurrent_watchers(tmp_path: Path) -> None:
+    overrides = local_overrides(tmp_path)
+    sources = {}
+    for index in range(30):
+        path = make_video(tmp_path / "inbox" / f"v{index:02d}.mp4", frames=3 + index % 4, width=32, height=24, gop=3)
+        sources[path.name] = len(decode_all(path)[0])
+    env = {**os.environ, **MPI_ENV, "PYTHONPATH": str(TESTS)}
+    watchers = [
+        subprocess.Popen(watch_command(*overrides), cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    logs = [w.communicate(timeout=900)[1] for w in watchers]
+    assert all(w.returncode == 0 for w in watchers), logs
+    records = states(tmp_path / "work")
+    assert len(records) == 30 and all(r["step"] == "done" and starts(r) == 1 for r in records.values())
+    for name, frames in sources.items():
+        assert len(decode_all(tmp_path / "outbox" / name)[0]) == frames
+    assert sum(log.count("started as") for log in logs) == 30
+    assert not [p for p in (tmp_path / "scratch").rglob("*") if p.is_file()]  # staging and copies all cleaned
 
 
 # -- through the real Slurm --------------------------------------------------------------------------
@@ -308,3 +354,9 @@ def test_blob_to_slurm_end_to_end(azurite: Azurite, slurm: SlurmCluster, tmp_pat
     assert len(decode_all(tmp_path / "out.mp4")[0]) == 12
     report = json.loads(service.get_container_client("slurm-output").download_blob("clip.mp4.report.json").readall())
     assert report["ranks"] == 2
+
+
+def test_a_bad_override_carrying_a_secret_is_reported_redacted(tmp_path: Path) -> None:
+    done = run_watch(tmp_path, "lease_s='https://a.blob.core.windows.net/c?sv=2024&sig=TOPSECRETSIGNATURE'")
+    assert done.returncode == 2
+    assert "lease_s" in done.stderr and "TOPSECRETSIGNATURE" not in done.stderr, done.stderr

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, open_dict
 from . import config, signals
 from .errors import ConfigError, InternalError, MpistyleError
 from .parallel import RankContext
+from .storage.secrets import redact
 
 log = logging.getLogger("mpistyle")
 _ctx: RankContext | None = None
@@ -33,25 +34,27 @@ def main() -> None:
     sys.excepthook = _abort_on_crash
     signals.install()
     config.register()
-    _check_overrides(sys.argv[1:])
+    check_overrides(sys.argv[1:], show=_ctx.is_root)
     _hydra_main()
 
 
-def _check_overrides(args: list[str]) -> None:
+def check_overrides(args: list[str], config_name: str = "config", show: bool = True) -> None:
     """Compose the config once before Hydra does, so a bad override is one line and exit 2
-    (Hydra itself prints several lines and exits 1). Flags such as --help go to Hydra as is."""
+    (Hydra itself prints several lines and exits 1). Flags such as --help go to Hydra as is.
+    The message is scrubbed of secrets: an override may carry a SAS URL."""
     if any(arg.startswith("-") for arg in args):
         return
     overrides = [arg for arg in args if not arg.lstrip("+~").startswith(("hydra.", "hydra/"))]
     try:
         with initialize_config_module("mpistyle.configs", version_base="1.3"):
-            compose("config", overrides=overrides)
+            compose(config_name, overrides=overrides)
     except Exception as err:  # Hydra and OmegaConf raise many types, all about the overrides
         text = f"{err}\n{err.__cause__ or ''}"
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         lines = [line for line in lines if not line.startswith(("full_key:", "object_type", "reference_type"))]
-        if _ctx is not None and _ctx.is_root:
-            print(f"error: {'; '.join(lines[:4]) or type(err).__name__} (see mpistyle --help)", file=sys.stderr)
+        if show:
+            message = "; ".join(lines[:4]) or type(err).__name__
+            print(redact(f"error: {message} (see --help)"), file=sys.stderr)
         sys.exit(ConfigError.exit_code)
 
 

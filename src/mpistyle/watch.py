@@ -284,5 +284,8 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    from .cli import check_overrides
+
     config.register()
+    check_overrides(sys.argv[1:], "watch")
     _hydra_main()
