@@ -91,24 +91,4 @@ def test_random_bytes_named_mp4(tmp_path: Path) -> None:
         probe(str(path))
 
 
-def test_audio_only(tmp_path: Path) -> None:
-    path = tmp_path / "tone.m4a"
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("aac", rate=48000)
-        stream.layout = "mono"
-        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-        frame.sample_rate = 48000
-        for packet in stream.encode(frame) + stream.encode(None):
-            out.mux(packet)
-    with pytest.raises(InputError, match="no video stream"):
-        probe(str(path))
-
-
-def test_still_image(tmp_path: Path) -> None:
-    path = tmp_path / "picture.png"
-    codec = av.CodecContext.create("png", "w")
-    codec.width, codec.height, codec.pix_fmt = 16, 16, "rgb24"
-    frame = av.VideoFrame.from_ndarray(np.zeros((16, 16, 3), np.uint8), format="rgb24")
-    path.write_bytes(b"".join(bytes(p) for p in codec.encode(frame) + codec.encode(None)))
-    with pytest.raises(InputError, match="still image"):
-        probe(str(path))
+# Audio-only files, still images and the other bad inputs: tests/test_bad_inputs.py.
