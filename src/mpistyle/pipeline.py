@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -263,6 +264,8 @@ def score_share(
         "damage": asdict(damage),
         "seconds": seconds,
         "seconds_total": total,
+        # ru_maxrss is in KiB on Linux: the peak of this rank's process so far.
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "fps": (share.frames - reused) / total if total > 0 and share.frames > reused else None,
     }
 
@@ -354,6 +357,8 @@ def finish_job(
             "end_to_end": round(info.frames / total, 3) if total else None,
             "scoring": round(info.frames / timer.seconds["score"], 3) if timer.seconds.get("score") else None,
         },
+        # Rank 0's peak including gathering and encoding (per_rank peaks are taken after scoring).
+        "root_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "staging": str(plan.staging.dir) if cfg.staging.keep else None,
         "preview": str(plan.preview) if plan.preview and wanted else None,
     }
