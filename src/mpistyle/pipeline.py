@@ -154,6 +154,7 @@ def make_plan(cfg: DictConfig, ranks: int, run_id: str) -> Plan:
             "input": fingerprint(Path(info.path)),
             "frames": info.frames,
             "model": model,
+            "compile": cfg.compile,  # compiled kernels round differently: not the same frames
             # A checkpoint retrained in place is a new model: key on its contents too.
             "model_files": {k: fingerprint(Path(v)) for k, v in model.items() if isinstance(v, str) and Path(v).is_file()},
         }
@@ -203,7 +204,7 @@ def build_scorer(cfg: DictConfig, ctx: RankContext) -> Scorer:
         raise ConfigError(f"cannot build the model {cfg.model.get('_target_')}: {reason}") from None
     if not isinstance(model, nn.Module):
         raise ModelError(f"{cfg.model._target_} returned a {type(model).__name__}, not a torch.nn.Module")
-    return Scorer(model, device, cfg.batch_size or default_batch_size(device))
+    return Scorer(model, device, cfg.batch_size or default_batch_size(device), cfg.compile)
 
 
 def score_share(
