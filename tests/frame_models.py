@@ -54,3 +54,12 @@ def refuse_on_rank(rank: int) -> nn.Module:
     if _rank() == rank:
         raise ModelError("simulated damaged checkpoint on this node")
     return Invert()
+
+
+def dump_env(path: str) -> nn.Module:
+    """Writes the job's environment to ``path`` (to check what a job is handed), then inverts."""
+    import json
+
+    with open(path, "w") as handle:
+        json.dump(dict(os.environ), handle)
+    return Invert()

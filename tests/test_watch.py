@@ -17,6 +17,7 @@ import pytest
 
 from azurite import Azurite
 from mpistyle.sample import make_video
+from mpistyle.storage.areas import LocalArea
 from mpistyle.storage.names import job_name, output_name
 from slurm_cluster import SlurmCluster
 
@@ -63,7 +64,8 @@ def test_different_names_or_versions_never_share_a_job() -> None:
     assert job_name("clip.mp4", "1") != job_name("clip.mp4", "2")
     with pytest.raises(ValueError):
         job_name("bad\nname.mp4", "1")
-    assert output_name("dir/clip.MOV") == "dir/clip.mp4" and output_name("noext") == "noext.mp4"
+    assert output_name("dir/clip.MOV") == "dir/clip.MOV.mp4" and output_name("clip.mp4") == "clip.mp4"
+    assert output_name("noext") == "noext.mp4"
 
 
 # -- local folders ---------------------------------------------------------------------------------
@@ -87,7 +89,7 @@ def test_local_flow_good_bad_and_nothing_twice(tmp_path: Path) -> None:
     assert first.returncode == 0, first.stderr
     outbox = tmp_path / "outbox"
     assert len(decode_all(outbox / "clip.mp4")[0]) == 8
-    assert len(decode_all(outbox / "sub" / "clip.mp4")[0]) == 6
+    assert len(decode_all(outbox / "sub" / "clip.mkv.mp4")[0]) == 6
     assert audio_packets(outbox / "clip.mp4") == audio_packets(inbox / "clip.mp4")
     assert json.loads((outbox / "clip.mp4.report.json").read_text())["frames"] == 8
     assert (outbox / "clip.mp4.preview.png").exists()
@@ -164,6 +166,52 @@ def test_a_killed_watcher_is_taken_over_after_its_lease(tmp_path: Path) -> None:
     assert len(decode_all(tmp_path / "outbox" / "clip.mp4")[0]) == 40
     report = json.loads((tmp_path / "outbox" / "clip.mp4.report.json").read_text())
     assert report["frames_reused"] > 0  # the second attempt resumed from the staged GOPs
+
+
+def test_jobs_are_not_handed_the_storage_secrets(tmp_path: Path) -> None:
+    dump = tmp_path / "job-env.json"
+    overrides = local_overrides(
+        tmp_path, f"job_overrides=['~model','+model._target_=frame_models.dump_env','+model.path={dump}']",
+        "storage.input.credential_env=MY_INPUT_SAS",
+    )
+    make_video(tmp_path / "inbox" / "clip.mp4", frames=2)
+    secrets = {"MY_INPUT_SAS": "sv=2024&sig=SECRET1", "MPISTYLE_OUTPUT_CREDENTIAL": "sv=2024&sig=SECRET2",
+               "AZURE_STORAGE_CONNECTION_STRING": "AccountKey=SECRET3"}
+    done = run_watch(tmp_path, *overrides, env=secrets)
+    assert done.returncode == 0, done.stderr
+    handed = json.loads(dump.read_text())
+    assert not set(secrets) & set(handed) and "PYTHONPATH" in handed
+
+
+def test_a_crash_right_after_recording_an_attempt_is_recovered(tmp_path: Path) -> None:
+    """The record says 'submitted' but no job was ever started (the watcher died in between)."""
+    overrides = local_overrides(tmp_path)
+    make_video(tmp_path / "inbox" / "clip.mp4", frames=3)
+    entry = LocalArea("input", str(tmp_path / "inbox")).list()[0]
+    key = job_name(entry.name, entry.etag)
+    copy = tmp_path / "scratch" / key / "input.mp4"
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes((tmp_path / "inbox" / "clip.mp4").read_bytes())
+    record = {"input": "clip.mp4", "etag": entry.etag, "key": key, "step": "submitted", "job": None, "owner": "dead:1",
+              "lease_until": 0, "attempts": 1, "local_input": str(copy), "history": []}
+    (tmp_path / "work" / "state").mkdir(parents=True)
+    (tmp_path / "work" / "state" / f"{key}.json").write_text(json.dumps(record))
+    done = run_watch(tmp_path, *overrides)
+    assert done.returncode == 0, done.stderr
+    record = states(tmp_path / "work")["clip.mp4"]
+    assert record["step"] == "done" and record["attempts"] == 2
+    assert len(decode_all(tmp_path / "outbox" / "clip.mp4")[0]) == 3
+
+
+def test_one_unusable_name_does_not_stop_the_queue(tmp_path: Path) -> None:
+    overrides = local_overrides(tmp_path)
+    make_video(tmp_path / "inbox" / "a.mp4", frames=2)
+    (tmp_path / "inbox" / "bell\x07.mp4").write_bytes(b"x")
+    make_video(tmp_path / "inbox" / "z.mp4", frames=2)
+    done = run_watch(tmp_path, *overrides)
+    assert done.returncode == 9  # the bad one is an error every tick, reported
+    assert "control characters" in done.stderr
+    assert {k: v["step"] for k, v in states(tmp_path / "work").items()} == {"a.mp4": "done", "z.mp4": "done"}
 
 
 def test_the_scheduled_tick_script(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -99,8 +100,8 @@ class ShardWriter:
 
     def __init__(self, path: Path, frames: int, height: int, width: int) -> None:
         self.path = path
-        # Per process: two attempts at the same job never write into each other's file.
-        self.partial = path.with_name(f"{path.name}.partial-{os.getpid()}")
+        # Per host and process: two attempts at the same job never write into each other's file.
+        self.partial = path.with_name(f"{path.name}.partial-{socket.gethostname()}-{os.getpid()}")
         self.expected = frames
         self.count = 0
         try:
@@ -137,6 +138,9 @@ class ShardWriter:
                 return
             raise _staging_error(self.partial, err) from None
         if complete and self.count == self.expected:
+            # On disk before it is named finished: after a crash a finished name holds all frames.
+            with self.partial.open("rb") as handle:
+                os.fsync(handle.fileno())
             os.replace(self.partial, self.path)
         else:
             self.partial.unlink(missing_ok=True)

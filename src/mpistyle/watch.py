@@ -34,7 +34,7 @@ from omegaconf import DictConfig
 
 from . import config
 from .errors import InputError, MpistyleError, StorageError
-from .runners import DEFAULT_SBATCH_SCRIPT, JobSpec, LocalRunner, Runner, SlurmRunner
+from .runners import DEFAULT_SBATCH_SCRIPT, JobSpec, JobStatus, LocalRunner, Runner, SlurmRunner
 from .storage.areas import Area, Entry, StateConflict, open_area
 from .storage.names import job_name, output_name, suffix_of
 from .storage.secrets import redact
@@ -79,9 +79,10 @@ class Watcher:
         for entry in self.input.list():
             try:
                 outcome = self.advance(entry)
-            except (MpistyleError, StateConflict, OSError) as err:
+            except Exception as err:  # one bad video (name, record, storage hiccup) never stops the queue
                 outcome = "error"
-                log.error("%s: %s", entry.name, redact(str(err).splitlines()[0] if str(err) else type(err).__name__))
+                text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                log.error("%s: %s", redact(repr(entry.name)[1:-1]), redact(text))
             counts[outcome] = counts.get(outcome, 0) + 1
         log.info("tick: %s", ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no input")
         return counts
@@ -140,6 +141,12 @@ class Watcher:
         local = self.workdir / key
         while claim.data["step"] not in FINAL:
             step = claim.data["step"]
+            if step == "staged" and not Path(claim.data.get("local_input") or "").is_file():
+                claim.update(step="claimed")  # the local copy is gone (another host, a wiped workdir)
+                continue
+            if step == "finished" and not (self.workdir / key / "output.mp4").is_file():
+                claim.update(step="staged")  # the finished video is gone from this host: score it again
+                continue
             if step == "claimed":
                 local.mkdir(parents=True, exist_ok=True)
                 copy = local / f"input{suffix_of(entry.name)}"
@@ -154,7 +161,17 @@ class Watcher:
                 claim.update(job=handle)
                 log.info("%s: attempt %d started as %s", entry.name, claim.data["attempts"], handle)
             elif step == "submitted":
-                status = self.runner.poll(claim.data["job"] or "")
+                handle = claim.data["job"] or self.runner.find(self._job(key, claim).name)
+                if handle is None:
+                    # Crashed between recording the attempt and starting the job, which never ran.
+                    claim.update(step="staged")
+                    continue
+                if handle != claim.data["job"]:
+                    claim.update(job=handle)
+                status = self.runner.poll(handle)
+                if status.state == "lost" and (self.workdir / key / "output.mp4.report.json").is_file():
+                    # The scheduler forgot the job (aged out), but it finished: its report is there.
+                    status = JobStatus("done", 0)
                 if status.state == "running":
                     claim.update(lease_until=0)  # anyone may follow the job from here
                     return "running"
@@ -258,14 +275,21 @@ class Watcher:
             thread.join()
 
 
-def make_runner(cfg: DictConfig) -> Runner:
+# Never handed to a job, whatever the area configs name: the jobs only need local paths.
+_SECRET_VARIABLES = ("AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_KEY", "AZURE_STORAGE_SAS_TOKEN")
+
+
+def make_runner(cfg: DictConfig, storage: DictConfig | None = None) -> Runner:
+    hidden = {*_SECRET_VARIABLES, *(f"MPISTYLE_{a.upper()}_CREDENTIAL" for a in ("input", "output", "work"))}
+    if storage is not None:
+        hidden |= {storage[area].credential_env for area in ("input", "output", "work") if storage[area].credential_env}
     if cfg.kind == "local":
-        return LocalRunner(ranks=cfg.ranks, python=cfg.python or sys.executable)
+        return LocalRunner(ranks=cfg.ranks, python=cfg.python or sys.executable, hidden_env=frozenset(hidden))
     if cfg.kind == "slurm":
         script = Path(cfg.script).expanduser() if cfg.script else DEFAULT_SBATCH_SCRIPT
         if not script.is_file():
             raise StorageError(f"sbatch script not found: {script} (set runner.script)")
-        return SlurmRunner(script=script, sbatch_args=list(cfg.sbatch_args))
+        return SlurmRunner(script=script, sbatch_args=list(cfg.sbatch_args), hidden_env=frozenset(hidden))
     raise StorageError(f"runner.kind must be local or slurm, not {cfg.kind!r}")
 
 
@@ -276,7 +300,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     logging.getLogger("azure").setLevel(logging.WARNING)
     try:
         areas = {label: open_area(label, cfg.storage[label]) for label in ("input", "output", "work")}
-        counts = Watcher(cfg, areas, make_runner(cfg.runner)).tick()
+        counts = Watcher(cfg, areas, make_runner(cfg.runner, cfg.storage)).tick()
     except MpistyleError as err:
         log.error("error: %s", redact(str(err).splitlines()[0]))
         sys.exit(err.exit_code)

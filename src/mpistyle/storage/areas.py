@@ -102,7 +102,13 @@ class BlobArea:
     def download(self, name: str, dest: Path) -> None:
         partial = dest.with_name(dest.name + ".partial")
         with partial.open("wb") as handle:
-            self._call(f"download {name}", lambda: self.client.download_blob(self.prefix + name).readinto(handle))
+
+            def fetch() -> None:
+                handle.seek(0)
+                handle.truncate()  # a retry starts over, never after a failed try's bytes
+                self.client.download_blob(self.prefix + name).readinto(handle)
+
+            self._call(f"download {name}", fetch)
         os.replace(partial, dest)
 
     def upload(self, name: str, src: Path) -> None:

@@ -33,6 +33,6 @@ def suffix_of(blob_name: str) -> str:
 
 
 def output_name(blob_name: str) -> str:
-    """The finished video's blob name: the input's path with an .mp4 extension."""
-    stem = blob_name[: -len(suffix_of(blob_name))] if suffix_of(blob_name) else blob_name
-    return stem + ".mp4"
+    """The finished video's name: the input's own name, with ``.mp4`` added unless it has it, so
+    ``clip.mov`` and ``clip.mp4`` never overwrite each other's result."""
+    return blob_name if blob_name.lower().endswith(".mp4") else blob_name + ".mp4"
