@@ -228,6 +228,21 @@ def test_the_scheduled_tick_script(tmp_path: Path) -> None:
     assert (tmp_path / "outbox" / "clip.mp4").exists()
 
 
+def test_delete_inputs_removes_only_the_version_processed(tmp_path: Path) -> None:
+    overrides = local_overrides(tmp_path, "delete_inputs=true")
+    make_video(tmp_path / "inbox" / "clip.mp4", frames=2)
+    done = run_watch(tmp_path, *overrides)
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / "inbox" / "clip.mp4").exists() and (tmp_path / "outbox" / "clip.mp4").exists()
+
+    area = LocalArea("input", str(tmp_path / "inbox"))
+    make_video(tmp_path / "inbox" / "again.mp4", frames=2)
+    old = area.list()[0]
+    os.utime(tmp_path / "inbox" / "again.mp4", ns=(1, 1))  # a re-upload: another version
+    area.delete("again.mp4", old.etag)
+    assert (tmp_path / "inbox" / "again.mp4").exists()
+
+
 def test_unsafe_names_never_leave_the_output_folder(tmp_path: Path) -> None:
     from mpistyle.errors import StorageError
     from mpistyle.storage.areas import LocalArea

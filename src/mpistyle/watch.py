@@ -212,7 +212,7 @@ class Watcher:
         claim.update(step="done", output=target)
         log.info("%s: done -> %s", entry.name, target)
         if self.cfg.delete_inputs:
-            self.input.delete(entry.name)
+            self.input.delete(entry.name, entry.etag)
 
     def _quarantine(self, claim: Claim, entry: Entry, key: str, reason: str, exit_code: int | None) -> None:
         local = self.workdir / key
@@ -239,7 +239,7 @@ class Watcher:
         claim.update(step="quarantined", reason=reason, exit_code=exit_code)
         log.warning("%s: quarantined (%s)", entry.name, reason)
         if self.cfg.delete_inputs:
-            self.input.delete(entry.name)
+            self.input.delete(entry.name, entry.etag)
 
     def _upload_logs(self, key: str) -> None:
         local = self.workdir / key

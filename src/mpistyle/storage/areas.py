@@ -43,7 +43,7 @@ class Area(Protocol):
     def list(self) -> list[Entry]: ...
     def download(self, name: str, dest: Path) -> None: ...
     def upload(self, name: str, src: Path) -> None: ...
-    def delete(self, name: str) -> None: ...
+    def delete(self, name: str, etag: str | None = None) -> None: ...
     def read_json(self, name: str) -> tuple[dict[str, Any], str] | None: ...
     def create_json(self, name: str, data: dict[str, Any]) -> str | None: ...
     def replace_json(self, name: str, data: dict[str, Any], etag: str) -> str: ...
@@ -118,12 +118,15 @@ class BlobArea:
 
         self._call(f"upload {name}", put)
 
-    def delete(self, name: str) -> None:
-        from azure.core.exceptions import ResourceNotFoundError
+    def delete(self, name: str, etag: str | None = None) -> None:
+        """Delete ``name``; with ``etag``, only that version (a re-upload since is kept)."""
+        from azure.core import MatchConditions
+        from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
 
+        condition = {"etag": etag, "match_condition": MatchConditions.IfNotModified} if etag else {}
         try:
-            self._call(f"delete {name}", lambda: self.client.delete_blob(self.prefix + name))
-        except ResourceNotFoundError:
+            self._call(f"delete {name}", lambda: self.client.delete_blob(self.prefix + name, **condition))
+        except (ResourceNotFoundError, ResourceModifiedError):
             pass
 
     def read_json(self, name: str) -> tuple[dict[str, Any], str] | None:
@@ -206,7 +209,7 @@ class LocalArea:
             # Files being written (ours or another copier's) are not there yet.
             if path.is_file() and not any(part.startswith(".") for part in relative.split("/")) and ".partial" not in path.name:
                 stat = path.stat()
-                entries.append(Entry(relative, f"{stat.st_mtime_ns:x}-{stat.st_size:x}", stat.st_size))
+                entries.append(Entry(relative, _local_etag(stat), stat.st_size))
         return entries
 
     def download(self, name: str, dest: Path) -> None:
@@ -221,8 +224,14 @@ class LocalArea:
         shutil.copyfile(src, partial)
         os.replace(partial, target)
 
-    def delete(self, name: str) -> None:
-        self._path(name).unlink(missing_ok=True)
+    def delete(self, name: str, etag: str | None = None) -> None:
+        path = self._path(name)
+        try:
+            if etag is not None and _local_etag(path.stat()) != etag:
+                return  # replaced since: that is a new job's input
+            path.unlink()
+        except FileNotFoundError:
+            pass
 
     def read_json(self, name: str) -> tuple[dict[str, Any], str] | None:
         path = self._path(name)
@@ -274,6 +283,11 @@ class LocalArea:
         def __exit__(self, *exc: object) -> None:
             fcntl.flock(self.handle, fcntl.LOCK_UN)
             self.handle.close()
+
+
+def _local_etag(stat: os.stat_result) -> str:
+    """A local file's version: it changes whenever the file is replaced or rewritten."""
+    return f"{stat.st_mtime_ns:x}-{stat.st_size:x}"
 
 
 def open_area(label: str, cfg: Any) -> Area:
