@@ -74,9 +74,24 @@ def test_scancel_leaves_no_half_written_output(slurm: SlurmCluster, video: Calla
     slurm.run("scancel", str(job))
     info = slurm.wait(job)
     assert info["JobState"] == "CANCELLED"
-    time.sleep(1)  # ranks finish their batch and exit after the job is marked cancelled
+    # Ranks finish their batch and exit after the job is marked cancelled (within KillWait).
+    deadline = time.monotonic() + 40
+    while _job_processes(job):
+        assert time.monotonic() < deadline, "ranks outlived KillWait"
+        time.sleep(0.2)
     assert not output.exists()
     assert not [p for p in tmp_path.rglob("*") if "partial" in p.name]
+
+
+def _job_processes(job: int) -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and f"SLURM_JOB_ID={job}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(proc.name)
+        except OSError:
+            continue
+    return found
 
 
 def test_time_limit_warning_requeues_and_the_job_resumes(

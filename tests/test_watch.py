@@ -141,7 +141,7 @@ def test_two_watchers_at_once_process_each_video_once(tmp_path: Path) -> None:
 
 
 def test_a_killed_watcher_is_taken_over_after_its_lease(tmp_path: Path) -> None:
-    overrides = local_overrides(tmp_path, "lease_s=3")
+    overrides = local_overrides(tmp_path, "lease_s=8")
     make_video(tmp_path / "inbox" / "clip.mp4", frames=40, width=320, height=180, gop=4)
     env = {**os.environ, **MPI_ENV, "PYTHONPATH": str(TESTS)}
     first = subprocess.Popen(
@@ -157,8 +157,9 @@ def test_a_killed_watcher_is_taken_over_after_its_lease(tmp_path: Path) -> None:
     assert record["step"] == "submitted"
 
     busy = run_watch(tmp_path, *overrides)  # the lease is still the dead watcher's
-    assert states(tmp_path / "work")["clip.mp4"]["step"] == "submitted", busy.stderr
-    time.sleep(3.5)
+    assert busy.returncode == 0 and "1 busy" in busy.stderr, busy.stderr
+    assert states(tmp_path / "work")["clip.mp4"]["step"] == "submitted"
+    time.sleep(8.5)
     second = run_watch(tmp_path, *overrides)
     assert second.returncode == 0, second.stderr
     record = states(tmp_path / "work")["clip.mp4"]
