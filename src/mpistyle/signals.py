@@ -29,10 +29,6 @@ def _note(signum: int, frame: FrameType | None) -> None:
     signal.signal(signum, signal.SIG_DFL)
 
 
-def requested() -> bool:
-    return _received is not None
-
-
 def check() -> None:
     """Raise :class:`JobInterrupted` if a stop signal has arrived."""
     if _received is not None:

@@ -190,9 +190,6 @@ def _display_rotation(container: av.container.InputContainer, stream: av.VideoSt
     return 0.0
 
 
-DAMAGE_POLICIES = ("conceal", "fail")
-
-
 @dataclass
 class Damage:
     """What went wrong while decoding, under the ``conceal`` policy (counted, not fatal)."""
