@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from azurite import Azurite
+from azurite import KEY, Azurite
 from mpistyle.sample import make_video
 from mpistyle.storage.areas import LocalArea
 from mpistyle.storage.names import job_name, output_name
@@ -273,7 +273,7 @@ def blob_setup(azurite: Azurite, tag: str) -> tuple[dict[str, str], list[str], o
     for area, container in names.items():
         service.create_container(container)
         sas = generate_container_sas(
-            "devstoreaccount1", container, account_key=azurite_key(), permission=permissions[area],
+            "devstoreaccount1", container, account_key=KEY, permission=permissions[area],
             expiry=datetime.now(UTC) + timedelta(hours=2),
         )
         env[f"MPISTYLE_{area.upper()}_CREDENTIAL"] = sas
@@ -281,10 +281,14 @@ def blob_setup(azurite: Azurite, tag: str) -> tuple[dict[str, str], list[str], o
     return env, ["storage=blob", *overrides], service
 
 
-def azurite_key() -> str:
-    from azurite import KEY
-
-    return KEY
+def everything_written(console: str, folder: Path, service: object, containers: list[str]) -> str:
+    """The console output, every text-like file under ``folder`` and every blob in ``containers``."""
+    parts = [console]
+    parts += [p.read_text(errors="replace") for p in folder.rglob("*") if p.is_file() and p.suffix not in (".mp4", ".h5")]
+    for container in containers:
+        client = service.get_container_client(container)  # type: ignore[attr-defined]
+        parts += [client.download_blob(b.name).readall().decode(errors="replace") for b in client.list_blobs()]
+    return "\n".join(parts)
 
 
 @pytest.mark.azurite
@@ -316,12 +320,9 @@ def test_blob_flow_two_watchers_quarantine_and_no_secrets(azurite: Azurite, tmp_
     assert any(n.startswith("quarantine/") and n.endswith("/error.json") for n in work_names)
     assert sum(log.count("started as") for log in logs) == 3
 
-    # No secret anywhere: watcher logs, scratch files, and every blob written.
-    secrets = [v for v in env.values()] + [azurite_key()] + [v.split("sig=")[1].split("&")[0] for v in env.values()]
-    written = "\n".join(logs)
-    written += "\n".join(p.read_text(errors="replace") for p in scratch.rglob("*") if p.is_file())
-    for container in (outputs, work):
-        written += "\n".join(container.download_blob(b.name).readall().decode(errors="replace") for b in container.list_blobs())
+    # No secret anywhere: watcher logs, every file left under the test folder, every blob written.
+    secrets = [*env.values(), KEY, *(v.split("sig=")[1].split("&")[0] for v in env.values())]
+    written = everything_written("\n".join(logs), tmp_path, service, ["flow-output", "flow-work"])
     for secret in secrets:
         assert secret not in written
 
@@ -340,11 +341,7 @@ def test_sas_urls_given_as_overrides_stay_out_of_every_file(azurite: Azurite, tm
     assert done.returncode == 0, done.stderr
     assert "clip.mp4" in [b.name for b in service.get_container_client("sasurl-output").list_blobs()]
     signatures = [value.split("sig=")[1].split("&")[0] for value in env.values()]
-    written = done.stdout + done.stderr + "".join(p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file()
-                                                  and p.suffix not in (".mp4", ".h5"))
-    for container in ("sasurl-output", "sasurl-work"):
-        client = service.get_container_client(container)
-        written += "".join(client.download_blob(b.name).readall().decode(errors="replace") for b in client.list_blobs())
+    written = everything_written(done.stdout + done.stderr, tmp_path, service, ["sasurl-output", "sasurl-work"])
     for signature in signatures:
         assert signature not in written
 
@@ -356,7 +353,7 @@ def test_a_refused_upload_is_redacted_and_retried_next_tick(azurite: Azurite, tm
     env, overrides, service = blob_setup(azurite, "refused")
     service.get_container_client("refused-input").upload_blob("clip.mp4", make_video(tmp_path / "c.mp4", frames=4).read_bytes())
     read_only = generate_container_sas(
-        "devstoreaccount1", "refused-output", account_key=azurite_key(), permission=ContainerSasPermissions(read=True),
+        "devstoreaccount1", "refused-output", account_key=KEY, permission=ContainerSasPermissions(read=True),
         expiry=datetime.now(UTC) + timedelta(hours=1),
     )
     scratch = f"workdir={tmp_path / 'scratch'}"
