@@ -32,3 +32,10 @@ def audio_packets(path: Path) -> list[list[bytes]]:
 def stream_summary(path: Path) -> list[tuple[str, str]]:
     with av.open(str(path)) as container:
         return [(s.type, s.codec_context.name if s.codec_context else "") for s in container.streams]
+
+
+def keyframe_flags(path: Path) -> list[bool]:
+    """Whether each video packet is a keyframe, in presentation order."""
+    with av.open(str(path)) as container:
+        packets = [(p.pts, p.is_keyframe) for p in container.demux(container.streams.video[0]) if p.size]
+    return [key for _, key in sorted(packets)]

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from mpistyle.errors import ConfigError, InputError, ModelError, OutputError
 from mpistyle.pipeline import run
 
-from media import audio_packets, decode_all, stream_summary
+from media import audio_packets, decode_all, keyframe_flags, stream_summary
 
 Cfg = Callable[..., DictConfig]
 
@@ -49,7 +49,7 @@ def test_restyles_every_frame_with_timestamps_and_audio(video: Callable[..., Pat
     on_disk = json.loads((tmp_path / "out.mp4.report.json").read_text())
     assert on_disk["frames"] == report["frames"] == 30
     assert on_disk["ranks"] == 1 and on_disk["devices"] == ["cpu"]
-    assert set(on_disk["stages_s"]) >= {"probe", "load_model", "score", "encode", "total"}
+    assert set(on_disk["stages_s"]) >= {"probe", "load_model", "score", "join", "total"}
     assert on_disk["fps"]["end_to_end"] > 0
     assert (tmp_path / "out.mp4.preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert leftovers(tmp_path) == []
@@ -139,31 +139,38 @@ def test_staged_frames_are_reused_by_the_same_job(video: Callable[..., Path], cf
     assert third["frames_reused"] == 0
 
 
-def test_only_missing_gops_are_scored_again(video: Callable[..., Path], cfg: Cfg, tmp_path: Path) -> None:
+def test_only_missing_segments_are_scored_again(video: Callable[..., Path], cfg: Cfg, tmp_path: Path) -> None:
     source = video(frames=24, gop=6)
-    first = run(cfg(f"input={source}", f"output={tmp_path / 'a.mp4'}", "staging.keep=true"))
-    staged = sorted(Path(first["staging"]).glob("frames-*.h5"))
-    assert len(staged) == 4  # one file per GOP
+    per_gop = "video.segment_seconds=0"
+    first = run(cfg(f"input={source}", f"output={tmp_path / 'a.mp4'}", "staging.keep=true", per_gop))
+    staged = sorted(Path(first["staging"]).glob("segment-*.h5"))
+    assert len(staged) == 4 and first["output"]["segments"] == 4  # one segment per GOP
     staged[1].unlink()
     staged[3].rename(staged[3].with_name(staged[3].name + ".partial"))  # as a killed writer leaves it
-    second = run(cfg(f"input={source}", f"output={tmp_path / 'b.mp4'}"))
+    second = run(cfg(f"input={source}", f"output={tmp_path / 'b.mp4'}", per_gop))
     assert second["frames_reused"] == 12
     assert all(np.array_equal(x, y) for x, y in zip(decode_all(tmp_path / "a.mp4")[0], decode_all(tmp_path / "b.mp4")[0]))
+    assert digest(tmp_path / "a.mp4") == digest(tmp_path / "b.mp4")
+
+
+def test_segments_are_whole_gops_of_at_least_the_given_length(video: Callable[..., Path], cfg: Cfg, tmp_path: Path) -> None:
+    source = video(frames=50, gop=6, fps=24)  # GOPs of 0.25 s: 8 full ones and a 2-frame one
+    report = run(cfg(f"input={source}", f"output={tmp_path / 'a.mp4'}", "staging.keep=true", "video.segment_seconds=0.6"))
+    names = sorted(p.name for p in Path(report["staging"]).glob("segment-*.h5"))
+    # 3 GOPs (0.75 s) make the first segment that lasts 0.6 s; the tail is what is left.
+    assert names == [f"segment-{a:09d}-{b:09d}.h5" for a, b in ((0, 18), (18, 36), (36, 50))]
+    keyframes = [i for i, key in enumerate(keyframe_flags(tmp_path / "a.mp4")) if key]
+    assert keyframes == [0, 18, 36]  # each segment opens with a keyframe, none in between
+    assert len(decode_all(tmp_path / "a.mp4")[0]) == 50
 
 
 def test_compiled_model_scores_like_the_eager_one(video: Callable[..., Path], cfg: Cfg, tmp_path: Path) -> None:
     source = video(frames=3, width=32, height=24)
-    keep = ["staging.keep=true", f"staging.root={tmp_path / 'staging'}"]
-    eager = run(cfg(f"input={source}", f"output={tmp_path / 'eager.mp4'}", *keep))
-    compiled = run(cfg(f"input={source}", f"output={tmp_path / 'compiled.mp4'}", "compile=true", *keep))
-    assert compiled["frames_reused"] == 0  # compiled frames are another job's
-    import h5py
-
-    def staged(report: dict) -> np.ndarray:
-        files = sorted(Path(report["staging"]).glob("*.h5"))
-        return np.concatenate([h5py.File(f, "r")["frames"][:] for f in files])
-
-    difference = np.abs(staged(eager).astype(int) - staged(compiled))
+    lossless = ["video.codec=libx264rgb", "video.pix_fmt=rgb24", "video.crf=0"]  # the output is the scored frames
+    eager = run(cfg(f"input={source}", f"output={tmp_path / 'eager.mkv'}", *lossless))
+    compiled = run(cfg(f"input={source}", f"output={tmp_path / 'compiled.mkv'}", "compile=true", *lossless))
+    assert compiled["frames_reused"] == 0 and eager["frames_reused"] == 0  # compiled frames are another job's
+    difference = np.abs(np.stack(decode_all(tmp_path / "eager.mkv")[0]).astype(int) - np.stack(decode_all(tmp_path / "compiled.mkv")[0]))
     assert difference.max() <= 2 and difference.mean() < 0.01
 
 

@@ -60,7 +60,7 @@ def test_bad_input_fails_with_the_clear_error_in_the_log(slurm: SlurmCluster, tm
 
 def _wait_for_staged_gops(tmp_path: Path, slurm: SlurmCluster, job: int, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
-    while not list((tmp_path / "staging").glob("*/frames-*.h5")):
+    while not list((tmp_path / "staging").glob("*/segment-*.h5")):
         assert time.monotonic() < deadline, f"no GOP staged; job {slurm.job(job).get('JobState')}"
         time.sleep(0.1)
 

@@ -148,7 +148,7 @@ def test_a_killed_watcher_is_taken_over_after_its_lease(tmp_path: Path) -> None:
         watch_command(*overrides), cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     deadline = time.monotonic() + 120
-    while not list((tmp_path / "scratch").glob("staging/*/frames-*.h5")):
+    while not list((tmp_path / "scratch").glob("staging/*/segment-*.h5")):
         assert time.monotonic() < deadline and first.poll() is None
         time.sleep(0.05)
     os.killpg(first.pid, signal.SIGKILL)  # the watcher and its job, mid-run

@@ -62,6 +62,10 @@ class VideoConfig:
     # the same bits whatever the rank count. 0: let the encoder choose.
     threads: int = 8
     format: str | None = None  # container; default: from the output's extension
+    # Each rank encodes its frames in segments of whole input GOPs lasting at least this long;
+    # the root joins them by stream copy. Each segment starts with a keyframe. Larger: fewer
+    # keyframes, coarser load balance and resume; 0: a segment per input GOP.
+    segment_seconds: float = 2.0
 
 
 @dataclass
@@ -176,6 +180,8 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError(f"max_pixels must be positive, got {cfg.max_pixels}")
     if cfg.video.crf is not None and cfg.video.crf < 0:
         raise ConfigError(f"video.crf must be 0 or more, got {cfg.video.crf}")
+    if not cfg.video.segment_seconds >= 0:  # also refuses nan
+        raise ConfigError(f"video.segment_seconds must be 0 or more, got {cfg.video.segment_seconds}")
     if "_target_" not in cfg.model:
         raise ConfigError("model has no _target_: pick one with model=multistyle|transformer_net|torchscript")
     if Path(cfg.input).expanduser().resolve() == Path(cfg.output).expanduser().resolve():

@@ -1,7 +1,7 @@
 """``run(cfg)``: one job from input video to output video, on one rank or many.
 
-  probe (root)  ->  load model (all)  ->  decode + score + stage (all, own share)
-                ->  gather + encode + audio (root)  ->  report + preview (root)
+  probe (root)  ->  load model (all)  ->  decode + score + encode + stage (all, own segments)
+                ->  join segments by stream copy + audio (root)  ->  report + preview (root)
 
 Every stage is owned by one module (video, model, scoring, staging, report); this module only
 wires them together, and :mod:`mpistyle.parallel` is the only place ranks are handled.
@@ -33,8 +33,9 @@ from .scoring import Scorer, default_batch_size, pick_device, set_threads
 from .staging import DEFAULT_STAGING, Staging, fingerprint, job_key
 from .video import (
     Damage,
-    Encoder,
     EncodeSettings,
+    Muxer,
+    SegmentEncoder,
     Share,
     VideoInfo,
     check_encoder,
@@ -56,6 +57,7 @@ class Plan:
     """What the root decides before any frame is scored; every rank receives a copy."""
 
     info: VideoInfo
+    segments: list[range]  # GOPs of each independently encoded segment, whatever the rank count
     shares: list[Share]
     output: Path
     partial: Path
@@ -145,8 +147,12 @@ def make_plan(cfg: DictConfig, ranks: int, run_id: str) -> Plan:
     for what, path in (("output", output), ("report", report), ("preview", preview)):
         if path is not None:
             _writable_dir(path.parent, what)
-    settings = EncodeSettings(**OmegaConf.to_container(cfg.video, resolve=True))
+    video = OmegaConf.to_container(cfg.video, resolve=True)
+    segment_seconds = video.pop("segment_seconds")
+    settings = EncodeSettings(**video)
     check_encoder(settings, info)
+    segments = info.segments(segment_seconds)
+    parts = partition([_frames_in(info, s) for s in segments], ranks)
 
     model = OmegaConf.to_container(cfg.model, resolve=True)
     key = job_key(
@@ -155,21 +161,26 @@ def make_plan(cfg: DictConfig, ranks: int, run_id: str) -> Plan:
             "frames": info.frames,
             "model": model,
             "compile": cfg.compile,  # compiled kernels round differently: not the same frames
+            # Staged segments are encoded: other settings, container headers or cuts are other bytes.
+            "video": {**video, "format": container_format, "segment_seconds": segment_seconds},
             # A checkpoint retrained in place is a new model: key on its contents too.
-            "model_files": {k: fingerprint(Path(v)) for k, v in model.items() if isinstance(v, str) and Path(v).is_file()},
+            "model_files": {
+                k: fingerprint(Path(v).expanduser()) for k, v in model.items() if isinstance(v, str) and Path(v).expanduser().is_file()
+            },
         }
     )
     staging_root = Path(cfg.staging.root).expanduser() if cfg.staging.root else output.parent / DEFAULT_STAGING
     log.info(
-        "input %s: %s %dx%d, %d frames, %.2f s, %d GOPs, %d audio stream(s)",
+        "input %s: %s %dx%d, %d frames, %.2f s, %d GOPs in %d segments, %d audio stream(s)",
         info.path, info.codec, info.width, info.height, info.frames, info.duration_s,
-        len(info.keyframe_pts), len(info.audio_streams),
+        len(info.keyframe_pts), len(segments), len(info.audio_streams),
     )
     for dropped in info.dropped_streams:
         log.warning("the input's %s stream is not copied to the output", dropped)
     return Plan(
         info=info,
-        shares=shares_for(info, partition(info.gop_sizes(), ranks)),
+        segments=segments,
+        shares=shares_for(info, _gops_of(segments, parts, len(info.gop_bounds()))),
         output=output,
         partial=output.with_name(f".{output.stem}.partial-{run_id}{output.suffix}"),
         container_format=container_format,
@@ -178,6 +189,17 @@ def make_plan(cfg: DictConfig, ranks: int, run_id: str) -> Plan:
         preview=preview,
         staging=Staging(staging_root, key),
     )
+
+
+def _frames_in(info: VideoInfo, gops: range) -> int:
+    bounds = info.gop_bounds()
+    return bounds[gops.stop - 1][1] - bounds[gops.start][0]
+
+
+def _gops_of(segments: list[range], parts: list[range], gop_count: int) -> list[range]:
+    """Ranges of segments (from the partitioner) -> the GOPs they cover; an empty part stays empty."""
+    starts = [s.start for s in segments] + [gop_count]
+    return [range(starts[part.start], starts[part.stop]) for part in parts]
 
 
 def _writable_dir(directory: Path, what: str) -> None:
@@ -210,29 +232,33 @@ def build_scorer(cfg: DictConfig, ctx: RankContext) -> Scorer:
 def score_share(
     plan: Plan, share: Share, scorer: Scorer, tick: Callable[[int], bool], on_damage: str = "fail"
 ) -> dict[str, Any]:
-    """Decode, score and stage this rank's frames, a batch at a time (memory stays fixed).
+    """Decode, score, encode and stage this rank's segments, a batch at a time (memory stays
+    fixed: one batch of frames, plus the encoder's queue and one segment's packets).
 
-    Each GOP is staged in its own file; GOPs already staged by an earlier attempt of the same
-    job are reused, whatever the rank count was then.
+    Segments already staged by an earlier attempt of the same job are reused, whatever the
+    rank count was then.
     """
     info = plan.info
     bounds = info.gop_bounds()
-    seconds = {"decode": 0.0, "score": 0.0, "stage": 0.0}
+    mine = [s for s in plan.segments if share.gops.start <= s.start and s.stop <= share.gops.stop]
+    seconds = {"decode": 0.0, "score": 0.0, "encode": 0.0, "stage": 0.0}
     began = time.perf_counter()
-    missing = [g for g in share.gops if not plan.staging.has(*bounds[g])]
-    reused = share.frames - sum(bounds[g][1] - bounds[g][0] for g in missing)
+    missing = [s for s in mine if not plan.staging.has(bounds[s.start][0], bounds[s.stop - 1][1])]
+    reused = share.frames - sum(_frames_in(info, s) for s in missing)
     if reused:
         _step(tick, reused)
     batch = np.empty((scorer.batch_size, info.height, info.width, 3), np.uint8)
     damage = Damage()
     for run in _consecutive(missing):
-        frames = decode_share(info, shares_for(info, [run])[0], on_damage, damage)
-        for start, stop in bounds[run.start : run.stop]:
+        frames = decode_share(info, shares_for(info, [range(run[0].start, run[-1].stop)])[0], on_damage, damage)
+        for segment in run:
+            start, stop = bounds[segment.start][0], bounds[segment.stop - 1][1]
+            encoder = SegmentEncoder(info, plan.settings, start, plan.container_format)
             count = 0
-            with plan.staging.writer(start, stop, info.height, info.width) as writer:
+            with plan.staging.writer(start, stop) as writer:
                 for first in range(start, stop, scorer.batch_size):
                     if first > start:
-                        _step(tick, count)  # not after the GOP's last batch: that waits for the file
+                        _step(tick, count)  # not after the segment's last batch: that waits for the file
                     count = min(scorer.batch_size, stop - first)
                     mark = time.perf_counter()
                     for slot in range(count):
@@ -242,13 +268,19 @@ def score_share(
                     styled = scorer(batch[:count])
                     seconds["score"] += time.perf_counter() - mark
                     mark = time.perf_counter()
-                    writer.write(styled)
-                    seconds["stage"] += time.perf_counter() - mark
-            _step(tick, count)  # the GOP's file is complete: stopping now keeps it
+                    writer.add(encoder.encode(styled))
+                    seconds["encode"] += time.perf_counter() - mark
+                mark = time.perf_counter()
+                writer.add(encoder.finish())
+                writer.extradata = encoder.extradata
+                seconds["encode"] += time.perf_counter() - mark
+                mark = time.perf_counter()
+            seconds["stage"] += time.perf_counter() - mark
+            _step(tick, count)  # the segment's file is complete: stopping now keeps it
     total = time.perf_counter() - began
     log.info(
-        "scored %d frames in %.2f s (decode %.2f, score %.2f, stage %.2f)%s",
-        share.frames - reused, total, seconds["decode"], seconds["score"], seconds["stage"],
+        "scored %d frames in %.2f s (decode %.2f, score %.2f, encode %.2f, stage %.2f)%s",
+        share.frames - reused, total, seconds["decode"], seconds["score"], seconds["encode"], seconds["stage"],
         f", {reused} reused from staging" if reused else "",
     )
     if damage.damaged or damage.concealed or damage.packet_errors:
@@ -261,6 +293,7 @@ def score_share(
         "threads": torch.get_num_threads() if scorer.device.type == "cpu" else None,
         "frames": share.frames,
         "first_frame": share.start,
+        "segments": len(mine),
         "frames_reused": reused,
         "damage": asdict(damage),
         "seconds": seconds,
@@ -279,42 +312,41 @@ def _step(tick: Callable[[int], bool], frames: int) -> None:
     signals.check()
 
 
-def _consecutive(gops: list[int]) -> list[range]:
-    """[3, 4, 5, 8, 9] -> [range(3, 6), range(8, 10)]: runs decoded with one seek each."""
-    runs: list[range] = []
-    for gop in gops:
-        if runs and runs[-1].stop == gop:
-            runs[-1] = range(runs[-1].start, gop + 1)
+def _consecutive(segments: list[range]) -> list[list[range]]:
+    """Segments in runs of neighbours, each run decoded with one seek: GOPs [0-2, 3-4, 7-9] ->
+    [[0-2, 3-4], [7-9]]."""
+    runs: list[list[range]] = []
+    for segment in segments:
+        if runs and runs[-1][-1].stop == segment.start:
+            runs[-1].append(segment)
         else:
-            runs.append(range(gop, gop + 1))
+            runs.append([segment])
     return runs
 
 
 def finish_job(
     cfg: DictConfig, plan: Plan, summaries: list[dict[str, Any]], timer: StageTimer, started: float, run_id: str
 ) -> dict[str, Any]:
-    """Root: gather the staged frames in order, encode them with the audio, then report."""
+    """Root: join the staged segments in order by stream copy, with the audio, then report."""
     info = plan.info
-    wanted = preview_indices(info.frames, cfg.report.preview_frames) if plan.preview else []
-    styled_for_preview: dict[int, np.ndarray] = {}
-    settings = plan.settings
-    with timer("encode"):
+    bounds = info.gop_bounds()
+    with timer("join"):
         try:
-            with Encoder(plan.partial, info, settings, plan.container_format) as encoder:
-                for start, stop in info.gop_bounds():
-                    for index, frame in enumerate(plan.staging.read(start, stop), start):
-                        if index in wanted:
-                            styled_for_preview[index] = frame
-                        encoder.write(frame)
-                        signals.check()
-                encoder.finish()
+            with Muxer(plan.partial, info, plan.settings, plan.container_format) as muxer:
+                for segment in plan.segments:
+                    muxer.add(*plan.staging.read(bounds[segment.start][0], bounds[segment.stop - 1][1]))
+                    signals.check()
+                muxer.finish()
             os.replace(plan.partial, plan.output)
         finally:
             plan.partial.unlink(missing_ok=True)
+    wanted = preview_indices(info.frames, cfg.report.preview_frames) if plan.preview else []
     with timer("preview"):
         if plan.preview and wanted:
+            # The styled side is decoded from the output: the preview shows what was delivered.
             sources = read_frames(info.path, wanted, info)
-            write_png(plan.preview, preview_grid([(s, styled_for_preview[i]) for s, i in zip(sources, wanted)]))
+            styled = read_frames(str(plan.output), wanted, probe(str(plan.output)))
+            write_png(plan.preview, preview_grid([(s, o[: s.shape[0], : s.shape[1]]) for s, o in zip(sources, styled)]))
     total = time.perf_counter() - started
     width, height = output_size(info.width, info.height)
     report = {
@@ -337,7 +369,8 @@ def finish_job(
         },
         "output": {
             "path": str(plan.output),
-            "codec": settings.codec,
+            "codec": plan.settings.codec,
+            "segments": len(plan.segments),
             "width": width,
             "height": height,
             "frames": info.frames,

@@ -1,11 +1,17 @@
-"""The staging area: stylised frames on a filesystem every rank and the root can see (NFS on a
-cluster), between scoring and encoding.
+"""The staging area: each segment's encoded frames on a filesystem every rank and the root can
+see (NFS on a cluster), between scoring and the root's join.
 
-Layout: ``<root>/<job key>/frames-<start>-<stop>.h5``, one HDF5 file per GOP of the input, with
-one dataset ``frames`` of shape ``(n, H, W, 3)`` uint8, chunked one frame per chunk so the root
-can stream it back frame by frame. Each rank writes only the files of its own GOPs, so the serial h5py
-wheel suffices (no parallel HDF5 build, no MPI-IO locking on NFS). A file is written under a
-temporary name and renamed once complete: a crash never leaves a file that looks finished.
+Layout: ``<root>/<job key>/segment-<start>-<stop>.h5``, one HDF5 file per segment (whole GOPs of
+the input, frames ``[start, stop)``), holding the segment's compressed packets in decode order:
+``data`` (all packets' bytes, uint8), ``offsets`` (n + 1 int64: packet i is
+``data[offsets[i]:offsets[i + 1]]``), ``pts``, ``dts`` (int64, the input's time base),
+``keyframe`` (bool), and the codec headers ``extradata`` (uint8). Encoded frames are
+about a hundredth of raw ones, so the shared filesystem and the root's reads stay far from
+saturation (bench/SCALING.md).
+
+Each rank writes only the files of its own segments, so the serial h5py wheel suffices (no
+parallel HDF5 build, no MPI-IO locking on NFS). A file is written under a temporary name and
+renamed once complete: a crash never leaves a file that looks finished.
 """
 from __future__ import annotations
 
@@ -15,7 +21,6 @@ import json
 import os
 import shutil
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +28,7 @@ import h5py
 import numpy as np
 
 from .errors import StagingError
+from .video import EncodedPacket
 
 DEFAULT_STAGING = ".mpistyle-staging"
 
@@ -58,28 +64,33 @@ class Staging:
         if not os.access(self.dir, os.W_OK):
             raise StagingError(f"staging directory is not writable: {self.dir}")
 
-    def shard_path(self, start: int, stop: int) -> Path:
-        return self.dir / f"frames-{start:09d}-{stop:09d}.h5"
+    def segment_path(self, start: int, stop: int) -> Path:
+        return self.dir / f"segment-{start:09d}-{stop:09d}.h5"
 
     def has(self, start: int, stop: int) -> bool:
         """Whether frames ``[start, stop)`` are staged completely (partial files never count)."""
-        return self.shard_path(start, stop).is_file()
+        return self.segment_path(start, stop).is_file()
 
-    def writer(self, start: int, stop: int, height: int, width: int) -> ShardWriter:
-        return ShardWriter(self.shard_path(start, stop), stop - start, height, width)
+    def writer(self, start: int, stop: int) -> SegmentWriter:
+        return SegmentWriter(self.segment_path(start, stop), stop - start)
 
-    def read(self, start: int, stop: int) -> Iterator[np.ndarray]:
-        """Frames of one finished shard, one at a time (a single chunk in memory)."""
-        path = self.shard_path(start, stop)
+    def read(self, start: int, stop: int) -> tuple[list[EncodedPacket], bytes]:
+        """The packets (decode order) and codec headers of one finished segment."""
+        path = self.segment_path(start, stop)
         try:
             with h5py.File(path, "r", locking=False) as handle:
-                frames = handle["frames"]
-                if frames.shape[0] != stop - start:
-                    raise StagingError(f"staged file {path} holds {frames.shape[0]} frames, expected {stop - start}")
-                for index in range(frames.shape[0]):
-                    yield frames[index]
-        except OSError as err:
-            raise StagingError(f"cannot read staged frames {path}: {err}") from None
+                data = handle["data"][:].tobytes()
+                offsets, pts, dts, keyframe = (handle[name][:] for name in ("offsets", "pts", "dts", "keyframe"))
+                extradata = handle["extradata"][:].tobytes()
+        except (OSError, KeyError) as err:
+            raise StagingError(f"cannot read staged segment {path}: {err}") from None
+        if len(pts) != stop - start or len(offsets) != len(pts) + 1:
+            raise StagingError(f"staged segment {path} holds {len(pts)} frames, expected {stop - start}")
+        packets = [
+            EncodedPacket(data[offsets[i] : offsets[i + 1]], int(pts[i]), int(dts[i]), bool(keyframe[i]))
+            for i in range(len(pts))
+        ]
+        return packets, extradata
 
     def remove(self, remove_empty_root: bool = False) -> None:
         """Delete this job's staged frames; also the root folder if asked and nothing else is there."""
@@ -91,61 +102,58 @@ class Staging:
                 pass  # another job's frames are staged there too
 
 
-# Room for HDF5's superblock, object headers and chunk index beyond the frames themselves.
+# Room for HDF5's superblock, object headers and dataset indexes beyond the packets themselves.
 _HDF5_OVERHEAD = 1 << 16
 
 
-class ShardWriter:
-    """Appends frames to one shard; renames it into place only when every frame is in."""
+class SegmentWriter:
+    """Collects one segment's packets, then writes them in one go and renames the file into
+    place, only when the segment is complete."""
 
-    def __init__(self, path: Path, frames: int, height: int, width: int) -> None:
+    def __init__(self, path: Path, frames: int) -> None:
         self.path = path
         # Per host and process: two attempts at the same job never write into each other's file.
         self.partial = path.with_name(f"{path.name}.partial-{socket.gethostname()}-{os.getpid()}")
         self.expected = frames
-        self.count = 0
-        try:
-            self._file = h5py.File(self.partial, "w", locking=False)
-            # One chunk per frame, no compression: writes and the root's reads stay one memcpy.
-            self._data = self._file.create_dataset(
-                "frames", shape=(frames, height, width, 3), dtype=np.uint8, chunks=(1, height, width, 3)
+        self.extradata = b""
+        # A segment's packets are kept in memory until it is done (a few MB for seconds of
+        # video): the file is then written once, with its size known and reserved up front.
+        self._packets: list[EncodedPacket] = []
+
+    def add(self, packets: list[EncodedPacket]) -> None:
+        self._packets += packets
+
+    def close(self, complete: bool) -> None:
+        if not complete:
+            return
+        if len(self._packets) != self.expected:
+            raise StagingError(
+                f"segment {self.path.name}: the encoder gave {len(self._packets)} packets for {self.expected} frames"
             )
-            # Reserve the whole file now: a full disk (or a file-size limit) fails here, cleanly,
-            # instead of inside HDF5's writes, which it does not survive (it can crash on close).
-            os.posix_fallocate(self._file.id.get_vfd_handle(), 0, frames * height * width * 3 + _HDF5_OVERHEAD)
-        except OSError as err:
-            if hasattr(self, "_file"):
-                self.close(complete=False, quiet=True)
-            self.partial.unlink(missing_ok=True)
-            raise _staging_error(self.partial, err) from None
-
-    def write(self, batch: np.ndarray) -> None:
+        data = np.frombuffer(b"".join(p.data for p in self._packets), np.uint8)
+        offsets = np.cumsum([0] + [len(p.data) for p in self._packets], dtype=np.int64)
         try:
-            self._data[self.count : self.count + len(batch)] = batch
-        except OSError as err:
-            raise _staging_error(self.partial, err) from None
-        self.count += len(batch)
-
-    def close(self, complete: bool, quiet: bool = False) -> None:
-        # Drop the dataset before the file: HDF5 crashes closing a dataset whose file already
-        # failed to close.
-        self._data = None
-        try:
-            self._file.close()
-        except OSError as err:
-            self.partial.unlink(missing_ok=True)
-            if quiet:
-                return
-            raise _staging_error(self.partial, err) from None
-        if complete and self.count == self.expected:
-            # On disk before it is named finished: after a crash a finished name holds all frames.
+            with h5py.File(self.partial, "w", locking=False) as handle:
+                # Reserve the whole file now: a full disk (or a file-size limit) fails here,
+                # cleanly, instead of inside HDF5's writes, which it does not survive.
+                size = data.nbytes + 25 * len(offsets) + len(self.extradata) + _HDF5_OVERHEAD
+                os.posix_fallocate(handle.id.get_vfd_handle(), 0, size)
+                handle.create_dataset("data", data=data)
+                handle.create_dataset("offsets", data=offsets)
+                handle.create_dataset("pts", data=np.array([p.pts for p in self._packets], np.int64))
+                handle.create_dataset("dts", data=np.array([p.dts for p in self._packets], np.int64))
+                handle.create_dataset("keyframe", data=np.array([p.keyframe for p in self._packets], bool))
+                handle.create_dataset("extradata", data=np.frombuffer(self.extradata, np.uint8))
+            # On disk before it is named finished: after a crash a finished name holds every packet.
             with self.partial.open("rb") as handle:
                 os.fsync(handle.fileno())
             os.replace(self.partial, self.path)
-        else:
+        except OSError as err:
+            raise _staging_error(self.partial, err) from None
+        finally:
             self.partial.unlink(missing_ok=True)
 
-    def __enter__(self) -> ShardWriter:
+    def __enter__(self) -> SegmentWriter:
         return self
 
     def __exit__(self, exc_type: object, *rest: object) -> None:

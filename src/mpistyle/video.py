@@ -66,6 +66,24 @@ class VideoInfo:
     def gop_sizes(self) -> list[int]:
         return [stop - start for start, stop in self.gop_bounds()]
 
+    def segments(self, min_seconds: float) -> list[range]:
+        """Consecutive GOPs grouped into segments of at least ``min_seconds`` (the last may be
+        shorter): the units that are scored, staged and encoded independently.
+
+        They depend on the input alone, never on the rank count, so the output is the same
+        bits however many ranks share the work. 0 makes every GOP a segment.
+        """
+        starts = [0] + [bisect.bisect_left(self.frame_pts, pts) for pts in self.keyframe_pts[1:]]
+        end_pts = self.frame_pts[0] + self.duration_s / self.time_base if self.frame_pts else 0
+        segments: list[range] = []
+        first = 0
+        for gop in range(len(starts)):
+            following = self.frame_pts[starts[gop + 1]] if gop + 1 < len(starts) else end_pts
+            if float((following - self.frame_pts[starts[first]]) * self.time_base) >= min_seconds or gop + 1 == len(starts):
+                segments.append(range(first, gop + 1))
+                first = gop + 1
+        return segments
+
 
 @dataclass(frozen=True)
 class Share:
@@ -374,16 +392,88 @@ class _AudioCopier:
             self._input.close()
 
 
-class Encoder:
-    """Writes stylised frames, in order, with the input's timestamps, and the input's audio.
+@dataclass(frozen=True)
+class EncodedPacket:
+    """One compressed video frame, as a segment encoder made it (timestamps in the input's time base)."""
 
-    Use as a context manager; ``finish()`` flushes everything and must be called for a
-    complete file (leaving the block without it closes the file unfinished).
+    data: bytes
+    pts: int
+    dts: int
+    keyframe: bool
+
+
+def _wants_global_header(container_format: str | None) -> bool:
+    """mp4, mov and mkv keep the codec headers (SPS/PPS) in the stream header, not in the frames."""
+    if container_format is None:
+        return False
+    return bool(av.format.ContainerFormat(container_format, "w").flags & av.format.Flags.global_header.value)
+
+
+class SegmentEncoder:
+    """Encodes one segment of consecutive frames on its own: a rank encodes the segments it
+    scored, and the root joins them by stream copy (:class:`Muxer`) without decoding.
+
+    Each segment opens with a keyframe and is encoded independently, with settings fixed by
+    the job alone, so its packets are the same bytes whichever rank encodes it.
+    """
+
+    def __init__(self, info: VideoInfo, settings: EncodeSettings, first_frame: int, container_format: str | None) -> None:
+        self.info = info
+        self._next = first_frame
+        try:
+            codec = av.CodecContext.create(settings.codec, "w")
+            settings.apply(codec, info)
+            codec.framerate = info.average_rate or Fraction(25)
+            if _wants_global_header(container_format):
+                codec.flags |= av.codec.context.Flags.global_header
+            codec.open()
+        except (av.error.FFmpegError, ValueError, TypeError) as err:
+            raise OutputError(f"cannot open the encoder {settings.codec}: {err}") from None
+        self._codec: av.VideoCodecContext = codec  # type: ignore[assignment]
+        self._pix_fmt = settings.pix_fmt
+
+    @property
+    def extradata(self) -> bytes:
+        """The codec headers the container needs (empty when they travel in the frames)."""
+        return bytes(self._codec.extradata or b"")
+
+    def encode(self, frames: np.ndarray) -> list[EncodedPacket]:
+        """Encode RGB frames ``(n, H, W, 3)``, the next ``n`` of the segment; returns the packets ready so far."""
+        packets: list[EncodedPacket] = []
+        for frame in frames:
+            video_frame = av.VideoFrame.from_ndarray(_pad_even(frame), format="rgb24").reformat(format=self._pix_fmt)
+            video_frame.pts = self.info.frame_pts[self._next]
+            video_frame.time_base = self.info.time_base
+            packets += self._encode(video_frame)
+            self._next += 1
+        return packets
+
+    def finish(self) -> list[EncodedPacket]:
+        # Encoding None drains the frames the encoder still holds (B-frames, lookahead).
+        return self._encode(None)
+
+    def _encode(self, frame: av.VideoFrame | None) -> list[EncodedPacket]:
+        try:
+            return [
+                EncodedPacket(bytes(packet), packet.pts, packet.dts if packet.dts is not None else packet.pts, packet.is_keyframe)
+                for packet in self._codec.encode(frame)
+                if packet.size  # an encoder may emit empty packets while it fills its queue
+            ]
+        except av.error.FFmpegError as err:
+            raise OutputError(f"encoding failed ({self._codec.name}): {err.strerror}") from None
+
+
+class Muxer:
+    """Writes the output file: the segments' packets in order, by stream copy, with the input's
+    audio copied packet for packet and interleaved by time.
+
+    Use as a context manager; ``finish()`` must be called for a complete file.
     """
 
     def __init__(self, path: Path, info: VideoInfo, settings: EncodeSettings, container_format: str | None = None) -> None:
         self.info = info
         self._written = 0
+        self._last_dts: int | None = None
         # mp4/mov: index at the front so players can start before the whole file has arrived.
         options = {"movflags": "+faststart"} if container_format in ("mp4", "mov") else {}
         try:
@@ -391,42 +481,50 @@ class Encoder:
         except av.error.FFmpegError as err:
             raise OutputError(f"cannot create output {path}: {err.strerror}") from None
         try:
+            # A stream set up exactly like the segments' encoders: the container's header then
+            # carries the same codec headers (checked per segment in add()).
             stream = self._out.add_stream(settings.codec, rate=info.average_rate or Fraction(25))
             stream.time_base = info.time_base
             settings.apply(stream.codec_context, info)
             if info.rotation:
                 stream.set_display_rotation(info.rotation)
+            self._audio = _AudioCopier(info, self._out)
+            self._out.start_encoding()
         except (av.error.FFmpegError, ValueError) as err:
             self._out.close()
-            raise OutputError(f"cannot encode with codec '{settings.codec}': {err}") from None
+            raise OutputError(f"cannot write {path} with codec '{settings.codec}': {err}") from None
         self._stream = stream
-        self._audio = _AudioCopier(info, self._out)
+        self._headers = bytes(stream.codec_context.extradata or b"")
 
-    def write(self, frame: np.ndarray) -> None:
-        video_frame = av.VideoFrame.from_ndarray(_pad_even(frame), format="rgb24")
-        video_frame = video_frame.reformat(format=self._stream.pix_fmt)
-        video_frame.pts = self.info.frame_pts[self._written]
-        video_frame.time_base = self.info.time_base
-        self._encode(video_frame)
-        self._written += 1
-
-    def finish(self) -> None:
-        if self._written != self.info.frames:
-            raise OutputError(f"encoder got {self._written} frames, expected {self.info.frames}")
-        # Encoding None drains the frames the encoder still holds (B-frames, lookahead).
-        self._encode(None)
-        self._flush_audio()
-
-    def _encode(self, frame: av.VideoFrame | None) -> None:
+    def add(self, packets: Sequence[EncodedPacket], extradata: bytes) -> None:
+        """Append one segment's packets (decode order); they follow the previous segment's."""
+        if extradata != self._headers:
+            raise OutputError(
+                "a staged segment was encoded with other codec headers than this job's encoder makes "
+                "(another FFmpeg/x264 build on some node?): delete the staging folder and run again"
+            )
+        time_base = self.info.time_base
         try:
-            for packet in self._stream.encode(frame):
-                if packet.dts is not None:
-                    self._audio.mux_until(self._out, float(packet.dts * packet.time_base))
+            for encoded in packets:
+                # Each segment starts its decode clock a few frames early (B-frame delay); where
+                # that reaches back into the previous segment's last timestamps, move it up by a tick.
+                dts = encoded.dts if self._last_dts is None else max(encoded.dts, self._last_dts + 1)
+                if dts > encoded.pts:
+                    raise OutputError(f"segments cannot be joined at frame {self._written}: decode time after display time")
+                self._last_dts = dts
+                self._audio.mux_until(self._out, float(dts * time_base))
+                packet = av.Packet(encoded.data)
+                packet.pts, packet.dts, packet.time_base = encoded.pts, dts, time_base
+                packet.is_keyframe = encoded.keyframe
+                packet.stream = self._stream
                 self._out.mux(packet)
+                self._written += 1
         except av.error.FFmpegError as err:
             raise self._write_error(err) from None
 
-    def _flush_audio(self) -> None:
+    def finish(self) -> None:
+        if self._written != self.info.frames:
+            raise OutputError(f"the segments hold {self._written} frames, expected {self.info.frames}")
         try:
             self._audio.mux_until(self._out, math.inf)
         except av.error.FFmpegError as err:
@@ -438,7 +536,7 @@ class Encoder:
             " (an audio codec this container cannot hold? try output=....mkv)"
         )
 
-    def __enter__(self) -> Encoder:
+    def __enter__(self) -> Muxer:
         return self
 
     def __exit__(self, *exc: object) -> None:
