@@ -74,12 +74,16 @@ def test_errors_are_one_line_with_exit_code(
 
 
 @pytest.mark.mpi
-def test_output_is_identical_for_one_two_and_three_ranks(video: Callable[..., Path], tmp_path: Path) -> None:
+def test_output_is_the_same_file_for_one_two_and_three_ranks(video: Callable[..., Path], tmp_path: Path) -> None:
     source = video(frames=31, width=80, height=60, gop=5)  # 7 GOPs: no even split for 2 or 3
-    outputs = {}
+    outputs, output_bytes = {}, {}
     for ranks in (1, 2, 3):
         output = tmp_path / f"out{ranks}.mp4"
-        done = run_mpistyle(f"input={source}", f"output={output}", "model.style=5", ranks=ranks, cwd=tmp_path)
+        # Segments of 2 GOPs (10, 10, 10, 1 frames), each a temporal blend chain of its own.
+        done = run_mpistyle(
+            f"input={source}", f"output={output}", "model.style=5", "video.segment_seconds=0.8", "temporal.alpha=0.5",
+            ranks=ranks, cwd=tmp_path,
+        )
         assert done.returncode == 0, done.stderr
         report = json.loads(Path(f"{output}.report.json").read_text())
         assert report["ranks"] == ranks and len(report["per_rank"]) == ranks
@@ -88,6 +92,8 @@ def test_output_is_identical_for_one_two_and_three_ranks(video: Callable[..., Pa
         for rank in range(ranks):
             assert f"rank {rank}/{ranks} on " in done.stderr
         outputs[ranks] = decode_all(output)
+        output_bytes[ranks] = output.read_bytes()
+        assert report["output"]["segments"] == 4
         assert audio_packets(output) == audio_packets(source)
     frames1, times1 = outputs[1]
     assert len(frames1) == 31
@@ -95,6 +101,7 @@ def test_output_is_identical_for_one_two_and_three_ranks(video: Callable[..., Pa
         frames, times = outputs[ranks]
         assert times == times1
         assert all(np.array_equal(a, b) for a, b in zip(frames, frames1))
+        assert output_bytes[ranks] == output_bytes[1]  # the same file, bit for bit
     runs = list((tmp_path / "outputs").iterdir())
     assert len(runs) == 3  # one run directory per job, not per rank
     for run_dir in runs:

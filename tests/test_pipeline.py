@@ -276,3 +276,32 @@ def test_thirty_videos_back_to_back(cfg: Cfg, tmp_path: Path) -> None:
         assert report["frames_reused"] == 0
     assert len(list((tmp_path / "out").glob("*.mp4"))) == 30
     assert not [p for p in staging.rglob("*") if p.is_file()]
+
+
+def test_temporal_blend_lowers_the_warping_error_and_keeps_the_style(video: Callable[..., Path], cfg: Cfg, tmp_path: Path) -> None:
+    source = video(frames=24, width=128, height=72, fps=12, gop=6)  # the sample landscape pans
+    lossless = ["video.codec=libx264rgb", "video.pix_fmt=rgb24", "video.crf=0", "report.preview_frames=0"]
+    plain = run(cfg(f"input={source}", f"output={tmp_path / 'plain.mkv'}", "temporal.measure=true", *lossless))
+    blended = run(cfg(f"input={source}", f"output={tmp_path / 'blend.mkv'}", "temporal.alpha=0.5", "temporal.measure=true", *lossless))
+    # Two 1-s segments, each a blend chain; the meters see all 23 pairs (one rank).
+    assert plain["flicker"]["pairs"] == blended["flicker"]["pairs"] == 23
+    assert plain["flicker"]["output"] == pytest.approx(plain["flicker"]["unblended"])
+    assert blended["flicker"]["unblended"] == pytest.approx(plain["flicker"]["output"], rel=1e-6)
+    assert blended["flicker"]["output"] < 0.5 * plain["flicker"]["output"]
+    # Still the style: each blended frame is much nearer its own stylisation than the input.
+    inputs = np.stack(decode_all(source)[0]).astype(float)
+    styled, smooth = (np.stack(decode_all(tmp_path / name)[0]).astype(float) for name in ("plain.mkv", "blend.mkv"))
+    assert np.abs(smooth - styled).mean() < 0.35 * np.abs(styled - inputs).mean()
+    assert blended["frames_reused"] == 0  # blended frames are another job's than plain ones
+
+
+def test_temporal_blend_gives_the_same_bits_after_a_resume(video: Callable[..., Path], cfg: Cfg, tmp_path: Path) -> None:
+    source = video(frames=36, width=96, height=54, fps=12, gop=6)
+    common = ["temporal.alpha=0.5", "video.segment_seconds=1", "report.preview_frames=0"]
+    first = run(cfg(f"input={source}", f"output={tmp_path / 'first.mp4'}", "staging.keep=true", *common))
+    assert first["output"]["segments"] == 3
+    # The middle segment lost: it is blended again from its own start, as the first time.
+    sorted(Path(first["staging"]).glob("segment-*.h5"))[1].unlink()
+    again = run(cfg(f"input={source}", f"output={tmp_path / 'again.mp4'}", *common))
+    assert again["frames_reused"] == 24
+    assert digest(tmp_path / "first.mp4") == digest(tmp_path / "again.mp4")

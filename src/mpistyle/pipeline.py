@@ -66,6 +66,7 @@ class Plan:
     report: Path
     preview: Path | None
     staging: Staging
+    temporal: dict[str, Any]  # cfg.temporal: alpha, flow, measure
 
 
 def run(cfg: DictConfig, ctx: RankContext | None = None, run_id: str | None = None) -> dict[str, Any]:
@@ -161,12 +162,12 @@ def make_plan(cfg: DictConfig, ranks: int, run_id: str) -> Plan:
             "frames": info.frames,
             "model": model,
             "compile": cfg.compile,  # compiled kernels round differently: not the same frames
+            # Blending changes the frames; measuring alone does not.
+            "temporal": {"alpha": cfg.temporal.alpha, "flow": cfg.temporal.flow} if cfg.temporal.alpha > 0 else None,
             # Staged segments are encoded: other settings, container headers or cuts are other bytes.
             "video": {**video, "format": container_format, "segment_seconds": segment_seconds},
             # A checkpoint retrained in place is a new model: key on its contents too.
-            "model_files": {
-                k: fingerprint(Path(v).expanduser()) for k, v in model.items() if isinstance(v, str) and Path(v).expanduser().is_file()
-            },
+            "model_files": {k: fingerprint(f) for k, f in _files_named(model).items()},
         }
     )
     staging_root = Path(cfg.staging.root).expanduser() if cfg.staging.root else output.parent / DEFAULT_STAGING
@@ -188,7 +189,14 @@ def make_plan(cfg: DictConfig, ranks: int, run_id: str) -> Plan:
         report=report,
         preview=preview,
         staging=Staging(staging_root, key),
+        temporal=OmegaConf.to_container(cfg.temporal, resolve=True),
     )
+
+
+def _files_named(model: dict[str, Any]) -> dict[str, Path]:
+    """The model settings that name a file (checkpoint, weights, style image)."""
+    paths = {key: Path(value).expanduser() for key, value in model.items() if isinstance(value, str)}
+    return {key: path for key, path in paths.items() if path.is_file()}
 
 
 def _frames_in(info: VideoInfo, gops: range) -> int:
@@ -241,7 +249,7 @@ def score_share(
     info = plan.info
     bounds = info.gop_bounds()
     mine = [s for s in plan.segments if share.gops.start <= s.start and s.stop <= share.gops.stop]
-    seconds = {"decode": 0.0, "score": 0.0, "encode": 0.0, "stage": 0.0}
+    seconds = {"decode": 0.0, "score": 0.0, "temporal": 0.0, "encode": 0.0, "stage": 0.0}
     began = time.perf_counter()
     missing = [s for s in mine if not plan.staging.has(bounds[s.start][0], bounds[s.stop - 1][1])]
     reused = share.frames - sum(_frames_in(info, s) for s in missing)
@@ -249,10 +257,15 @@ def score_share(
         _step(tick, reused)
     batch = np.empty((scorer.batch_size, info.height, info.width, 3), np.uint8)
     damage = Damage()
+    temporal = _temporal_stage(plan.temporal)
     for run in _consecutive(missing):
         frames = decode_share(info, shares_for(info, [range(run[0].start, run[-1].stop)])[0], on_damage, damage)
-        for segment in run:
+        for position, segment in enumerate(run):
             start, stop = bounds[segment.start][0], bounds[segment.stop - 1][1]
+            if temporal:
+                # The blend restarts with each segment, so a frame's output never depends on
+                # where a rank's share began; the meters still measure the pair across the cut.
+                temporal.reset(contiguous=position > 0)
             encoder = SegmentEncoder(info, plan.settings, start, plan.container_format)
             count = 0
             with plan.staging.writer(start, stop) as writer:
@@ -267,6 +280,10 @@ def score_share(
                     mark = time.perf_counter()
                     styled = scorer(batch[:count])
                     seconds["score"] += time.perf_counter() - mark
+                    if temporal:
+                        mark = time.perf_counter()
+                        styled = temporal(batch[:count], styled)
+                        seconds["temporal"] += time.perf_counter() - mark
                     mark = time.perf_counter()
                     writer.add(encoder.encode(styled))
                     seconds["encode"] += time.perf_counter() - mark
@@ -300,7 +317,49 @@ def score_share(
         "seconds_total": total,
         # ru_maxrss is in KiB on Linux: the peak of this rank's process so far.
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "flicker": _flicker_states(temporal),
         "fps": (share.frames - reused) / total if total > 0 and share.frames > reused else None,
+    }
+
+
+def _temporal_stage(settings: dict[str, Any]) -> Any:
+    """The blend and flicker meters when asked for (OpenCV is imported only then)."""
+    if not (settings["alpha"] > 0 or settings["measure"]):
+        return None
+    from .temporal import TemporalStage
+
+    return TemporalStage(settings["alpha"], settings["measure"], settings["flow"])
+
+
+def _flicker_states(temporal: Any) -> dict[str, Any] | None:
+    """This rank's warping-error sums (output, and the model's own frames when blending)."""
+    if temporal is None or temporal.meter is None:
+        return None
+    own = temporal.meter_styled or temporal.meter
+    return {"output": asdict(temporal.meter.state()), "unblended": asdict(own.state())}
+
+
+def _flicker_report(summaries: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Warping error over every frame pair the ranks scored in this run (pairs across two ranks'
+    shares, and segments reused from staging, are not measured)."""
+    states = [s["flicker"] for s in summaries if s.get("flicker")]
+    if not states:
+        return None
+    from .flicker import FlickerState
+
+    def total(which: str) -> FlickerState:
+        result = FlickerState()
+        for state in states:
+            result = result + FlickerState(**state[which])
+        return result
+
+    output, unblended = total("output"), total("unblended")
+    return {
+        "metric": "warping error (Lai et al. 2018): RGB in [0, 1], mean over frame pairs; flow: OpenCV DIS",
+        "output": output.error_sum / output.pairs if output.pairs else None,
+        "unblended": unblended.error_sum / unblended.pairs if unblended.pairs else None,
+        "pairs": output.pairs,
+        "occluded_fraction": output.masked_sum / output.pairs if output.pairs else None,
     }
 
 
@@ -392,6 +451,7 @@ def finish_job(
             "scoring": round(info.frames / timer.seconds["score"], 3) if timer.seconds.get("score") else None,
         },
         # Rank 0's peak including gathering and encoding (per_rank peaks are taken after scoring).
+        "flicker": _flicker_report(summaries),
         "root_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "staging": str(plan.staging.dir) if cfg.staging.keep else None,
         "preview": str(plan.preview) if plan.preview and wanted else None,
