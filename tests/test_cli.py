@@ -201,7 +201,8 @@ def test_a_killed_rank_ends_the_job_promptly_and_the_rerun_resumes(video: Callab
     staging = tmp_path / "staging"
     reference = tmp_path / "reference.mp4"
     done = run_mpistyle(
-        f"input={source}", f"output={reference}", f"staging.root={tmp_path / 'ref-staging'}", "video.segment_seconds=0", cwd=tmp_path
+        f"input={source}", f"output={reference}", f"staging.root={tmp_path / 'ref-staging'}", "video.segment_seconds=0",
+        cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr
 

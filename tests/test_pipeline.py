@@ -170,7 +170,8 @@ def test_compiled_model_scores_like_the_eager_one(video: Callable[..., Path], cf
     eager = run(cfg(f"input={source}", f"output={tmp_path / 'eager.mkv'}", *lossless))
     compiled = run(cfg(f"input={source}", f"output={tmp_path / 'compiled.mkv'}", "compile=true", *lossless))
     assert compiled["frames_reused"] == 0 and eager["frames_reused"] == 0  # compiled frames are another job's
-    difference = np.abs(np.stack(decode_all(tmp_path / "eager.mkv")[0]).astype(int) - np.stack(decode_all(tmp_path / "compiled.mkv")[0]))
+    eager_frames, compiled_frames = (np.stack(decode_all(tmp_path / f)[0]).astype(int) for f in ("eager.mkv", "compiled.mkv"))
+    difference = np.abs(eager_frames - compiled_frames)
     assert difference.max() <= 2 and difference.mean() < 0.01
 
 
@@ -278,11 +279,14 @@ def test_thirty_videos_back_to_back(cfg: Cfg, tmp_path: Path) -> None:
     assert not [p for p in staging.rglob("*") if p.is_file()]
 
 
-def test_temporal_blend_lowers_the_warping_error_and_keeps_the_style(video: Callable[..., Path], cfg: Cfg, tmp_path: Path) -> None:
+def test_temporal_blend_lowers_the_warping_error_and_keeps_the_style(
+    video: Callable[..., Path], cfg: Cfg, tmp_path: Path
+) -> None:
     source = video(frames=24, width=128, height=72, fps=12, gop=6)  # the sample landscape pans
     lossless = ["video.codec=libx264rgb", "video.pix_fmt=rgb24", "video.crf=0", "report.preview_frames=0"]
     plain = run(cfg(f"input={source}", f"output={tmp_path / 'plain.mkv'}", "temporal.measure=true", *lossless))
-    blended = run(cfg(f"input={source}", f"output={tmp_path / 'blend.mkv'}", "temporal.alpha=0.5", "temporal.measure=true", *lossless))
+    blend = ["temporal.alpha=0.5", "temporal.measure=true"]
+    blended = run(cfg(f"input={source}", f"output={tmp_path / 'blend.mkv'}", *blend, *lossless))
     # Two 1-s segments, each a blend chain; the meters see all 23 pairs (one rank).
     assert plain["flicker"]["pairs"] == blended["flicker"]["pairs"] == 23
     assert plain["flicker"]["output"] == pytest.approx(plain["flicker"]["unblended"])
