@@ -1,0 +1,4 @@
+"""``python -m mpistyle.train``: the same program as ``mpistyle-train``."""
+from .cli import main
+
+main()

@@ -1,0 +1,262 @@
+"""The training loop of ``mpistyle-train``: data-parallel over MPI ranks.
+
+Every rank holds the whole TransformerNet (1.7 M parameters, 6.7 MB) and an identical optimiser.
+Each step, every rank trains on its own slice of the step's global batch; the gradients are
+averaged with one ``MPI_Allreduce`` of a flat buffer, and every rank takes the same Adam step,
+so all ranks keep the same weights (rank 0's are the ones written).
+
+Why a plain mpi4py Allreduce rather than torch.distributed (gloo/NCCL) with DDP: the job already
+has an MPI communicator from the launcher (mpirun or srun), so there is no second rendezvous
+(no address and port to agree on, no network interface for gloo to guess on multi-homed cluster
+nodes); and the gradient is so small next to the work of a step (VGG19 forward and backward over
+the batch) that overlapping communication with the backward pass, DDP's gain, is worth little: a
+6.7 MB allreduce takes milliseconds, a step at 256x256 tens to hundreds. On GPUs the buffer goes
+through host memory, which works with any MPI build, CUDA-aware or not.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .. import signals, train_config
+from ..errors import ConfigError, InternalError, JobInterrupted
+from ..model.loading import load_vgg19
+from ..model.transformer_net import TransformerNet
+from ..parallel import RankContext
+from ..scoring import pick_device, set_threads
+from . import data
+from .checkpoint import load_checkpoint, save_checkpoint, save_state_dict, set_rng_state
+from .files import RunFiles
+from .losses import PerceptualLoss
+
+log = logging.getLogger("mpistyle")
+
+LOSS_KEYS = ("content", "style", "tv", "total")
+# Settings whose change on resume makes the run a different experiment: worth a warning.
+_MEANINGFUL = ("style_image", "content", "image_size", "style_size", "batch_size", "video_every", "lr",
+               "content_weight", "style_weight", "tv_weight", "seed", "vgg")
+
+
+@dataclass
+class Setup:
+    """What every rank builds before the first step."""
+
+    content: data.ContentSet
+    loss: PerceptualLoss
+    sample: torch.Tensor
+
+
+def run(cfg: DictConfig, ctx: RankContext) -> Path:
+    """Train as ``cfg`` says (resuming from ``cfg.run_dir``'s checkpoint if there is one) and
+    return the path of the trained net's state dict. Every rank calls this."""
+    train_config.check(cfg)
+    if not cfg.run_dir:
+        raise ConfigError("no run directory: add run_dir=PATH")
+    run_dir = Path(cfg.run_dir).expanduser()
+    output = Path(cfg.output).expanduser() if cfg.output else run_dir / f"{Path(cfg.style_image).stem}.pth"
+    files = RunFiles(run_dir, output)
+    ctx.share(files.prepare)
+
+    device = ctx.check_all(lambda: pick_device(cfg.device, ctx.local_rank))
+    threads = set_threads(cfg.threads, ctx.local_size)
+    setup = ctx.check_all(lambda: _setup(cfg, device))
+    net = TransformerNet().to(device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    # Rank 0 decides where training starts (fresh or from the checkpoint) and sends it to all,
+    # so every rank starts from the same weights without needing the run directory itself.
+    start = ctx.share(lambda: _initial_state(cfg, files))
+    net.load_state_dict(start["model"])
+    if start["optimizer"] is not None:
+        optimizer.load_state_dict(start["optimizer"])
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr  # the command line wins over the checkpoint
+    if start["rng"] is not None:
+        set_rng_state(start["rng"])
+    first = start["step"] + 1
+    if ctx.is_root:
+        log.info(
+            "training %s on %s: %d content image(s), %d rank(s) x batch %d at %dpx, %s, %d thread(s); steps %d-%d",
+            Path(cfg.style_image).name, cfg.content, len(setup.content), ctx.size, cfg.batch_size,
+            cfg.image_size, device, threads, first, cfg.steps,
+        )
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(config, dict)
+    step_fn = _make_step(cfg, ctx, setup, net, optimizer, device)
+    params = list(net.parameters())
+    meter = _Meter(cfg.batch_size * ctx.size)
+    for step in range(first, cfg.steps + 1):
+        try:
+            local = ctx.check_all(lambda: step_fn(step))  # noqa: B023  (called at once, in this iteration)
+        except JobInterrupted as err:
+            # Nobody took this step's optimiser step: the weights are those after step - 1.
+            ctx.share(lambda: save_checkpoint(files.checkpoint, step - 1, net, optimizer, config))  # noqa: B023
+            name = signal.Signals(err.exit_code - 128).name if err.exit_code > 128 else "a signal"
+            raise JobInterrupted(
+                f"stopped by {name} after step {step - 1}: checkpoint saved in {files.checkpoint}; "
+                "run the same command (same run_dir) to resume",
+                exit_code=err.exit_code,
+            ) from None
+        losses = _average(ctx, params, local)
+        optimizer.step()
+        meter.add(losses)
+        due_log = step % cfg.log_every == 0 or step == first
+        due_sample = cfg.sample_every > 0 and step % cfg.sample_every == 0 and step != cfg.steps
+        due_checkpoint = step % cfg.checkpoint_every == 0 and step != cfg.steps
+        if due_log or due_sample or due_checkpoint:
+            def after_step(step: int = step, log_now: bool = due_log, sample: bool = due_sample,
+                           checkpoint: bool = due_checkpoint) -> None:
+                if log_now:
+                    _log_losses(files, step, cfg.steps, meter.take())
+                if sample:
+                    _sample(files, step, net, setup.sample, device)
+                if checkpoint:
+                    save_checkpoint(files.checkpoint, step, net, optimizer, config)
+            if due_checkpoint:
+                _check_replicas(ctx, net)
+            ctx.share(after_step)
+
+    def finish() -> None:
+        done = max(cfg.steps, start["step"])
+        save_checkpoint(files.checkpoint, done, net, optimizer, config)
+        save_state_dict(output, net)
+        sample = _sample(files, done, net, setup.sample, device)
+        log.info("trained to step %d: the model is %s (sample %s)", done, output, sample)
+
+    _check_replicas(ctx, net)
+    ctx.share(finish)
+    return output
+
+
+def _check_replicas(ctx: RankContext, net: TransformerNet) -> None:
+    """Every rank must hold the same weights (only rank 0's are saved): compare digests before
+    each checkpoint, so a divergence (say, an MPI build whose allreduce gives ranks different
+    roundings) stops the run instead of silently training N different nets."""
+    if ctx.size == 1:
+        return
+    digest = hashlib.sha256()
+    for tensor in net.state_dict().values():
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    digests = ctx.comm.allgather(digest.hexdigest())
+    if len(set(digests)) > 1:
+        raise InternalError(f"the ranks' weights diverged (digests {', '.join(d[:12] for d in digests)})")
+    if ctx.is_root:
+        log.info("all %d ranks hold identical weights (sha256 %s)", ctx.size, digests[0][:16])
+
+
+def _setup(cfg: DictConfig, device: torch.device) -> Setup:
+    content = data.open_content(Path(cfg.content).expanduser(), cfg.image_size, cfg.video_every)
+    style = data.style_tensor(Path(cfg.style_image).expanduser(), cfg.style_size)
+    layers = [cfg.vgg.content_layer, *cfg.vgg.style_layers]
+    vgg = load_vgg19(cfg.vgg.weights, layers=layers, sha256=cfg.vgg.weights_sha256).to(device)
+    loss = PerceptualLoss(
+        vgg, style.to(device), cfg.vgg.content_layer, list(cfg.vgg.style_layers),
+        cfg.content_weight, cfg.style_weight, cfg.tv_weight,
+    )
+    sample_path = Path(cfg.sample_image).expanduser() if cfg.sample_image else None
+    return Setup(content, loss, data.sample_tensor(content, sample_path, cfg.image_size))
+
+
+def _initial_state(cfg: DictConfig, files: RunFiles) -> dict[str, Any]:
+    """Root only: the checkpoint's state if the run directory has one, else a fresh net."""
+    if files.checkpoint.exists():
+        state = load_checkpoint(files.checkpoint)
+        log.info("resuming from %s at step %d", files.checkpoint, state["step"])
+        _warn_changed(state.get("config", {}), OmegaConf.to_container(cfg, resolve=True))
+        files.keep_losses_up_to(state["step"])
+        return state
+    files.keep_losses_up_to(0)
+    torch.manual_seed(cfg.seed)
+    return {"step": 0, "model": TransformerNet().state_dict(), "optimizer": None, "rng": None}
+
+
+def _warn_changed(old: dict[str, Any], new: Any) -> None:
+    changed = [f"{key} ({old.get(key)!r} -> {new.get(key)!r})" for key in _MEANINGFUL if old.get(key) != new.get(key)]
+    if changed:
+        log.warning("resuming with changed settings: %s", ", ".join(changed))
+
+
+def _make_step(
+    cfg: DictConfig, ctx: RankContext, setup: Setup, net: TransformerNet, optimizer: torch.optim.Optimizer,
+    device: torch.device,
+) -> Callable[[int], torch.Tensor]:
+    global_batch = cfg.batch_size * ctx.size
+    mine = slice(ctx.rank * cfg.batch_size, (ctx.rank + 1) * cfg.batch_size)
+
+    def step_fn(step: int) -> torch.Tensor:
+        """This rank's forward and backward pass; returns its losses (in LOSS_KEYS order)."""
+        # Checked before the work, inside check_all: every rank learns of a signal any rank got
+        # at the same step, so all stop together and none waits in the allreduce.
+        signals.check()
+        crops = data.crop_plan(cfg.seed, step, global_batch, len(setup.content))[mine]
+        images = data.batch(setup.content, crops, cfg.image_size).to(device)
+        optimizer.zero_grad(set_to_none=False)
+        losses = setup.loss(net(images), images)
+        losses["total"].backward()
+        return torch.stack([losses[key].detach() for key in LOSS_KEYS])
+
+    return step_fn
+
+
+def _average(ctx: RankContext, params: list[torch.nn.Parameter], losses: torch.Tensor) -> dict[str, float]:
+    """Average the gradients (in place) and the losses over the ranks: one MPI_Allreduce."""
+    if ctx.size > 1:
+        from mpi4py import MPI
+
+        grads = [p.grad for p in params]
+        assert all(g is not None for g in grads)
+        flat = torch.cat([g.reshape(-1) for g in grads] + [losses]).to("cpu", torch.float32).contiguous()
+        ctx.comm.Allreduce(MPI.IN_PLACE, flat.numpy(), op=MPI.SUM)
+        flat /= ctx.size
+        offset = 0
+        for grad in grads:
+            grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+            offset += grad.numel()
+        losses = flat[offset:]
+    return dict(zip(LOSS_KEYS, losses.tolist(), strict=True))
+
+
+class _Meter:
+    """Mean losses and throughput since the last log line."""
+
+    def __init__(self, images_per_step: int) -> None:
+        self.images_per_step = images_per_step
+        self._sums = dict.fromkeys(LOSS_KEYS, 0.0)
+        self._steps = 0
+        self._since = time.monotonic()
+
+    def add(self, losses: dict[str, float]) -> None:
+        for key in LOSS_KEYS:
+            self._sums[key] += losses[key]
+        self._steps += 1
+
+    def take(self) -> dict[str, float]:
+        now = time.monotonic()
+        steps = max(1, self._steps)
+        result = {key: value / steps for key, value in self._sums.items()}
+        result["images_per_s"] = self._steps * self.images_per_step / max(now - self._since, 1e-9)
+        self._sums, self._steps, self._since = dict.fromkeys(LOSS_KEYS, 0.0), 0, now
+        return result
+
+
+def _log_losses(files: RunFiles, step: int, steps: int, losses: dict[str, float]) -> None:
+    log.info(
+        "step %d/%d: content %.4g, style %.4g, tv %.4g, total %.4g (%.1f images/s)",
+        step, steps, losses["content"], losses["style"], losses["tv"], losses["total"], losses["images_per_s"],
+    )
+    files.append_losses({"step": step, **{key: round(value, 6) for key, value in losses.items()}})
+
+
+def _sample(files: RunFiles, step: int, net: TransformerNet, sample: torch.Tensor, device: torch.device) -> Path:
+    with torch.no_grad():
+        styled = net(sample.to(device)).cpu()
+    return files.write_sample(step, sample, styled)
