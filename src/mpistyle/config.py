@@ -80,7 +80,7 @@ class VideoConfig:
     # Each rank encodes its frames in segments of whole input GOPs lasting at least this long;
     # the root joins them by stream copy. Each segment starts with a keyframe. Larger: fewer
     # keyframes, coarser load balance and resume; 0: a segment per input GOP.
-    segment_seconds: float = 2.0
+    segment_seconds: float = 1.0
 
 
 @dataclass
