@@ -6,6 +6,8 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 
@@ -25,17 +27,24 @@ _ctx: RankContext | None = None
 
 def main() -> None:
     global _ctx
-    _ctx = RankContext.world()
-    # Every rank must use one run directory: rank 0 names it, the others are told.
-    os.environ["MPISTYLE_RUN_ID"] = _ctx.share(_new_run_id)
-    if not _ctx.is_root:
-        # Only rank 0 writes Hydra's config dumps (and, below, the log file).
-        sys.argv.append("hydra.output_subdir=null")
-    sys.excepthook = _abort_on_crash
-    signals.install()
-    config.register()
-    check_overrides(sys.argv[1:], show=_ctx.is_root)
+    _ctx = start("config", config.register)
     _hydra_main()
+
+
+def start(config_name: str, register: Callable[[], None]) -> RankContext:
+    """What every mpistyle command does before Hydra runs, on every rank."""
+    ctx = RankContext.world()
+    # Every rank must use one run directory: rank 0 names it, the others are told. Under Slurm
+    # it is the job id, so a requeued job finds its staging or checkpoint and resumes.
+    os.environ["MPISTYLE_RUN_ID"] = ctx.share(new_run_id)
+    if not ctx.is_root:
+        # Only rank 0 writes Hydra's config dumps (and, later, the log file).
+        sys.argv.append("hydra.output_subdir=null")
+    sys.excepthook = _abort_on_crash(ctx)
+    signals.install()
+    register()
+    check_overrides(sys.argv[1:], config_name=config_name, show=ctx.is_root)
+    return ctx
 
 
 def check_overrides(args: list[str], config_name: str = "config", show: bool = True) -> None:
@@ -58,7 +67,7 @@ def check_overrides(args: list[str], config_name: str = "config", show: bool = T
         sys.exit(ConfigError.exit_code)
 
 
-def _new_run_id() -> str:
+def new_run_id() -> str:
     """The Slurm job id (a requeued job keeps its directory), else a time stamp and pid."""
     job = os.environ.get("SLURM_JOB_ID")
     if job:
@@ -70,16 +79,25 @@ def _new_run_id() -> str:
 def _hydra_main(cfg: DictConfig) -> None:
     assert _ctx is not None
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    try:
-        _setup_logging(_ctx, run_dir)
+    with exit_on_error(_ctx, run_dir):
         with open_dict(cfg):
             cfg.run_dir = str(run_dir)
         from .pipeline import run  # after logging is set up: importing torch takes a moment
 
         run(cfg, _ctx, os.environ["MPISTYLE_RUN_ID"])
+
+
+@contextmanager
+def exit_on_error(ctx: RankContext, run_dir: Path) -> Iterator[None]:
+    """Set up logging, then run the block; an error the ranks agreed on becomes one line from
+    rank 0 and its exit code, and anything else (a bug) aborts every rank instead of leaving
+    them waiting."""
+    try:
+        setup_logging(ctx, run_dir)
+        yield
     except MpistyleError as err:
         # Every rank holds the same error; one line from rank 0 is enough.
-        if _ctx.is_root:
+        if ctx.is_root:
             first_line = str(err).splitlines()[0]
             if isinstance(err, InternalError):
                 # A bug: the traceback goes to the log file, the terminal gets one line.
@@ -91,9 +109,9 @@ def _hydra_main(cfg: DictConfig) -> None:
         sys.exit(err.exit_code)
     except Exception as err:  # a bug outside the ranks' agreed error path
         # Hydra would print this and exit this rank alone, leaving the others waiting forever.
-        log.exception("internal error on rank %d: %s", _ctx.rank, err)
+        log.exception("internal error on rank %d: %s", ctx.rank, err)
         logging.shutdown()
-        _ctx.abort(1)
+        ctx.abort(1)
         sys.exit(1)
 
 
@@ -103,7 +121,7 @@ def _log_file_only(level: int, message: str) -> None:
             handler.handle(log.makeRecord(log.name, level, __file__, 0, message, None, None))
 
 
-def _setup_logging(ctx: RankContext, run_dir: Path) -> None:
+def setup_logging(ctx: RankContext, run_dir: Path) -> None:
     tag = f"rank {ctx.rank}/{ctx.size}" if ctx.size > 1 else "mpistyle"
     formatter = logging.Formatter(f"%(asctime)s [{tag}] %(levelname)s %(message)s", "%H:%M:%S")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
@@ -119,8 +137,10 @@ def _setup_logging(ctx: RankContext, run_dir: Path) -> None:
         log.info("run directory: %s", run_dir)
 
 
-def _abort_on_crash(kind: type[BaseException], value: BaseException, trace: TracebackType | None) -> None:
-    """An exception nobody caught must not leave the other ranks waiting forever."""
-    sys.__excepthook__(kind, value, trace)
-    if _ctx is not None:
-        _ctx.abort(1 if not isinstance(value, KeyboardInterrupt) else 130)
+def _abort_on_crash(ctx: RankContext) -> Callable[[type[BaseException], BaseException, TracebackType | None], None]:
+    def hook(kind: type[BaseException], value: BaseException, trace: TracebackType | None) -> None:
+        """An exception nobody caught must not leave the other ranks waiting forever."""
+        sys.__excepthook__(kind, value, trace)
+        ctx.abort(1 if not isinstance(value, KeyboardInterrupt) else 130)
+
+    return hook

