@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import time
 from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
@@ -12,8 +14,11 @@ import numpy as np
 import pytest
 from omegaconf import DictConfig
 
+from mpistyle import pipeline
 from mpistyle.errors import ConfigError, InputError, ModelError, OutputError
+from mpistyle.parallel import RankContext
 from mpistyle.pipeline import run
+from mpistyle.report import StageTimer
 
 from media import audio_packets, decode_all, keyframe_flags, stream_summary
 
@@ -309,3 +314,75 @@ def test_temporal_blend_gives_the_same_bits_after_a_resume(video: Callable[..., 
     again = run(cfg(f"input={source}", f"output={tmp_path / 'again.mp4'}", *common))
     assert again["frames_reused"] == 24
     assert digest(tmp_path / "first.mp4") == digest(tmp_path / "again.mp4")
+
+
+def run_split(config: DictConfig, ranks: int) -> dict:
+    """The pipeline's stages as ``ranks`` ranks would run them (plan, each share, the join), in
+    this one process: the split logic without mpirun (tests/test_cli.py runs the real thing)."""
+    plan = pipeline.make_plan(config, ranks, "split")
+    plan.staging.create()
+    scorer = pipeline.build_scorer(config, RankContext.world())
+    summaries = [pipeline.score_share(plan, share, scorer, lambda frames: True, config.on_damage) for share in plan.shares]
+    return pipeline.finish_job(config, plan, summaries, StageTimer(), time.perf_counter(), "split")
+
+
+def test_segments_with_other_b_frame_delays_join_into_a_valid_stream(
+    video: Callable[..., Path], cfg: Cfg, tmp_path: Path
+) -> None:
+    # A 1-frame segment between two longer ones, in AVI (one tick per frame): its encoder used
+    # no B-frame delay, the next one did; the join used to fail with dts after pts.
+    source = video("cuts.avi", frames=20, keyframes=[0, 6, 7], bframes=0, audio=0)
+    for ranks in (1, 3):
+        output = tmp_path / f"out{ranks}.mp4"
+        run_split(cfg(f"input={source}", f"output={output}", "video.segment_seconds=0", "report.preview_frames=0"), ranks)
+        with av.open(str(output)) as container:
+            packets = [p for p in container.demux(container.streams.video[0]) if p.size]
+        assert all(a.dts < b.dts for a, b in itertools.pairwise(packets))
+        assert all(p.dts <= p.pts for p in packets)
+        assert len(decode_all(output)[0]) == 20
+    assert digest(tmp_path / "out1.mp4") == digest(tmp_path / "out3.mp4")
+
+
+def test_matroska_output_is_the_same_file_every_time(video: Callable[..., Path], cfg: Cfg, tmp_path: Path) -> None:
+    source = video(frames=12)
+    for name in ("a.mkv", "b.mkv"):
+        run(cfg(f"input={source}", f"output={tmp_path / name}", "report.preview_frames=0"))
+    assert digest(tmp_path / "a.mkv") == digest(tmp_path / "b.mkv")  # no random Matroska UIDs
+
+
+def _damage_keyframe(source: Path, gop: int, target: Path) -> Path:
+    """A copy of ``source`` whose ``gop``-th keyframe is garbage after its first bytes."""
+    with av.open(str(source)) as container:
+        keys = [(p.pos, p.size) for p in container.demux(container.streams.video[0]) if p.size and p.is_keyframe]
+    position, size = keys[gop]
+    data = bytearray(source.read_bytes())
+    data[position + 12 : position + size] = bytes([0xFF]) * (size - 12)
+    target.write_bytes(bytes(data))
+    return target
+
+
+def test_concealed_damage_gives_the_same_file_for_any_split(video: Callable[..., Path], cfg: Cfg, tmp_path: Path) -> None:
+    # FFmpeg conceals a damaged frame from the picture decoded before it: each segment must be
+    # decoded from its own keyframe, or that picture depends on where a rank's share began.
+    source = _damage_keyframe(video(frames=24, gop=6, width=96, height=54, audio=0), 2, tmp_path / "bad.mp4")
+    digests = set()
+    for ranks in (1, 2, 3):
+        output = tmp_path / f"out{ranks}.mp4"
+        config = cfg(f"input={source}", f"output={output}", "video.segment_seconds=0", "report.preview_frames=0")
+        report = run_split(config, ranks)
+        assert report["damage"]["damaged"] + report["damage"]["concealed"] + report["damage"]["packet_errors"] > 0
+        digests.add(digest(output))
+    assert len(digests) == 1
+
+
+def test_damage_is_reported_after_a_resume_and_another_policy_does_not_reuse_it(
+    video: Callable[..., Path], cfg: Cfg, tmp_path: Path
+) -> None:
+    source = _damage_keyframe(video(frames=24, gop=6, width=96, height=54, audio=0), 2, tmp_path / "bad.mp4")
+    common = [f"input={source}", "video.segment_seconds=0", "report.preview_frames=0"]
+    first = run(cfg(*common, f"output={tmp_path / 'a.mp4'}", "staging.keep=true"))
+    again = run(cfg(*common, f"output={tmp_path / 'b.mp4'}", "staging.keep=true"))
+    assert again["frames_reused"] == 24 and again["damage"] == first["damage"]
+    assert first["damage"]["damaged"] + first["damage"]["concealed"] + first["damage"]["packet_errors"] > 0
+    with pytest.raises(InputError, match="damaged"):  # not the concealed segments staged above
+        run(cfg(*common, f"output={tmp_path / 'c.mp4'}", "on_damage=fail"))

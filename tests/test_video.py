@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
@@ -10,7 +11,7 @@ import pytest
 
 from mpistyle.errors import InputError
 from mpistyle.parallel import partition
-from mpistyle.video import decode_share, probe, shares_for
+from mpistyle.video import decode_share, probe, shares_for, stream_dts
 
 from media import decode_all
 
@@ -38,6 +39,48 @@ def test_shares_decode_to_exactly_the_straight_decode(video: Callable[..., Path]
     assert len(pieces) == len(straight) == 31
     assert all(np.array_equal(a, b) for a, b in zip(pieces, straight))
     assert shares[0].start == 0 and shares[-1].stop == 31
+
+
+def test_every_gop_decodes_alone_from_an_avi_with_b_frames(video: Callable[..., Path]) -> None:
+    # AVI seeks by decode time and landed one packet past a keyframe: the 1-frame GOP was lost.
+    # (No B-frames in the input: FFmpeg cannot restore their display order from AVI.)
+    path = video("cuts.avi", frames=20, keyframes=[0, 6, 7], bframes=0, audio=0)
+    info = probe(str(path))
+    assert info.gop_sizes() == [6, 1, 13]
+    pieces = [frame for gop in range(3) for frame in decode_share(info, shares_for(info, [range(gop, gop + 1)])[0])]
+    straight, _ = decode_all(path)
+    assert len(pieces) == 20 and all(np.array_equal(a, b) for a, b in zip(pieces, straight))
+
+
+def _reorder_depth(decode_order: list[int]) -> int:
+    shown = {pts: i for i, pts in enumerate(sorted(decode_order))}
+    return max(k - shown[pts] for k, pts in enumerate(decode_order))
+
+
+def test_stream_dts_joins_segments_whose_encoders_chose_other_delays() -> None:
+    # A 1-frame segment (dts = pts, no room for a delay) between two with B-frames: what the
+    # encoders wrote cannot be concatenated; the rebuilt clock must still be valid.
+    decode_order = [0, 4, 2, 1, 3, 5, 6, 9, 7, 8]  # a B-pyramid (depth 2), a P frame, one B-frame
+    dts = stream_dts(decode_order)
+    assert all(a < b for a, b in itertools.pairwise(dts))  # strictly increasing
+    assert all(d <= p for d, p in zip(dts, decode_order))  # never decoded after it is shown
+    assert dts == [-2, -1, 0, 1, 2, 3, 4, 5, 6, 7]  # depth 2: the clock starts two frame steps early
+
+
+def test_stream_dts_is_valid_for_any_reordering_of_bounded_depth() -> None:
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        shown = sorted(rng.choice(10_000, size=int(rng.integers(1, 60)), replace=False).tolist())
+        decode_order = list(shown)
+        for _ in range(len(shown) // 3):  # B-frame style swaps: a frame decoded a few places early
+            i = int(rng.integers(0, len(shown)))
+            j = min(len(shown) - 1, i + int(rng.integers(1, 4)))
+            decode_order[i], decode_order[j] = decode_order[j], decode_order[i]
+        dts = stream_dts(decode_order)
+        assert all(a < b for a, b in itertools.pairwise(dts))
+        assert all(d <= p for d, p in zip(dts, decode_order))
+        depth = _reorder_depth(decode_order)
+        assert dts[depth:] == shown[: len(shown) - depth]  # no more delay than the stream needs
 
 
 def test_variable_frame_rate_timestamps_are_indexed(video: Callable[..., Path]) -> None:

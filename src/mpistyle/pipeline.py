@@ -44,6 +44,7 @@ from .video import (
     probe,
     read_frames,
     shares_for,
+    stream_dts,
 )
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,7 @@ def make_plan(cfg: DictConfig, ranks: int, run_id: str) -> Plan:
     video = OmegaConf.to_container(cfg.video, resolve=True)
     segment_seconds = video.pop("segment_seconds")
     settings = EncodeSettings(**video)
-    check_encoder(settings, info)
+    check_encoder(settings, info, container_format)
     segments = info.segments(segment_seconds)
     parts = partition([_frames_in(info, s) for s in segments], ranks)
 
@@ -162,6 +163,7 @@ def make_plan(cfg: DictConfig, ranks: int, run_id: str) -> Plan:
             "frames": info.frames,
             "model": model,
             "compile": cfg.compile,  # compiled kernels round differently: not the same frames
+            "on_damage": cfg.on_damage,  # a segment concealed under one policy would fail the other
             # Blending changes the frames; measuring alone does not.
             "temporal": {"alpha": cfg.temporal.alpha, "flow": cfg.temporal.flow} if cfg.temporal.alpha > 0 else None,
             # Staged segments are encoded: other settings, container headers or cuts are other bytes.
@@ -253,47 +255,57 @@ def score_share(
     began = time.perf_counter()
     missing = [s for s in mine if not plan.staging.has(bounds[s.start][0], bounds[s.stop - 1][1])]
     reused = share.frames - sum(_frames_in(info, s) for s in missing)
+    damage = Damage()
+    for segment in mine:
+        if segment not in missing:  # what an earlier attempt met while decoding it still counts
+            damage.add(Damage(**plan.staging.damage(bounds[segment.start][0], bounds[segment.stop - 1][1])))
     if reused:
         _step(tick, reused)
     batch = np.empty((scorer.batch_size, info.height, info.width, 3), np.uint8)
-    damage = Damage()
     temporal = _temporal_stage(plan.temporal)
-    for run in _consecutive(missing):
-        frames = decode_share(info, shares_for(info, [range(run[0].start, run[-1].stop)])[0], on_damage, damage)
-        for position, segment in enumerate(run):
-            start, stop = bounds[segment.start][0], bounds[segment.stop - 1][1]
-            if temporal:
-                # The blend restarts with each segment, so a frame's output never depends on
-                # where a rank's share began; the meters still measure the pair across the cut.
-                temporal.reset(contiguous=position > 0)
-            encoder = SegmentEncoder(info, plan.settings, start, plan.container_format)
-            count = 0
-            with plan.staging.writer(start, stop) as writer:
-                for first in range(start, stop, scorer.batch_size):
-                    if first > start:
-                        _step(tick, count)  # not after the segment's last batch: that waits for the file
-                    count = min(scorer.batch_size, stop - first)
-                    mark = time.perf_counter()
-                    for slot in range(count):
-                        batch[slot] = next(frames)
-                    seconds["decode"] += time.perf_counter() - mark
-                    mark = time.perf_counter()
-                    styled = scorer(batch[:count])
-                    seconds["score"] += time.perf_counter() - mark
-                    if temporal:
-                        mark = time.perf_counter()
-                        styled = temporal(batch[:count], styled)
-                        seconds["temporal"] += time.perf_counter() - mark
-                    mark = time.perf_counter()
-                    writer.add(encoder.encode(styled))
-                    seconds["encode"] += time.perf_counter() - mark
+    last_stop = -1
+    for segment in missing:
+        start, stop = bounds[segment.start][0], bounds[segment.stop - 1][1]
+        # Each segment is decoded from its own keyframe, as it would be if it began a rank's
+        # share: FFmpeg conceals a damaged frame from the picture decoded before it, so that
+        # picture must not depend on the rank count.
+        met = Damage()
+        frames = decode_share(info, shares_for(info, [segment])[0], on_damage, met)
+        if temporal:
+            # The blend restarts with each segment, so a frame's output never depends on
+            # where a rank's share began; the meters still measure the pair across the cut.
+            temporal.reset(contiguous=start == last_stop)
+        encoder = SegmentEncoder(info, plan.settings, start, plan.container_format)
+        count = 0
+        with plan.staging.writer(start, stop) as writer:
+            for first in range(start, stop, scorer.batch_size):
+                if first > start:
+                    _step(tick, count)  # not after the segment's last batch: that waits for the file
+                count = min(scorer.batch_size, stop - first)
                 mark = time.perf_counter()
-                writer.add(encoder.finish())
-                writer.extradata = encoder.extradata
+                for slot in range(count):
+                    batch[slot] = next(frames)
+                seconds["decode"] += time.perf_counter() - mark
+                mark = time.perf_counter()
+                styled = scorer(batch[:count])
+                seconds["score"] += time.perf_counter() - mark
+                if temporal:
+                    mark = time.perf_counter()
+                    styled = temporal(batch[:count], styled)
+                    seconds["temporal"] += time.perf_counter() - mark
+                mark = time.perf_counter()
+                writer.add(encoder.encode(styled))
                 seconds["encode"] += time.perf_counter() - mark
-                mark = time.perf_counter()
-            seconds["stage"] += time.perf_counter() - mark
-            _step(tick, count)  # the segment's file is complete: stopping now keeps it
+            mark = time.perf_counter()
+            writer.add(encoder.finish())
+            writer.extradata = encoder.extradata
+            writer.damage = asdict(met)
+            seconds["encode"] += time.perf_counter() - mark
+            mark = time.perf_counter()
+        seconds["stage"] += time.perf_counter() - mark
+        damage.add(met)
+        last_stop = stop
+        _step(tick, count)  # the segment's file is complete: stopping now keeps it
     total = time.perf_counter() - began
     log.info(
         "scored %d frames in %.2f s (decode %.2f, score %.2f, encode %.2f, stage %.2f)%s",
@@ -371,29 +383,19 @@ def _step(tick: Callable[[int], bool], frames: int) -> None:
     signals.check()
 
 
-def _consecutive(segments: list[range]) -> list[list[range]]:
-    """Segments in runs of neighbours, each run decoded with one seek: GOPs [0-2, 3-4, 7-9] ->
-    [[0-2, 3-4], [7-9]]."""
-    runs: list[list[range]] = []
-    for segment in segments:
-        if runs and runs[-1][-1].stop == segment.start:
-            runs[-1].append(segment)
-        else:
-            runs.append([segment])
-    return runs
-
-
 def finish_job(
     cfg: DictConfig, plan: Plan, summaries: list[dict[str, Any]], timer: StageTimer, started: float, run_id: str
 ) -> dict[str, Any]:
     """Root: join the staged segments in order by stream copy, with the audio, then report."""
     info = plan.info
     bounds = info.gop_bounds()
+    frame_ranges = [(bounds[segment.start][0], bounds[segment.stop - 1][1]) for segment in plan.segments]
     with timer("join"):
+        dts = stream_dts([pts for start, stop in frame_ranges for pts in plan.staging.decode_order_pts(start, stop)])
         try:
-            with Muxer(plan.partial, info, plan.settings, plan.container_format) as muxer:
-                for segment in plan.segments:
-                    muxer.add(*plan.staging.read(bounds[segment.start][0], bounds[segment.stop - 1][1]))
+            with Muxer(plan.partial, info, plan.settings, dts, plan.container_format) as muxer:
+                for start, stop in frame_ranges:
+                    muxer.add(*plan.staging.read(start, stop))
                     signals.check()
                 muxer.finish()
             os.replace(plan.partial, plan.output)

@@ -58,19 +58,23 @@ def make_video(
     time_base: Fraction | None = None,
     bframes: int = 2,
     rotation: float = 0.0,
+    keyframes: Sequence[int] | None = None,
 ) -> Path:
     """Write a real video of ``frames`` frames with ``audio`` AAC tracks of sine tones.
 
-    ``gop`` is the keyframe interval (H.264). ``pts`` (with ``time_base``) gives each frame its
-    own timestamp, for variable frame rate.
+    ``gop`` is the keyframe interval (H.264), or ``keyframes`` lists the frames that are (as
+    scene cuts place them). ``pts`` (with ``time_base``) gives each frame its own timestamp, for
+    variable frame rate.
     """
     with av.open(str(path), "w") as out:
         video = out.add_stream(codec, rate=fps)
         video.width, video.height, video.pix_fmt = width, height, pix_fmt
         if codec == "libx264":
+            interval = str(frames + 1) if keyframes is not None else str(gop)
             video.options = {
-                "g": str(gop),
-                "keyint_min": str(gop),
+                "g": interval,
+                "keyint_min": interval,
+                "forced-idr": "1",
                 "sc_threshold": "0",
                 "bf": str(bframes),
                 "preset": "veryfast",
@@ -87,6 +91,8 @@ def make_video(
             tones.append((stream, 220.0 * (track + 1)))
         for index in range(frames):
             frame = av.VideoFrame.from_ndarray(landscape(index, width, height, fps), format="rgb24")
+            if keyframes is not None and index in keyframes:
+                frame.pict_type = av.video.frame.PictureType.I
             if pts is not None:
                 frame.pts = pts[index]
                 frame.time_base = time_base

@@ -5,7 +5,8 @@ Layout: ``<root>/<job key>/segment-<start>-<stop>.h5``, one HDF5 file per segmen
 the input, frames ``[start, stop)``), holding the segment's compressed packets in decode order:
 ``data`` (all packets' bytes, uint8), ``offsets`` (n + 1 int64: packet i is
 ``data[offsets[i]:offsets[i + 1]]``), ``pts``, ``dts`` (int64, the input's time base),
-``keyframe`` (bool), and the codec headers ``extradata`` (uint8). Encoded frames are
+``keyframe`` (bool), the codec headers ``extradata`` (uint8), and in the attribute ``damage``
+what decoding the segment's input met (so a resumed job still reports it). Encoded frames are
 about a hundredth of raw ones, so the shared filesystem and the root's reads stay far from
 saturation (bench/SCALING.md).
 
@@ -92,6 +93,24 @@ class Staging:
         ]
         return packets, extradata
 
+    def damage(self, start: int, stop: int) -> dict[str, int]:
+        """What decoding one finished segment's frames met (counts of video.Damage)."""
+        path = self.segment_path(start, stop)
+        try:
+            with h5py.File(path, "r", locking=False) as handle:
+                return json.loads(handle.attrs.get("damage", "{}"))
+        except (OSError, ValueError) as err:
+            raise StagingError(f"cannot read staged segment {path}: {err}") from None
+
+    def decode_order_pts(self, start: int, stop: int) -> list[int]:
+        """The pts of one finished segment's packets, in decode order (without the packets)."""
+        path = self.segment_path(start, stop)
+        try:
+            with h5py.File(path, "r", locking=False) as handle:
+                return [int(pts) for pts in handle["pts"][:]]
+        except (OSError, KeyError) as err:
+            raise StagingError(f"cannot read staged segment {path}: {err}") from None
+
     def remove(self, remove_empty_root: bool = False) -> None:
         """Delete this job's staged frames; also the root folder if asked and nothing else is there."""
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -116,6 +135,7 @@ class SegmentWriter:
         self.partial = path.with_name(f"{path.name}.partial-{socket.gethostname()}-{os.getpid()}")
         self.expected = frames
         self.extradata = b""
+        self.damage: dict[str, int] = {}  # what decoding its frames met (video.Damage's counts)
         # A segment's packets are kept in memory until it is done (a few MB for seconds of
         # video): the file is then written once, with its size known and reserved up front.
         self._packets: list[EncodedPacket] = []
@@ -144,6 +164,7 @@ class SegmentWriter:
                 handle.create_dataset("dts", data=np.array([p.dts for p in self._packets], np.int64))
                 handle.create_dataset("keyframe", data=np.array([p.keyframe for p in self._packets], bool))
                 handle.create_dataset("extradata", data=np.frombuffer(self.extradata, np.uint8))
+                handle.attrs["damage"] = json.dumps(self.damage)
             # On disk before it is named finished: after a crash a finished name holds every packet.
             with self.partial.open("rb") as handle:
                 os.fsync(handle.fileno())

@@ -245,7 +245,7 @@ def decode_share(info: VideoInfo, share: Share, policy: str = "fail", damage: Da
         # Frame threads speed decoding up without changing any decoded pixel.
         stream.thread_type = "AUTO"
         if share.seek_pts is not None:
-            container.seek(share.seek_pts, stream=stream, backward=True)
+            _seek_before(container, stream, info, share.seek_pts)
         for frame in _frames(container, stream, policy, damage, info.path):
             if frame.pts is None or not first <= frame.pts <= last:
                 continue  # another share's frame (the seek may land a GOP early)
@@ -272,6 +272,23 @@ def decode_share(info: VideoInfo, share: Share, policy: str = "fail", damage: Da
     for _ in range(index, len(expected)):
         damage.concealed += 1
         yield previous
+
+
+def _seek_before(container: av.container.InputContainer, stream: av.VideoStream, info: VideoInfo, pts: int) -> None:
+    """Seek so that decoding starts at or before the keyframe shown at ``pts``.
+
+    Most demuxers land on that keyframe. Some seek by decode time (AVI with B-frames, whose
+    timestamps FFmpeg makes up) and land one packet late; then try the keyframe before, and so
+    on. The place reached depends on the file and ``pts`` alone, never on the rank count.
+    """
+    keyframes = info.keyframe_pts[: bisect.bisect_right(info.keyframe_pts, pts)]
+    for target in reversed(keyframes[1:]):
+        container.seek(target, stream=stream, backward=True)
+        first = next((packet for packet in container.demux(stream) if packet.size), None)
+        if first is not None and first.pts is not None and first.pts <= pts:
+            container.seek(target, stream=stream, backward=True)  # again: the peek used a packet
+            return
+    container.seek(0, stream=stream, backward=True)  # from the start: nothing earlier to land on
 
 
 def _damaged(info: VideoInfo, frame: int, what: str) -> InputError:
@@ -326,19 +343,20 @@ class EncodeSettings:
         codec.options = options
 
 
-def check_encoder(settings: EncodeSettings, info: VideoInfo) -> None:
-    """Open (and drop) an encoder with these settings now, before hours of scoring depend on it."""
+def check_encoder(settings: EncodeSettings, info: VideoInfo, container_format: str | None) -> None:
+    """Open (and drop) an encoder set up exactly as the ranks' will be, before hours of scoring
+    depend on it."""
     try:
-        codec = av.CodecContext.create(settings.codec, "w")
+        av.CodecContext.create(settings.codec, "w")
     except (av.error.FFmpegError, ValueError) as err:
         raise ConfigError(f"video.codec '{settings.codec}' is not an encoder in this PyAV build ({err})") from None
     try:
-        settings.apply(codec, info)
-        codec.open()  # freed with the object
-    except (av.error.FFmpegError, ValueError, TypeError) as err:
+        SegmentEncoder(info, settings, 0, container_format)
+    except OutputError as err:
         raise ConfigError(
             f"the encoder {settings.codec} refuses these video settings "
-            f"(pix_fmt={settings.pix_fmt}, crf={settings.crf}, preset={settings.preset}, options={settings.options}): {err}"
+            f"(pix_fmt={settings.pix_fmt}, crf={settings.crf}, preset={settings.preset}, options={settings.options}) "
+            f"for {info.width}x{info.height} frames with time base {info.time_base}: {str(err).split(': ', 1)[-1]}"
         ) from None
 
 
@@ -463,19 +481,45 @@ class SegmentEncoder:
             raise OutputError(f"encoding failed ({self._codec.name}): {err.strerror}") from None
 
 
+def stream_dts(decode_order_pts: Sequence[int]) -> list[int]:
+    """Decode timestamps for a whole stream joined from independently encoded segments, given
+    every packet's pts in decode order.
+
+    Each encoder chose its own dts, and a short segment may have had no room for the B-frame
+    delay the next one starts with, so they cannot simply be concatenated. Instead, with D the
+    stream's largest reorder depth (how many places a packet is decoded before its frame is
+    shown), packet k gets the (k - D)-th smallest pts: strictly increasing, never after the
+    packet's own pts, and the same for any split of the stream. The first D packets count back
+    from the first pts by the first frame step, as an encoder does. Pure; tested alone.
+    """
+    shown = sorted(decode_order_pts)
+    if not shown:
+        return []
+    position = {pts: index for index, pts in enumerate(shown)}
+    depth = max(0, max(k - position[pts] for k, pts in enumerate(decode_order_pts)))
+    step = shown[1] - shown[0] if len(shown) > 1 else 1
+    return [shown[k - depth] if k >= depth else shown[0] - (depth - k) * step for k in range(len(shown))]
+
+
 class Muxer:
     """Writes the output file: the segments' packets in order, by stream copy, with the input's
     audio copied packet for packet and interleaved by time.
 
-    Use as a context manager; ``finish()`` must be called for a complete file.
+    ``dts`` are the decode timestamps of every video packet of the output (from
+    :func:`stream_dts`). Use as a context manager; ``finish()`` must be called for a complete file.
     """
 
-    def __init__(self, path: Path, info: VideoInfo, settings: EncodeSettings, container_format: str | None = None) -> None:
+    def __init__(
+        self, path: Path, info: VideoInfo, settings: EncodeSettings, dts: Sequence[int], container_format: str | None = None
+    ) -> None:
         self.info = info
         self._written = 0
-        self._last_dts: int | None = None
-        # mp4/mov: index at the front so players can start before the whole file has arrived.
-        options = {"movflags": "+faststart"} if container_format in ("mp4", "mov") else {}
+        self._dts = dts
+        # bitexact: no random Matroska UIDs or library version strings, so the same job gives
+        # the same file. mp4/mov: index at the front so players can start before it has all arrived.
+        options = {"fflags": "+bitexact"}
+        if container_format in ("mp4", "mov"):
+            options["movflags"] = "+faststart"
         try:
             self._out = av.open(str(path), "w", format=container_format, options=options)
         except av.error.FFmpegError as err:
@@ -506,12 +550,7 @@ class Muxer:
         time_base = self.info.time_base
         try:
             for encoded in packets:
-                # Each segment starts its decode clock a few frames early (B-frame delay); where
-                # that reaches back into the previous segment's last timestamps, move it up by a tick.
-                dts = encoded.dts if self._last_dts is None else max(encoded.dts, self._last_dts + 1)
-                if dts > encoded.pts:
-                    raise OutputError(f"segments cannot be joined at frame {self._written}: decode time after display time")
-                self._last_dts = dts
+                dts = self._dts[self._written]
                 self._audio.mux_until(self._out, float(dts * time_base))
                 packet = av.Packet(encoded.data)
                 packet.pts, packet.dts, packet.time_base = encoded.pts, dts, time_base
