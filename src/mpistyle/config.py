@@ -116,7 +116,7 @@ class JobConfig:
     device: str = "auto"  # auto: cuda:<local rank> where there is a GPU, else cpu
     batch_size: int | None = None  # frames per model call; default 1 on CPU, 8 on a GPU
     threads: int | None = None  # torch threads per rank; default: the rank's CPUs / ranks per node
-    # torch.compile the model: ~1.2x faster on CPU after a one-off compile, but the output then
+    # torch.compile the model: ~2x faster on CPU after a one-off compile, but the output then
     # depends (by +-1 in a few pixels) on the thread count, so not the same bits for any rank count.
     compile: bool = False
     run_dir: str | None = None  # where logs go; the CLI sets Hydra's run directory

