@@ -232,3 +232,17 @@ def test_a_killed_rank_ends_the_job_promptly_and_the_rerun_resumes(video: Callab
     assert report["frames_reused"] >= 8
     resumed, reference_frames = decode_all(output)[0], decode_all(reference)[0]
     assert len(resumed) == 60 and all(np.array_equal(a, b) for a, b in zip(resumed, reference_frames, strict=True))
+
+
+def test_a_run_directory_that_cannot_be_made_is_one_line_and_exit_4(video: Callable[..., Path], tmp_path: Path) -> None:
+    source = video(frames=4)
+    (tmp_path / "plain-file").write_text("")
+    # Hydra makes the run directory itself and failed with a traceback and exit 1.
+    done = run_mpistyle(f"input={source}", f"output={tmp_path / 'out.mp4'}",
+                        f"hydra.run.dir={tmp_path / 'plain-file' / 'run'}", cwd=tmp_path)
+    assert done.returncode == 4, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"error: cannot create the run directory {tmp_path / 'plain-file' / 'run'}: {tmp_path / 'plain-file'} is a file "
+        "(set run_dir= or MPISTYLE_RUNS_DIR)"
+    ]
+    assert not (tmp_path / "out.mp4").exists()

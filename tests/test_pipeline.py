@@ -386,3 +386,11 @@ def test_damage_is_reported_after_a_resume_and_another_policy_does_not_reuse_it(
     assert first["damage"]["damaged"] + first["damage"]["concealed"] + first["damage"]["packet_errors"] > 0
     with pytest.raises(InputError, match="damaged"):  # not the concealed segments staged above
         run(cfg(*common, f"output={tmp_path / 'c.mp4'}", "on_damage=fail"))
+
+
+def test_temporal_options_refuse_frames_too_small_for_optical_flow(video: Callable[..., Path], cfg: Cfg, tmp_path: Path) -> None:
+    source = video(frames=4, width=16, height=8)
+    for option in ("temporal.alpha=0.5", "temporal.measure=true"):
+        with pytest.raises(ConfigError, match="at least 12 pixels"):
+            run(cfg(f"input={source}", f"output={tmp_path / 'out.mp4'}", option))
+    run(cfg(f"input={source}", f"output={tmp_path / 'out.mp4'}", "report.preview_frames=0"))  # without them: fine

@@ -417,3 +417,31 @@ def test_train_sbatch_requeues_at_the_time_limit_warning_and_resumes(
     assert [r["step"] for r in losses_of(run_dir)] == list(range(1, 31))
     assert load_checkpoint(run_dir / "checkpoint.pt")["step"] == 30
     load_transformer_net(str(output))
+
+
+def test_the_output_never_overwrites_what_the_run_reads(images: dict[str, Path], tmp_path: Path) -> None:
+    base = [f"style_image={images['style']}", f"content={images['photos']}", f"run_dir={tmp_path / 'run'}"]
+    (tmp_path / "models.pth").mkdir()
+    for output, message in [(images["style"], "overwrite style_image"), (images["photos"] / "x.pth", "inside the content"),
+                            (tmp_path / "models.pth", "is a folder")]:
+        with pytest.raises(ConfigError, match=message):
+            loop.run(train_cfg(*base, f"output={output}"), RankContext.world())
+    assert images["style"].read_bytes()[:4] == b"\x89PNG"  # untouched
+
+
+def test_a_style_image_too_small_for_the_loss_is_an_input_error(images: dict[str, Path], tmp_path: Path) -> None:
+    write_png(tmp_path / "dot.png", np.zeros((4, 4, 3), np.uint8))
+    base = [f"content={images['photos']}", f"run_dir={tmp_path / 'run'}", *SMALL, "steps=1"]
+    with pytest.raises(InputError, match="at least 16 pixels"):
+        loop.run(train_cfg(*base, f"style_image={tmp_path / 'dot.png'}"), RankContext.world())
+    loop.run(train_cfg(*base, f"style_image={tmp_path / 'dot.png'}", "style_size=32"), RankContext.world())
+
+
+def test_resuming_on_another_style_image_is_refused(images: dict[str, Path], tmp_path: Path) -> None:
+    style = tmp_path / "painting.png"
+    style.write_bytes(images["style"].read_bytes())
+    common = [f"style_image={style}", f"content={images['photos']}", f"run_dir={tmp_path / 'run'}", *SMALL]
+    loop.run(train_cfg(*common, "steps=2", "checkpoint_every=1"), RankContext.world())
+    write_png(style, landscape(3, 64, 64))  # same name, another picture
+    with pytest.raises(ConfigError, match="another style image"):
+        loop.run(train_cfg(*common, "steps=3"), RankContext.world())

@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from . import config, signals
-from .errors import ConfigError, InternalError, MpistyleError
+from .errors import ConfigError, InternalError, MpistyleError, OutputError
 from .parallel import RankContext
 from .storage.secrets import redact
 
@@ -53,10 +53,12 @@ def check_overrides(args: list[str], config_name: str = "config", show: bool = T
     The message is scrubbed of secrets: an override may carry a SAS URL."""
     if any(arg.startswith("-") for arg in args):
         return
-    overrides = [arg for arg in args if not arg.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    # Hydra's own settings compose too (hydra.run.dir names the run directory), its groups do not.
+    overrides = [arg for arg in args if not arg.lstrip("+~").startswith("hydra/")]
     try:
         with initialize_config_module("mpistyle.configs", version_base="1.3"):
-            compose(config_name, overrides=overrides)
+            composed = compose(config_name, overrides=overrides, return_hydra_config=True)
+            run_dir = Path(str(composed.hydra.run.dir))
     except Exception as err:  # Hydra and OmegaConf raise many types, all about the overrides
         text = f"{err}\n{err.__cause__ or ''}"
         lines = [line.strip() for line in text.splitlines() if line.strip()]
@@ -65,6 +67,25 @@ def check_overrides(args: list[str], config_name: str = "config", show: bool = T
             message = "; ".join(lines[:4]) or type(err).__name__
             print(redact(f"error: {message} (see --help)"), file=sys.stderr)
         sys.exit(ConfigError.exit_code)
+    problem = _unwritable(run_dir)
+    if problem:
+        # Hydra creates the run directory itself, and fails with a traceback.
+        if show:
+            print(redact(f"error: cannot create the run directory {run_dir}: {problem} (set run_dir= or MPISTYLE_RUNS_DIR)"),
+                  file=sys.stderr)
+        sys.exit(OutputError.exit_code)
+
+
+def _unwritable(directory: Path) -> str | None:
+    """Why ``directory`` cannot be created or written, or None if it can."""
+    existing = directory.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
 
 
 def new_run_id() -> str:

@@ -49,6 +49,8 @@ from .video import (
 
 log = logging.getLogger(__name__)
 
+# OpenCV's DIS optical flow refuses smaller frames (temporal blend and flicker meter).
+MIN_FLOW_SIDE = 12
 # Containers the output may be written in without naming video.format.
 _OUTPUT_SUFFIXES = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska"}
 
@@ -137,6 +139,11 @@ def make_plan(cfg: DictConfig, ranks: int, run_id: str) -> Plan:
         raise InputError(
             f"frames of {info.width}x{info.height} are over max_pixels={cfg.max_pixels}: "
             f"raise it (max_pixels={info.width * info.height}) if this node has the memory: {info.path}"
+        )
+    if (cfg.temporal.alpha > 0 or cfg.temporal.measure) and min(info.width, info.height) < MIN_FLOW_SIDE:
+        raise ConfigError(
+            f"temporal.* needs frames of at least {MIN_FLOW_SIDE} pixels a side (optical flow); "
+            f"this video is {info.width}x{info.height}: leave temporal.alpha and temporal.measure off"
         )
     if output.is_dir():
         raise OutputError(f"output is a directory: {output}")

@@ -92,3 +92,19 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError(f"vgg layers must be among {', '.join(RELU_NAMES)}, got {', '.join(unknown) or 'none'}")
     if cfg.output and Path(cfg.output).expanduser().suffix == "":
         raise ConfigError(f"output is the trained model's file, e.g. output=mystyle.pth; got '{cfg.output}'")
+    if cfg.output:
+        _check_output_is_not_an_input(cfg)
+
+
+def _check_output_is_not_an_input(cfg: DictConfig) -> None:
+    """The trained model must never be written over a file the run reads."""
+    output = Path(cfg.output).expanduser().resolve()
+    if output.is_dir():
+        raise ConfigError(f"output is a folder: {cfg.output} (give the model's file, e.g. output=mystyle.pth)")
+    content = Path(cfg.content).expanduser().resolve()
+    reads = {"style_image": cfg.style_image, "sample_image": cfg.sample_image, "content": cfg.content}
+    for key, value in reads.items():
+        if value and Path(value).expanduser().resolve() == output:
+            raise ConfigError(f"output would overwrite {key} ({value}): choose another output")
+    if content.is_dir() and content in output.parents:
+        raise ConfigError(f"output {cfg.output} is inside the content folder {cfg.content}: choose another output")

@@ -213,6 +213,8 @@ def read_style_image(style_image: str | None) -> torch.Tensor:
     if not style_image:
         raise ConfigError("model=arbitrary needs a painting to copy the style of: add model.style_image=PATH")
     path = Path(style_image).expanduser()
+    if path.is_dir():
+        raise ModelError(f"model.style_image is a folder, not a picture: {path}")
     if not path.is_file():
         raise ModelError(f"style image not found: {path}")
     try:

@@ -163,11 +163,24 @@ def resize_short_side(image: torch.Tensor, short: int, multiple: int = 1) -> tor
     return resize(image, new_h, new_w)
 
 
+# VGG19 halves the picture three times before relu4_4: smaller style images have no features there.
+MIN_STYLE_SIDE = 16
+
+
 def style_tensor(path: Path, style_size: int | None) -> torch.Tensor:
+    if path.is_dir():
+        raise InputError(f"style_image is a folder, not a picture: {path}")
     if not path.is_file():
         raise InputError(f"style image not found: {path}")
     image = to_tensor(read_image(path))
-    return resize_short_side(image, style_size) if style_size else image
+    image = resize_short_side(image, style_size) if style_size else image
+    height, width = image.shape[-2:]
+    if min(height, width) < MIN_STYLE_SIDE:
+        raise InputError(
+            f"style image {path} is {width}x{height}: the loss needs at least {MIN_STYLE_SIDE} pixels a side "
+            "(use a larger picture, or style_size=256 to scale it up)"
+        )
+    return image
 
 
 def sample_tensor(content: ContentSet, path: Path | None, image_size: int) -> torch.Tensor:

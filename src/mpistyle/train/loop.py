@@ -16,6 +16,7 @@ through host memory, which works with any MPI build, CUDA-aware or not.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import signal
 import time
@@ -33,6 +34,7 @@ from ..model.loading import load_vgg19
 from ..model.transformer_net import TransformerNet
 from ..parallel import RankContext
 from ..scoring import pick_device, set_threads
+from ..staging import fingerprint
 from . import data
 from .checkpoint import load_checkpoint, save_checkpoint, save_state_dict, set_rng_state
 from .files import RunFiles
@@ -73,7 +75,8 @@ def run(cfg: DictConfig, ctx: RankContext) -> Path:
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     # Rank 0 decides where training starts (fresh or from the checkpoint) and sends it to all,
     # so every rank starts from the same weights without needing the run directory itself.
-    start = ctx.share(lambda: _initial_state(cfg, files))
+    inputs = ctx.share(lambda: _inputs_digest(cfg, setup.content))
+    start = ctx.share(lambda: _initial_state(cfg, files, inputs))
     net.load_state_dict(start["model"])
     if start["optimizer"] is not None:
         optimizer.load_state_dict(start["optimizer"])
@@ -91,6 +94,7 @@ def run(cfg: DictConfig, ctx: RankContext) -> Path:
 
     config = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(config, dict)
+    config["inputs"] = inputs
     step_fn = _make_step(cfg, ctx, setup, net, optimizer, device)
     params = list(net.parameters())
     meter = _Meter(cfg.batch_size * ctx.size)
@@ -103,13 +107,13 @@ def run(cfg: DictConfig, ctx: RankContext) -> Path:
             name = signal.Signals(err.exit_code - 128).name if err.exit_code > 128 else "a signal"
             raise JobInterrupted(
                 f"stopped by {name} after step {step - 1}: checkpoint saved in {files.checkpoint}; "
-                "run the same command (same run_dir) to resume",
+                f"run the same command with run_dir={run_dir} to resume",
                 exit_code=err.exit_code,
             ) from None
         losses = _average(ctx, params, local)
         optimizer.step()
         meter.add(losses)
-        due_log = step % cfg.log_every == 0 or step == first
+        due_log = step % cfg.log_every == 0 or step in (first, cfg.steps)
         due_sample = cfg.sample_every > 0 and step % cfg.sample_every == 0 and step != cfg.steps
         due_checkpoint = step % cfg.checkpoint_every == 0 and step != cfg.steps
         if due_log or due_sample or due_checkpoint:
@@ -166,10 +170,30 @@ def _setup(cfg: DictConfig, device: torch.device) -> Setup:
     return Setup(content, loss, data.sample_tensor(content, sample_path, cfg.image_size))
 
 
-def _initial_state(cfg: DictConfig, files: RunFiles) -> dict[str, Any]:
+def _inputs_digest(cfg: DictConfig, content: data.ContentSet) -> dict[str, str]:
+    """Root only: what identifies the pictures a run learns from (the style image's bytes; the
+    content folder's file names and sizes, or the video's size, mtime and ends)."""
+    style = hashlib.sha256(Path(cfg.style_image).expanduser().read_bytes()).hexdigest()
+    source = Path(cfg.content).expanduser()
+    if isinstance(content, data.ImageFolder):
+        listing = [f"{p.relative_to(source)}:{p.stat().st_size}" for p in content.paths]
+    else:
+        listing = [json.dumps({k: v for k, v in fingerprint(source).items() if k != "path"}, sort_keys=True)]
+    return {"style_image": style, "content": hashlib.sha256("\n".join(listing).encode()).hexdigest()}
+
+
+def _initial_state(cfg: DictConfig, files: RunFiles, inputs: dict[str, str]) -> dict[str, Any]:
     """Root only: the checkpoint's state if the run directory has one, else a fresh net."""
     if files.checkpoint.exists():
         state = load_checkpoint(files.checkpoint)
+        trained_on = state.get("config", {}).get("inputs", inputs)
+        changed = [key for key in ("style_image", "content") if trained_on.get(key) != inputs[key]]
+        if changed:
+            # Resuming would silently mix two styles (or two datasets) in one net.
+            raise ConfigError(
+                f"{files.run_dir} holds a checkpoint trained on another {' and '.join(changed).replace('_', ' ')}: "
+                f"use another run_dir to start a new training, or restore the pictures it was trained on"
+            )
         log.info("resuming from %s at step %d", files.checkpoint, state["step"])
         _warn_changed(state.get("config", {}), OmegaConf.to_container(cfg, resolve=True))
         files.keep_losses_up_to(state["step"])
