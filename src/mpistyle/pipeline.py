@@ -190,7 +190,7 @@ def make_plan(cfg: DictConfig, ranks: int, run_id: str) -> Plan:
     return Plan(
         info=info,
         segments=segments,
-        shares=shares_for(info, _gops_of(segments, parts, len(info.gop_bounds()))),
+        shares=shares_for(info, _gops_of(segments, parts, len(info.keyframe_pts))),
         output=output,
         partial=output.with_name(f".{output.stem}.partial-{run_id}{output.suffix}"),
         container_format=container_format,
@@ -209,8 +209,8 @@ def _files_named(model: dict[str, Any]) -> dict[str, Path]:
 
 
 def _frames_in(info: VideoInfo, gops: range) -> int:
-    bounds = info.gop_bounds()
-    return bounds[gops.stop - 1][1] - bounds[gops.start][0]
+    start, stop = info.frame_range(gops)
+    return stop - start
 
 
 def _gops_of(segments: list[range], parts: list[range], gop_count: int) -> list[range]:
@@ -256,23 +256,22 @@ def score_share(
     rank count was then.
     """
     info = plan.info
-    bounds = info.gop_bounds()
     mine = [s for s in plan.segments if share.gops.start <= s.start and s.stop <= share.gops.stop]
     seconds = {"decode": 0.0, "score": 0.0, "temporal": 0.0, "encode": 0.0, "stage": 0.0}
     began = time.perf_counter()
-    missing = [s for s in mine if not plan.staging.has(bounds[s.start][0], bounds[s.stop - 1][1])]
+    missing = [s for s in mine if not plan.staging.has(*info.frame_range(s))]
     reused = share.frames - sum(_frames_in(info, s) for s in missing)
     damage = Damage()
     for segment in mine:
         if segment not in missing:  # what an earlier attempt met while decoding it still counts
-            damage.add(Damage(**plan.staging.damage(bounds[segment.start][0], bounds[segment.stop - 1][1])))
+            damage.add(Damage(**plan.staging.damage(*info.frame_range(segment))))
     if reused:
         _step(tick, reused)
     batch = np.empty((scorer.batch_size, info.height, info.width, 3), np.uint8)
     temporal = _temporal_stage(plan.temporal)
     last_stop = -1
     for segment in missing:
-        start, stop = bounds[segment.start][0], bounds[segment.stop - 1][1]
+        start, stop = info.frame_range(segment)
         # Each segment is decoded from its own keyframe, as it would be if it began a rank's
         # share: FFmpeg conceals a damaged frame from the picture decoded before it, so that
         # picture must not depend on the rank count.
@@ -395,8 +394,7 @@ def finish_job(
 ) -> dict[str, Any]:
     """Root: join the staged segments in order by stream copy, with the audio, then report."""
     info = plan.info
-    bounds = info.gop_bounds()
-    frame_ranges = [(bounds[segment.start][0], bounds[segment.stop - 1][1]) for segment in plan.segments]
+    frame_ranges = [info.frame_range(segment) for segment in plan.segments]
     with timer("join"):
         dts = stream_dts([pts for start, stop in frame_ranges for pts in plan.staging.decode_order_pts(start, stop)])
         try:

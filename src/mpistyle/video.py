@@ -7,6 +7,7 @@ The index is read from packets alone, so the root never decodes frames for the o
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import logging
 import math
@@ -65,6 +66,14 @@ class VideoInfo:
 
     def gop_sizes(self) -> list[int]:
         return [stop - start for start, stop in self.gop_bounds()]
+
+    @functools.cached_property
+    def _bounds(self) -> list[tuple[int, int]]:
+        return self.gop_bounds()
+
+    def frame_range(self, gops: range) -> tuple[int, int]:
+        """Frames ``[start, stop)`` of a run of whole GOPs (a segment); GOP bounds computed once."""
+        return self._bounds[gops.start][0], self._bounds[gops.stop - 1][1]
 
     def segments(self, min_seconds: float) -> list[range]:
         """Consecutive GOPs grouped into segments of at least ``min_seconds`` (the last may be
