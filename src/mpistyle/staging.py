@@ -4,7 +4,8 @@ see (NFS on a cluster), between scoring and the root's join.
 Layout: ``<root>/<job key>/segment-<start>-<stop>.h5``, one HDF5 file per segment (whole GOPs of
 the input, frames ``[start, stop)``), holding the segment's compressed packets in decode order:
 ``data`` (all packets' bytes, uint8), ``offsets`` (n + 1 int64: packet i is
-``data[offsets[i]:offsets[i + 1]]``), ``pts``, ``dts`` (int64, the input's time base),
+``data[offsets[i]:offsets[i + 1]]``), ``pts`` (int64, the input's time base; the root makes
+the decode timestamps anew when joining),
 ``keyframe`` (bool), the codec headers ``extradata`` (uint8), and in the attribute ``damage``
 what decoding the segment's input met (so a resumed job still reports it). Encoded frames are
 about a hundredth of raw ones, so the shared filesystem and the root's reads stay far from
@@ -81,14 +82,14 @@ class Staging:
         try:
             with h5py.File(path, "r", locking=False) as handle:
                 data = handle["data"][:].tobytes()
-                offsets, pts, dts, keyframe = (handle[name][:] for name in ("offsets", "pts", "dts", "keyframe"))
+                offsets, pts, keyframe = (handle[name][:] for name in ("offsets", "pts", "keyframe"))
                 extradata = handle["extradata"][:].tobytes()
         except (OSError, KeyError) as err:
             raise StagingError(f"cannot read staged segment {path}: {err}") from None
         if len(pts) != stop - start or len(offsets) != len(pts) + 1:
             raise StagingError(f"staged segment {path} holds {len(pts)} frames, expected {stop - start}")
         packets = [
-            EncodedPacket(data[offsets[i] : offsets[i + 1]], int(pts[i]), int(dts[i]), bool(keyframe[i]))
+            EncodedPacket(data[offsets[i] : offsets[i + 1]], int(pts[i]), bool(keyframe[i]))
             for i in range(len(pts))
         ]
         return packets, extradata
@@ -156,12 +157,11 @@ class SegmentWriter:
             with h5py.File(self.partial, "w", locking=False) as handle:
                 # Reserve the whole file now: a full disk (or a file-size limit) fails here,
                 # cleanly, instead of inside HDF5's writes, which it does not survive.
-                size = data.nbytes + 25 * len(offsets) + len(self.extradata) + _HDF5_OVERHEAD
+                size = data.nbytes + 17 * len(offsets) + len(self.extradata) + _HDF5_OVERHEAD  # offsets, pts, keyframe
                 os.posix_fallocate(handle.id.get_vfd_handle(), 0, size)
                 handle.create_dataset("data", data=data)
                 handle.create_dataset("offsets", data=offsets)
                 handle.create_dataset("pts", data=np.array([p.pts for p in self._packets], np.int64))
-                handle.create_dataset("dts", data=np.array([p.dts for p in self._packets], np.int64))
                 handle.create_dataset("keyframe", data=np.array([p.keyframe for p in self._packets], bool))
                 handle.create_dataset("extradata", data=np.frombuffer(self.extradata, np.uint8))
                 handle.attrs["damage"] = json.dumps(self.damage)

@@ -421,11 +421,11 @@ class _AudioCopier:
 
 @dataclass(frozen=True)
 class EncodedPacket:
-    """One compressed video frame, as a segment encoder made it (timestamps in the input's time base)."""
+    """One compressed video frame, as a segment encoder made it (pts in the input's time base; the
+    decode timestamps are made for the whole joined stream, :func:`stream_dts`)."""
 
     data: bytes
     pts: int
-    dts: int
     keyframe: bool
 
 
@@ -482,7 +482,7 @@ class SegmentEncoder:
     def _encode(self, frame: av.VideoFrame | None) -> list[EncodedPacket]:
         try:
             return [
-                EncodedPacket(bytes(packet), packet.pts, packet.dts if packet.dts is not None else packet.pts, packet.is_keyframe)
+                EncodedPacket(bytes(packet), packet.pts, packet.is_keyframe)
                 for packet in self._codec.encode(frame)
                 if packet.size  # an encoder may emit empty packets while it fills its queue
             ]
