@@ -244,3 +244,10 @@ def test_a_pairs_flow_does_not_depend_on_the_pairs_before_it() -> None:
         estimator(frames[t], frames[t + 1])
     after_others = estimator(frames[6], frames[7])
     assert np.array_equal(after_others, FlowEstimator("fast")(frames[6], frames[7]))
+
+
+def test_the_config_offers_exactly_the_flow_presets_there_are() -> None:
+    # config.py names them without importing OpenCV (start-up stays lean): keep the two in step.
+    from mpistyle import config, flicker
+
+    assert config.FLOW_PRESETS == tuple(flicker.FLOW_PRESETS)
