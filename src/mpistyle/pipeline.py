@@ -175,6 +175,7 @@ def make_plan(cfg: DictConfig, ranks: int, run_id: str) -> Plan:
             "temporal": {"alpha": cfg.temporal.alpha, "flow": cfg.temporal.flow} if cfg.temporal.alpha > 0 else None,
             # Staged segments are encoded: other settings, container headers or cuts are other bytes.
             "video": {**video, "format": container_format, "segment_seconds": segment_seconds},
+            "encoder_options": settings.encoder_options(),  # as opened, with what mpistyle adds
             # A checkpoint retrained in place is a new model: key on its contents too.
             "model_files": {k: fingerprint(f) for k, f in _files_named(model).items()},
         }

@@ -344,12 +344,34 @@ class EncodeSettings:
             codec.sample_aspect_ratio = info.sample_aspect_ratio
         if self.bit_rate:
             codec.bit_rate = self.bit_rate
+        codec.options = self.encoder_options()
+
+    def encoder_options(self) -> dict[str, str]:
+        """The options the encoder is opened with: the user's, crf, preset, and what keeps the
+        output the same bits everywhere."""
         options = {key: str(value) for key, value in self.options.items()}
         if self.crf is not None:
             options.setdefault("crf", str(self.crf))
         if self.preset is not None:
             options.setdefault("preset", self.preset)
-        codec.options = options
+        if self.codec in _X264:
+            options["x264-params"] = _cpu_independent(options.get("x264-params", ""))
+        return options
+
+
+# x264 picks its assembly per CPU, and some of it rounds differently from the rest (or, in the
+# AVX-512 macroblock-tree code of the build PyAV ships, reads memory it never wrote when a row
+# is not a multiple of 8 macroblocks): the same frames then encode to different bits from one
+# run, or one node, to the next. cpu-independent keeps those parts to one exact algorithm, for
+# ~1% more encoder time, so a segment is the same bytes whichever rank, node or CPU encodes it.
+_X264 = ("libx264", "libx264rgb")
+
+
+def _cpu_independent(x264_params: str) -> str:
+    named = {item.split("=", 1)[0].strip() for item in x264_params.split(":") if item}
+    if "cpu-independent" in named:
+        return x264_params  # the user's word on it stands
+    return f"{x264_params}:cpu-independent=1" if x264_params else "cpu-independent=1"
 
 
 def check_encoder(settings: EncodeSettings, info: VideoInfo, container_format: str | None) -> None:
