@@ -15,7 +15,7 @@ import pytest
 from omegaconf import DictConfig
 
 from mpistyle import pipeline
-from mpistyle.errors import ConfigError, InputError, ModelError, OutputError
+from mpistyle.errors import ConfigError, InputError, JobStopped, ModelError, OutputError
 from mpistyle.parallel import RankContext
 from mpistyle.pipeline import run
 from mpistyle.report import StageTimer
@@ -322,7 +322,10 @@ def run_split(config: DictConfig, ranks: int) -> dict:
     plan = pipeline.make_plan(config, ranks, "split")
     plan.staging.create()
     scorer = pipeline.build_scorer(config, RankContext.world())
-    summaries = [pipeline.score_share(plan, share, scorer, lambda frames: True, config.on_damage) for share in plan.shares]
+    summaries = [
+        pipeline.score_share(plan, share, scorer, lambda frames: True, config.on_damage, bool(config.overlap))
+        for share in plan.shares
+    ]
     return pipeline.finish_job(config, plan, summaries, StageTimer(), time.perf_counter(), "split")
 
 
@@ -361,14 +364,19 @@ def _damage_keyframe(source: Path, gop: int, target: Path) -> Path:
     return target
 
 
-def test_concealed_damage_gives_the_same_file_for_any_split(video: Callable[..., Path], cfg: Cfg, tmp_path: Path) -> None:
+@pytest.mark.parametrize("overlap", ["false", "true"])
+def test_concealed_damage_gives_the_same_file_for_any_split(
+    video: Callable[..., Path], cfg: Cfg, tmp_path: Path, overlap: str
+) -> None:
     # FFmpeg conceals a damaged frame from the picture decoded before it: each segment must be
     # decoded from its own keyframe, or that picture depends on where a rank's share began.
     source = _damage_keyframe(video(frames=24, gop=6, width=96, height=54, audio=0), 2, tmp_path / "bad.mp4")
     digests = set()
     for ranks in (1, 2, 3):
         output = tmp_path / f"out{ranks}.mp4"
-        config = cfg(f"input={source}", f"output={output}", "video.segment_seconds=0", "report.preview_frames=0")
+        config = cfg(
+            f"input={source}", f"output={output}", "video.segment_seconds=0", "report.preview_frames=0", f"overlap={overlap}"
+        )
         report = run_split(config, ranks)
         assert report["damage"]["damaged"] + report["damage"]["concealed"] + report["damage"]["packet_errors"] > 0
         digests.add(digest(output))
@@ -394,3 +402,47 @@ def test_temporal_options_refuse_frames_too_small_for_optical_flow(video: Callab
         with pytest.raises(ConfigError, match="at least 12 pixels"):
             run(cfg(f"input={source}", f"output={tmp_path / 'out.mp4'}", option))
     run(cfg(f"input={source}", f"output={tmp_path / 'out.mp4'}", "report.preview_frames=0"))  # without them: fine
+
+
+def test_overlap_threads_give_the_same_file_as_one_step_after_another(
+    video: Callable[..., Path], cfg: Cfg, tmp_path: Path
+) -> None:
+    source = video(frames=30, gop=6)
+    for overlap in ("false", "true"):
+        output = tmp_path / f"out-{overlap}.mp4"
+        config = cfg(f"input={source}", f"output={output}", f"overlap={overlap}", "temporal.alpha=0.5", "temporal.measure=true")
+        report = run(config)
+        assert report["per_rank"][0]["overlap"] is (overlap == "true")
+        assert report["per_rank"][0]["seconds"]["waited"] >= 0
+    assert digest(tmp_path / "out-false.mp4") == digest(tmp_path / "out-true.mp4")
+    # On CPU the default runs the steps in turn: the threads took cores from the model.
+    assert run(cfg(f"input={source}", f"output={tmp_path / 'default.mp4'}"))["per_rank"][0]["overlap"] is False
+
+
+@pytest.mark.parametrize("stop_after, kept", [(9, 1), (12, 2)])
+def test_a_stop_with_overlap_keeps_the_segments_scored_whole(
+    video: Callable[..., Path], cfg: Cfg, tmp_path: Path, stop_after: int, kept: int
+) -> None:
+    source = video(frames=24, gop=6)
+    common = [f"input={source}", "video.segment_seconds=0", "report.preview_frames=0"]
+    config = cfg(*common, f"output={tmp_path / 'a.mp4'}", "overlap=true")
+    plan = pipeline.make_plan(config, 1, "stop")
+    plan.staging.create()
+    scorer = pipeline.build_scorer(config, RankContext.world())
+    seen = 0
+
+    def tick(frames: int) -> bool:  # as if another rank failed once this many frames were done
+        nonlocal seen
+        seen += frames
+        return seen < stop_after
+
+    with pytest.raises(JobStopped):
+        pipeline.score_share(plan, plan.shares[0], scorer, tick, config.on_damage, overlap=True)
+    # Stopped inside the second segment (frame 9) or right after it (frame 12): every segment
+    # scored whole is staged, the one cut short is not, and no partial file is left.
+    staged = sorted(p.name for p in plan.staging.dir.iterdir())
+    assert staged == [plan.staging.segment_path(6 * n, 6 * n + 6).name for n in range(kept)]
+    resumed = run(config)
+    assert resumed["frames_reused"] == 6 * kept
+    assert run(cfg(*common, f"output={tmp_path / 'b.mp4'}", "overlap=false"))["frames_reused"] == 0
+    assert digest(tmp_path / "a.mp4") == digest(tmp_path / "b.mp4")

@@ -119,6 +119,10 @@ class JobConfig:
     # torch.compile the model: ~2x faster on CPU after a one-off compile, but the output then
     # depends (by +-1 in a few pixels) on the thread count, so not the same bits for any rank count.
     compile: bool = False
+    # Decode ahead of the model and encode behind it in threads. Default (null): on when the
+    # model runs on a GPU, off on CPU, where the threads took cores from the model (bench: 7-15%
+    # slower on 2 cores). Same output either way.
+    overlap: bool | None = None
     run_dir: str | None = None  # where logs go; the CLI sets Hydra's run directory
     # Damaged input (corrupt frames, undecodable packets): conceal (FFmpeg's concealment, a
     # missing frame repeats the one before; counted in the report) or fail (exit 3).

@@ -12,9 +12,10 @@ import logging
 import os
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,11 @@ from torch import nn
 
 from . import __version__, config, signals
 from .errors import ConfigError, InputError, JobStopped, ModelError, MpistyleError, OutputError
+from .overlap import Ahead, Behind, InOrder, Now
 from .parallel import RankContext, attempt, partition, unwrap
 from .report import Progress, StageTimer, preview_grid, preview_indices, write_json, write_png
 from .scoring import Scorer, default_batch_size, pick_device, set_threads
-from .staging import DEFAULT_STAGING, Staging, fingerprint, job_key
+from .staging import DEFAULT_STAGING, SegmentWriter, Staging, fingerprint, job_key
 from .video import (
     Damage,
     EncodeSettings,
@@ -97,10 +99,11 @@ def run(cfg: DictConfig, ctx: RankContext | None = None, run_id: str | None = No
     )
 
     progress = Progress(plan.info.frames, cfg.report.progress, cfg.report.progress_interval_s) if ctx.is_root else None
+    overlap = cfg.overlap if cfg.overlap is not None else scorer.device.type != "cpu"
     with timer("score"):
         scoring = attempt(
             lambda: ctx.run_everywhere(
-                lambda tick: {"host": ctx.host, **score_share(plan, share, scorer, tick, cfg.on_damage)},
+                lambda tick: {"host": ctx.host, **score_share(plan, share, scorer, tick, cfg.on_damage, overlap)},
                 progress.add if progress else _ignore,
             )
         )
@@ -248,17 +251,20 @@ def build_scorer(cfg: DictConfig, ctx: RankContext) -> Scorer:
 
 
 def score_share(
-    plan: Plan, share: Share, scorer: Scorer, tick: Callable[[int], bool], on_damage: str = "fail"
+    plan: Plan, share: Share, scorer: Scorer, tick: Callable[[int], bool], on_damage: str = "fail", overlap: bool = False
 ) -> dict[str, Any]:
     """Decode, score, encode and stage this rank's segments, a batch at a time (memory stays
-    fixed: one batch of frames, plus the encoder's queue and one segment's packets).
+    fixed: a few batches of frames, plus the encoder's queue and one segment's packets).
+
+    With ``overlap``, decoding runs ahead of the model and encoding plus staging behind it, each
+    in its own thread (:mod:`mpistyle.overlap`), so the model waits for neither; the frames go
+    through each stage in the same order as they do one after another.
 
     Segments already staged by an earlier attempt of the same job are reused, whatever the
     rank count was then.
     """
     info = plan.info
     mine = [s for s in plan.segments if share.gops.start <= s.start and s.stop <= share.gops.stop]
-    seconds = {"decode": 0.0, "score": 0.0, "temporal": 0.0, "encode": 0.0, "stage": 0.0}
     began = time.perf_counter()
     missing = [s for s in mine if not plan.staging.has(*info.frame_range(s))]
     reused = share.frames - sum(_frames_in(info, s) for s in missing)
@@ -268,56 +274,64 @@ def score_share(
             damage.add(Damage(**plan.staging.damage(*info.frame_range(segment))))
     if reused:
         _step(tick, reused)
-    batch = np.empty((scorer.batch_size, info.height, info.width, 3), np.uint8)
     temporal = _temporal_stage(plan.temporal)
-    last_stop = -1
-    for segment in missing:
-        start, stop = info.frame_range(segment)
-        # Each segment is decoded from its own keyframe, as it would be if it began a rank's
-        # share: FFmpeg conceals a damaged frame from the picture decoded before it, so that
-        # picture must not depend on the rank count.
-        met = Damage()
-        frames = decode_share(info, shares_for(info, [segment])[0], on_damage, met)
-        if temporal:
-            # The blend restarts with each segment, so a frame's output never depends on
-            # where a rank's share began; the meters still measure the pair across the cut.
-            temporal.reset(contiguous=start == last_stop)
-        encoder = SegmentEncoder(info, plan.settings, start, plan.container_format)
-        count = 0
-        with plan.staging.writer(start, stop) as writer:
+    score_s = temporal_s = 0.0
+    batches = _decoded(info, missing, scorer.batch_size, on_damage)
+    stager = _SegmentStager(plan)
+    decoded: Ahead[tuple[np.ndarray, Damage]] | InOrder[tuple[np.ndarray, Damage]]
+    behind: Behind | Now
+    if overlap:
+        decoded, behind = Ahead(batches, _AHEAD_BATCHES, "mpistyle-decode"), Behind(_BEHIND_BATCHES, "mpistyle-encode")
+    else:
+        decoded, behind = InOrder(batches), Now()
+    try:
+        last_stop = -1
+        for segment in missing:
+            start, stop = info.frame_range(segment)
+            if temporal:
+                # The blend restarts with each segment, so a frame's output never depends on
+                # where a rank's share began; the meters still measure the pair across the cut.
+                temporal.reset(contiguous=start == last_stop)
+            behind.submit(partial(stager.begin, start, stop))
+            count = 0
             for first in range(start, stop, scorer.batch_size):
                 if first > start:
                     _step(tick, count)  # not after the segment's last batch: that waits for the file
-                count = min(scorer.batch_size, stop - first)
+                batch, met = next(decoded)
+                count = len(batch)
                 mark = time.perf_counter()
-                for slot in range(count):
-                    batch[slot] = next(frames)
-                seconds["decode"] += time.perf_counter() - mark
-                mark = time.perf_counter()
-                styled = scorer(batch[:count])
-                seconds["score"] += time.perf_counter() - mark
+                styled = scorer(batch)
+                score_s += time.perf_counter() - mark
                 if temporal:
                     mark = time.perf_counter()
-                    styled = temporal(batch[:count], styled)
-                    seconds["temporal"] += time.perf_counter() - mark
-                mark = time.perf_counter()
-                writer.add(encoder.encode(styled))
-                seconds["encode"] += time.perf_counter() - mark
-            mark = time.perf_counter()
-            writer.add(encoder.finish())
-            writer.extradata = encoder.extradata
-            writer.damage = asdict(met)
-            seconds["encode"] += time.perf_counter() - mark
-            mark = time.perf_counter()
-        seconds["stage"] += time.perf_counter() - mark
-        damage.add(met)
-        last_stop = stop
-        _step(tick, count)  # the segment's file is complete: stopping now keeps it
+                    styled = temporal(batch, styled)
+                    temporal_s += time.perf_counter() - mark
+                behind.submit(partial(stager.add, styled))
+            # The decoder has counted the segment's damage by the time it handed its last frame.
+            behind.submit(partial(stager.end, asdict(met)))
+            damage.add(met)
+            last_stop = stop
+            # Stopping here keeps the segment: the encoder thread finishes it first (below).
+            _step(tick, count)
+        behind.drain()  # raises what failed in the encoder thread
+    finally:
+        decoded.close()
+        # Whatever stopped the loop, the encoder thread first runs what it was given: every
+        # segment scored whole is staged (a resume reuses it); the one cut short never got
+        # its end, so nothing of it is written.
+        behind.close()
     total = time.perf_counter() - began
+    seconds = {
+        "decode": decoded.busy_s, "score": score_s, "temporal": temporal_s, "encode": stager.encode_s,
+        "stage": stager.stage_s,
+        # How long the model waited for decoded frames, and for room behind it (or for the
+        # last segments to be staged): near 0 when the model is the bottleneck.
+        "waited": decoded.waited_s + behind.waited_s,
+    }
     log.info(
-        "scored %d frames in %.2f s (decode %.2f, score %.2f, encode %.2f, stage %.2f)%s",
-        share.frames - reused, total, seconds["decode"], seconds["score"], seconds["encode"], seconds["stage"],
-        f", {reused} reused from staging" if reused else "",
+        "scored %d frames in %.2f s (score %.2f; in other threads: decode %.2f, encode %.2f, stage %.2f; waited %.2f)%s",
+        share.frames - reused, total, score_s, seconds["decode"], seconds["encode"], seconds["stage"],
+        seconds["waited"], f", {reused} reused from staging" if reused else "",
     )
     if damage.damaged or damage.concealed or damage.packet_errors:
         log.warning(
@@ -327,6 +341,7 @@ def score_share(
     return {
         "device": str(scorer.device),
         "threads": torch.get_num_threads() if scorer.device.type == "cpu" else None,
+        "overlap": overlap,
         "frames": share.frames,
         "first_frame": share.start,
         "segments": len(mine),
@@ -339,6 +354,69 @@ def score_share(
         "flicker": _flicker_states(temporal),
         "fps": (share.frames - reused) / total if total > 0 and share.frames > reused else None,
     }
+
+
+# Batches decoded ahead of the model, and scored batches waiting for the encoder: enough to
+# ride out a slow keyframe or a segment's staging write, few enough to keep memory fixed.
+_AHEAD_BATCHES = 2
+_BEHIND_BATCHES = 4
+
+
+def _decoded(info: VideoInfo, segments: list[range], batch_size: int, on_damage: str) -> Iterator[tuple[np.ndarray, Damage]]:
+    """The segments' frames in batches of up to ``batch_size`` that never cross a segment,
+    each with its segment's damage count so far.
+
+    Each segment is decoded from its own keyframe, as it would be if it began a rank's share:
+    FFmpeg conceals a damaged frame from the picture decoded before it, so that picture must
+    not depend on the rank count.
+    """
+    for segment in segments:
+        start, stop = info.frame_range(segment)
+        met = Damage()
+        frames = decode_share(info, shares_for(info, [segment])[0], on_damage, met)
+        try:
+            for first in range(start, stop, batch_size):
+                batch = np.empty((min(batch_size, stop - first), info.height, info.width, 3), np.uint8)
+                for slot in range(len(batch)):
+                    batch[slot] = next(frames)  # a copy now: the decoder may reuse a picture's memory
+                yield batch, met
+        finally:
+            frames.close()
+
+
+class _SegmentStager:
+    """Encodes one segment at a time and stages its packets; runs in the encoder thread."""
+
+    def __init__(self, plan: Plan) -> None:
+        self._plan = plan
+        self._encoder: SegmentEncoder | None = None
+        self._writer: SegmentWriter | None = None
+        self.encode_s = 0.0
+        self.stage_s = 0.0
+
+    def begin(self, start: int, stop: int) -> None:
+        mark = time.perf_counter()
+        self._encoder = SegmentEncoder(self._plan.info, self._plan.settings, start, self._plan.container_format)
+        self._writer = self._plan.staging.writer(start, stop)
+        self.encode_s += time.perf_counter() - mark
+
+    def add(self, frames: np.ndarray) -> None:
+        assert self._encoder is not None and self._writer is not None
+        mark = time.perf_counter()
+        self._writer.add(self._encoder.encode(frames))
+        self.encode_s += time.perf_counter() - mark
+
+    def end(self, damage: dict[str, int]) -> None:
+        assert self._encoder is not None and self._writer is not None
+        mark = time.perf_counter()
+        self._writer.add(self._encoder.finish())
+        self._writer.extradata = self._encoder.extradata
+        self._writer.damage = damage
+        self.encode_s += time.perf_counter() - mark
+        mark = time.perf_counter()
+        self._writer.close(complete=True)
+        self.stage_s += time.perf_counter() - mark
+        self._encoder = self._writer = None
 
 
 def _temporal_stage(settings: dict[str, Any]) -> Any:
