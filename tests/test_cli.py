@@ -107,6 +107,15 @@ def test_output_is_the_same_file_for_one_two_and_three_ranks(video: Callable[...
     for run_dir in runs:
         # Only rank 0 writes there: one log, one Hydra config dump.
         assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "mpistyle.log"]
+    # Decoding and encoding in threads beside the model (the GPU default) changes nothing either.
+    threaded = tmp_path / "threaded.mp4"
+    done = run_mpistyle(
+        f"input={source}", f"output={threaded}", "model.style=5", "video.segment_seconds=0.8", "temporal.alpha=0.5",
+        "overlap=true", ranks=2, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert all(r["overlap"] for r in json.loads(Path(f"{threaded}.report.json").read_text())["per_rank"])
+    assert threaded.read_bytes() == output_bytes[1]
 
 
 @pytest.mark.mpi
