@@ -52,9 +52,7 @@ class Ahead(Generic[T]):
                     self.busy_s += time.perf_counter() - mark
                 self._put(item)
         finally:
-            close = getattr(self._items, "close", None)
-            if close is not None:
-                close()
+            _close(self._items)
 
     def _put(self, item: Any) -> None:
         while not self._closed.is_set():
@@ -143,7 +141,10 @@ class InOrder(Generic[T]):
     def __init__(self, items: Iterator[T]) -> None:
         self._items = items
         self.busy_s = 0.0
-        self.waited_s = 0.0  # the caller waits for every item: the same as busy_s
+
+    @property
+    def waited_s(self) -> float:
+        return self.busy_s  # the caller waits for every item while it is made
 
     def __iter__(self) -> InOrder[T]:
         return self
@@ -154,12 +155,9 @@ class InOrder(Generic[T]):
             return next(self._items)
         finally:
             self.busy_s += time.perf_counter() - mark
-            self.waited_s = self.busy_s
 
     def close(self) -> None:
-        close = getattr(self._items, "close", None)
-        if close is not None:
-            close()
+        _close(self._items)
 
 
 class Now:
@@ -180,6 +178,13 @@ class Now:
 
     def close(self) -> None:
         pass
+
+
+def _close(items: Iterator[Any]) -> None:
+    """Close a generator (its ``finally`` and ``with`` blocks run); other iterators need nothing."""
+    close = getattr(items, "close", None)
+    if close is not None:
+        close()
 
 
 class _Failed:

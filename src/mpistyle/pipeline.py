@@ -378,7 +378,7 @@ def _decoded(info: VideoInfo, segments: list[range], batch_size: int, on_damage:
             for first in range(start, stop, batch_size):
                 batch = np.empty((min(batch_size, stop - first), info.height, info.width, 3), np.uint8)
                 for slot in range(len(batch)):
-                    batch[slot] = next(frames)  # a copy now: the decoder may reuse a picture's memory
+                    batch[slot] = next(frames)
                 yield batch, met
         finally:
             frames.close()
