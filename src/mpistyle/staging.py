@@ -36,16 +36,19 @@ DEFAULT_STAGING = ".mpistyle-staging"
 
 
 def fingerprint(path: Path) -> dict[str, Any]:
-    """What identifies a file's contents, cheaply: path, size, mtime and a hash of its first
-    and last MiB (reading a whole multi-GB video just to name a directory would be too slow)."""
-    stat = path.stat()
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        digest.update(handle.read(1 << 20))
-        if stat.st_size > 2 << 20:
-            handle.seek(-(1 << 20), os.SEEK_END)
-            digest.update(handle.read())
-    return {"path": str(path.absolute()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "head_tail": digest.hexdigest()}
+    """What identifies a file: its size and the SHA-256 of all its bytes.
+
+    Contents only, never the path or the modification time: a copy of the same input (a
+    watcher's re-download, a file moved to another folder) must find the segments staged for
+    it, and an input edited in place must not. Hashing reads the file once (about 1.4 GB/s
+    from cache on the 2-core dev machine), which the decode reads again anyway.
+    """
+    try:
+        with path.open("rb") as handle:
+            digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    except OSError as err:
+        raise StagingError(f"cannot read {path} to name its staging directory: {err.strerror}") from None
+    return {"size": path.stat().st_size, "sha256": digest}
 
 
 def job_key(parts: dict[str, Any]) -> str:

@@ -172,13 +172,13 @@ def _setup(cfg: DictConfig, device: torch.device) -> Setup:
 
 def _inputs_digest(cfg: DictConfig, content: data.ContentSet) -> dict[str, str]:
     """Root only: what identifies the pictures a run learns from (the style image's bytes; the
-    content folder's file names and sizes, or the video's size, mtime and ends)."""
+    content folder's file names and sizes, or the video's size and SHA-256)."""
     style = hashlib.sha256(Path(cfg.style_image).expanduser().read_bytes()).hexdigest()
     source = Path(cfg.content).expanduser()
     if isinstance(content, data.ImageFolder):
         listing = [f"{p.relative_to(source)}:{p.stat().st_size}" for p in content.paths]
     else:
-        listing = [json.dumps({k: v for k, v in fingerprint(source).items() if k != "path"}, sort_keys=True)]
+        listing = [json.dumps(fingerprint(source), sort_keys=True)]
     return {"style_image": style, "content": hashlib.sha256("\n".join(listing).encode()).hexdigest()}
 
 
