@@ -4,6 +4,7 @@ finished one would be."""
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -21,7 +22,16 @@ from mpistyle.pipeline import run
 from mpistyle.sample import make_video
 
 from conftest import make_cfg, run_mpistyle
-from media import decode_all, stream_summary
+from media import (
+    concat_list,
+    decode_all,
+    hls_playlist,
+    joined,
+    mjpeg_pcm_avi,
+    repeated_frames,
+    stream_summary,
+    with_extra_streams,
+)
 
 
 @dataclass
@@ -117,6 +127,27 @@ def _subtitles(folder: Path) -> Path:
     return path
 
 
+def _fifo(folder: Path) -> Path:
+    """A named pipe with a video's name: opening it would wait for a writer forever."""
+    os.mkfifo(folder / "pipe.mp4")
+    return folder / "pipe.mp4"
+
+
+def _growing(folder: Path) -> Path:
+    """A 64x48 H.264 stream (so its header says) whose second GOP is 96x96."""
+    small = make_video(folder / "small.ts", frames=6, gop=6, audio=0)
+    big = make_video(folder / "big.ts", frames=6, gop=6, width=96, height=96, audio=0)
+    return joined([small, big], folder / "growing.ts")
+
+
+def _bomb(folder: Path) -> Path:
+    return repeated_frames(folder / "bomb.mkv", 20_000)  # 320 kB
+
+
+def _extra(suffix: str) -> Callable[[Path], Path]:
+    return lambda folder: with_extra_streams(make_video(folder / "plain.mkv", frames=4), folder / f"extra{suffix}")
+
+
 def _odd_path(folder: Path) -> Path:
     spaced = folder / "dir with spaces" / "ünïcødé clip (1).mp4"
     spaced.parent.mkdir()
@@ -159,7 +190,23 @@ CASES: dict[str, Case] = {
     "one-frame video": Case(_video("one.mp4", frames=1), 0, frames=1),
     "odd dimensions": Case(_video("odd.mkv", frames=4, width=63, height=47, codec="libx264rgb", pix_fmt="rgb24"), 0, frames=4),
     "tiny dimensions": Case(_video("tiny.mp4", frames=4, width=2, height=2), 0, frames=4),
-    "dimensions over the cap": Case(_video("big.mp4", frames=2, width=64, height=48), 3, "over max_pixels", ["max_pixels=3000"]),
+    "dimensions over the cap": Case(
+        _video("big.mp4", frames=2, width=64, height=48), 3, "over limits.pixels=3000", ["limits.pixels=3000"]
+    ),
+    "HLS playlist naming a video outside its folder": Case(hls_playlist, 3, "the hls format"),
+    "ffconcat list": Case(concat_list, 3, "the concat format"),
+    "FIFO named like a video": Case(_fifo, 3, "not a regular file"),
+    "frame size grows mid-stream": Case(_growing, 3, "changes its frame size"),
+    "frame-count bomb": Case(_bomb, 3, "more than limits.frames=1000", ["limits.frames=1000"]),
+    "over limits.bytes": Case(_video("in.mp4", frames=4), 3, "over limits.bytes=1000", ["limits.bytes=1000"]),
+    "over limits.duration_s": Case(_bomb, 3, "longer than limits.duration_s=60", ["limits.duration_s=60"]),
+    "over limits.pixel_rate": Case(
+        _video("in.mp4", frames=4), 3, "over limits.pixel_rate=10000", ["limits.pixel_rate=10000"]
+    ),
+    "AVI with MJPEG and PCM, into mp4": Case(lambda folder: mjpeg_pcm_avi(folder / "camera.avi"), 0, frames=6),
+    "timecode track": Case(_extra(".mov"), 0, frames=4),
+    "KLV data stream": Case(_extra(".ts"), 0, frames=4),
+    "attachments and a cover picture": Case(_extra(".mkv"), 0, frames=4, output="out.mkv"),
     "variable frame rate": Case(
         _video("vfr.mkv", frames=6, pts=[0, 1, 3, 4, 9, 10], time_base=Fraction(1, 24), gop=3), 0, frames=6
     ),

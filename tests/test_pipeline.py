@@ -53,6 +53,7 @@ def test_restyles_every_frame_with_timestamps_and_audio(video: Callable[..., Pat
 
     on_disk = json.loads((tmp_path / "out.mp4.report.json").read_text())
     assert on_disk["frames"] == report["frames"] == 30
+    assert on_disk["output"]["audio"] == [{"stream": 1, "codec": "aac", "action": "copied"}]
     assert on_disk["ranks"] == 1 and on_disk["devices"] == ["cpu"]
     assert set(on_disk["stages_s"]) >= {"probe", "load_model", "score", "join", "total"}
     assert on_disk["fps"]["end_to_end"] > 0

@@ -110,6 +110,19 @@ class ReportConfig:
 
 
 @dataclass
+class LimitsConfig:
+    """What an input may hold. Over any limit it is refused (exit 3) before any frame is scored,
+    with the override that accepts it; frames and duration are counted while indexing, so a file
+    of millions of tiny repeated frames stops at the limit."""
+
+    bytes: int = 100 * 2**30  # the input file's size: 100 GiB
+    frames: int = 360_000  # video frames: 3 h 20 min at 30 fps
+    duration_s: float = 10_800.0  # the video's length: 3 h
+    pixels: int = 7680 * 4320  # per frame: 8K UHD
+    pixel_rate: int = 7680 * 4320 * 60  # pixels per second of video (size x frames / duration): 8K at 60 fps
+
+
+@dataclass
 class JobConfig:
     input: str | None = None
     output: str | None = None
@@ -127,7 +140,7 @@ class JobConfig:
     # Damaged input (corrupt frames, undecodable packets): conceal (FFmpeg's concealment, a
     # missing frame repeats the one before; counted in the report) or fail (exit 3).
     on_damage: str = "conceal"
-    max_pixels: int = 7680 * 4320  # larger frames are refused (exit 3): 8K UHD by default
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     model: Any = MISSING
     video: VideoConfig = field(default_factory=VideoConfig)
     temporal: TemporalConfig = field(default_factory=TemporalConfig)
@@ -208,8 +221,9 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError(f"report.preview_frames must be 0 or more, got {cfg.report.preview_frames}")
     if cfg.on_damage not in ("conceal", "fail"):
         raise ConfigError(f"on_damage must be conceal or fail, got '{cfg.on_damage}'")
-    if cfg.max_pixels < 1:
-        raise ConfigError(f"max_pixels must be positive, got {cfg.max_pixels}")
+    for key, value in cfg.limits.items():
+        if not value > 0:  # also refuses nan
+            raise ConfigError(f"limits.{key} must be positive, got {value}")
     if cfg.video.crf is not None and cfg.video.crf < 0:
         raise ConfigError(f"video.crf must be 0 or more, got {cfg.video.crf}")
     if not 0 <= cfg.temporal.alpha < 1:

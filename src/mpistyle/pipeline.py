@@ -27,15 +27,18 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from . import __version__, config, signals
-from .errors import ConfigError, InputError, JobStopped, ModelError, MpistyleError, OutputError
+from .errors import ConfigError, JobStopped, ModelError, MpistyleError, OutputError
 from .overlap import Ahead, Behind, InOrder, Now
 from .parallel import RankContext, attempt, partition, unwrap
 from .report import Progress, StageTimer, preview_grid, preview_indices, write_json, write_png
 from .scoring import Scorer, default_batch_size, pick_device, set_threads
 from .staging import DEFAULT_STAGING, SegmentWriter, Staging, fingerprint, job_key
 from .video import (
+    AUDIO_FALLBACK,
+    AudioTrack,
     Damage,
     EncodeSettings,
+    Limits,
     Muxer,
     SegmentEncoder,
     Share,
@@ -43,6 +46,7 @@ from .video import (
     check_encoder,
     decode_share,
     output_size,
+    plan_audio,
     probe,
     read_frames,
     shares_for,
@@ -62,6 +66,7 @@ class Plan:
     """What the root decides before any frame is scored; every rank receives a copy."""
 
     info: VideoInfo
+    audio: tuple[AudioTrack, ...]  # each input audio stream: copied, or converted for this container
     segments: list[range]  # GOPs of each independently encoded segment, whatever the rank count
     shares: list[Share]
     output: Path
@@ -137,12 +142,7 @@ def make_plan(cfg: DictConfig, ranks: int, run_id: str) -> Plan:
             f"cannot tell the container from the output name {output.name}: "
             f"use one of {', '.join(sorted(_OUTPUT_SUFFIXES))} or set video.format"
         )
-    info = probe(str(Path(cfg.input).expanduser()))
-    if info.width * info.height > cfg.max_pixels:
-        raise InputError(
-            f"frames of {info.width}x{info.height} are over max_pixels={cfg.max_pixels}: "
-            f"raise it (max_pixels={info.width * info.height}) if this node has the memory: {info.path}"
-        )
+    info = probe(str(Path(cfg.input).expanduser()), Limits(**OmegaConf.to_container(cfg.limits, resolve=True)))
     if (cfg.temporal.alpha > 0 or cfg.temporal.measure) and min(info.width, info.height) < MIN_FLOW_SIDE:
         raise ConfigError(
             f"temporal.* needs frames of at least {MIN_FLOW_SIDE} pixels a side (optical flow); "
@@ -163,6 +163,8 @@ def make_plan(cfg: DictConfig, ranks: int, run_id: str) -> Plan:
     segment_seconds = video.pop("segment_seconds")
     settings = EncodeSettings(**video)
     check_encoder(settings, info, container_format)
+    # The audio plan changes the output's audio, never the staged video: not in the staging key.
+    audio = plan_audio(info, container_format)
     segments = info.segments(segment_seconds)
     parts = partition([_frames_in(info, s) for s in segments], ranks)
 
@@ -189,10 +191,17 @@ def make_plan(cfg: DictConfig, ranks: int, run_id: str) -> Plan:
         info.path, info.codec, info.width, info.height, info.frames, info.duration_s,
         len(info.keyframe_pts), len(segments), len(info.audio_streams),
     )
+    for track in audio:
+        if track.convert:
+            log.warning(
+                "the input's audio stream #%d (%s) cannot be copied into %s: it is converted to %s",
+                track.stream, track.codec, container_format, AUDIO_FALLBACK,
+            )
     for dropped in info.dropped_streams:
         log.warning("the input's %s stream is not copied to the output", dropped)
     return Plan(
         info=info,
+        audio=audio,
         segments=segments,
         shares=shares_for(info, _gops_of(segments, parts, len(info.keyframe_pts))),
         output=output,
@@ -477,7 +486,7 @@ def finish_job(
     with timer("join"):
         dts = stream_dts([pts for start, stop in frame_ranges for pts in plan.staging.decode_order_pts(start, stop)])
         try:
-            with Muxer(plan.partial, info, plan.settings, dts, plan.container_format) as muxer:
+            with Muxer(plan.partial, info, plan.settings, dts, plan.container_format, plan.audio) as muxer:
                 for start, stop in frame_ranges:
                     muxer.add(*plan.staging.read(start, stop))
                     signals.check()
@@ -520,6 +529,7 @@ def finish_job(
             "height": height,
             "frames": info.frames,
             "bytes": plan.output.stat().st_size,
+            "audio": [{"stream": t.stream, "codec": t.codec, "action": t.action} for t in plan.audio],
         },
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "frames": info.frames,

@@ -1,18 +1,24 @@
 """Everything PyAV: probe an input and index its packets, decode one share of frames, encode the
-output and copy the input's audio into it packet for packet.
+output and copy the input's audio into it packet for packet (or convert it, where the output's
+container cannot hold it as it is).
 
 Frames are identified by their presentation timestamp (pts, in the video stream's time base).
 The index is read from packets alone, so the root never decodes frames for the other ranks.
+
+Every input is opened the same way (:func:`_open_input`): a regular file, through FFmpeg's
+``file`` protocol alone, with one of the single-file demuxers of :mod:`mpistyle.formats`.
 """
 from __future__ import annotations
 
 import bisect
 import functools
+import io
 import itertools
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -22,11 +28,32 @@ import av.error
 import numpy as np
 
 from .errors import ConfigError, InputError, OutputError
+from .formats import FORMAT_WHITELIST, PROTOCOL_WHITELIST, describe
 
 log = logging.getLogger(__name__)
 
-# Demuxers that FFmpeg uses for single still images: not a video, whatever the extension says.
+# Demuxers that FFmpeg uses for still images (and image sequences): not a video, whatever the
+# extension says.
 _STILL_IMAGE_FORMATS = ("image2", "_pipe")
+# Seconds FFmpeg may take to open an input, and to read any one packet, before it gives up: a
+# stalled file server fails the job instead of holding every rank forever. Generous, because
+# shared storage under load is slow; a packet is at most a few MB.
+_OPEN_TIMEOUT_S = 30.0
+_READ_TIMEOUT_S = 30.0
+# The FFmpeg log level is process-wide: one thread at a time may turn it up to read a refusal.
+_LOG_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What an input may hold (``limits.*`` in the config); over any, it is refused (exit 3)
+    before work starts. None: no limit."""
+
+    bytes: int | None = None  # the input file's size
+    frames: int | None = None  # video frames (counted while indexing, so a frame bomb stops early)
+    duration_s: float | None = None  # the video's length (also while indexing)
+    pixels: int | None = None  # per frame
+    pixel_rate: float | None = None  # pixels per second of video: width x height x frames / duration
 
 
 @dataclass(frozen=True)
@@ -43,7 +70,7 @@ class VideoInfo:
     sample_aspect_ratio: Fraction | None
     frame_pts: tuple[int, ...]  # every frame's pts, in presentation order
     keyframe_pts: tuple[int, ...]  # pts of the keyframes each GOP starts at, ascending
-    audio_streams: tuple[int, ...]  # input stream indices copied into the output
+    audio_streams: tuple[int, ...]  # the input's audio streams (indices): all go into the output (plan_audio)
     dropped_streams: tuple[str, ...] = field(default=())  # e.g. "subtitle #2 (mov_text)"
     rotation: float = 0.0  # display rotation (degrees counter-clockwise) players apply
 
@@ -122,28 +149,69 @@ def shares_for(info: VideoInfo, gop_ranges: Sequence[range]) -> list[Share]:
     ]
 
 
-def _open_input(path: str) -> av.container.InputContainer:
+def _open_input(path: str, genpts: bool = True, max_bytes: int | None = None) -> av.container.InputContainer:
+    """Open an input for reading: a regular file, through the ``file`` protocol alone, with an
+    allowed demuxer (:mod:`mpistyle.formats`), so nothing but that one file is ever read."""
     file = Path(path)
     if not file.exists():
         raise InputError(f"input not found: {path}")
     if file.is_dir():
         raise InputError(f"input is a directory, not a video file: {path}")
+    if not file.is_file():
+        # A FIFO or a device never ends (or blocks the open itself): refuse before FFmpeg waits on it.
+        raise InputError(f"input is not a regular file (a pipe, device or socket?): {path}")
     if not os.access(file, os.R_OK):
         raise InputError(f"input is not readable (permission denied): {path}")
-    if file.stat().st_size == 0:
+    size = file.stat().st_size
+    if size == 0:
         raise InputError(f"input is empty (0 bytes): {path}")
+    if max_bytes is not None and size > max_bytes:
+        raise InputError(
+            f"input is {size} bytes, over limits.bytes={max_bytes}: raise it (limits.bytes={size}) to accept it: {path}"
+        )
+    # "file:" + an absolute path: a name with a ':' in it is never taken for another protocol.
+    url = "file:" + str(file.absolute())
+    options = {"format_whitelist": FORMAT_WHITELIST, "protocol_whitelist": PROTOCOL_WHITELIST}
+    if genpts:
+        # Demuxers that leave some packets without a pts (AVI with B-frames) fill it in.
+        options["fflags"] = "+genpts"
     try:
-        # genpts: demuxers that leave some packets without a pts (AVI with B-frames) fill it in.
-        return av.open(path, "r", options={"fflags": "+genpts"})
+        return av.open(url, "r", container_options=options, timeout=(_OPEN_TIMEOUT_S, _READ_TIMEOUT_S))
     except av.error.FFmpegError as err:
-        raise InputError(f"input is not a video FFmpeg can read: {path} ({err.strerror})") from None
+        refused = _refused_format(url, options) if isinstance(err, av.error.ArgumentError) else None
+        if refused is None:
+            raise InputError(f"input is not a video FFmpeg can read: {path} ({err.strerror})") from None
+        if any(tag in refused for tag in _STILL_IMAGE_FORMATS):
+            raise InputError(f"input is a still image ({refused}), not a video: {path}") from None
+        raise InputError(
+            f"input is in the {refused} format, which mpistyle does not open (it can make FFmpeg read other "
+            f"files or streams); convert it to one of: {describe()}: {path}"
+        ) from None
 
 
-def probe(path: str) -> VideoInfo:
-    """Read the input's packet index (no decoding) and check it is a video we can process."""
-    with _open_input(path) as container:
-        if any(tag in container.format.name for tag in _STILL_IMAGE_FORMATS):
-            raise InputError(f"input is a still image ({container.format.name}), not a video: {path}")
+def _refused_format(url: str, options: dict[str, str]) -> str | None:
+    """The demuxer FFmpeg picked for ``url`` and refused as not on the allow-list, or None if
+    that is not why it failed. FFmpeg says which only in its log, so open once more with the
+    log captured: it refuses right after probing, before it reads anything the input names."""
+    with _LOG_LOCK:
+        level = av.logging.get_level()
+        av.logging.set_level(av.logging.ERROR)
+        try:
+            with av.logging.Capture() as logs:
+                try:
+                    av.open(url, "r", container_options=options, timeout=(_OPEN_TIMEOUT_S, _READ_TIMEOUT_S)).close()
+                except av.error.FFmpegError:
+                    pass  # expected: the reason is in the log
+        finally:
+            av.logging.set_level(level)
+    return next((name for _, name, message in logs if message.startswith("Format not on whitelist")), None)
+
+
+def probe(path: str, limits: Limits | None = None) -> VideoInfo:
+    """Read the input's packet index (no decoding) and check it is a video we can process,
+    within ``limits`` (none by default)."""
+    limits = limits or Limits()
+    with _open_input(path, max_bytes=limits.bytes) as container:
         if not container.streams.video:
             raise InputError(f"input has no video stream (audio only?): {path}")
         stream = container.streams.video[0]
@@ -152,43 +220,24 @@ def probe(path: str) -> VideoInfo:
             raise InputError(f"input's video codec cannot be decoded by this PyAV build: {path}")
         try:
             av.codec.Codec(ctx.name, "r")
-        except av.error.FFmpegError:
+        except (av.error.FFmpegError, ValueError):  # UnknownCodecError is a ValueError
             raise InputError(f"no decoder for the video codec '{ctx.name}' in this PyAV build: {path}") from None
-        audio = tuple(s.index for s in container.streams.audio)
-        dropped = tuple(
-            f"{s.type} #{s.index} ({s.codec_context.name if s.codec_context else 'unknown'})"
-            for s in container.streams
-            if s.type not in ("video", "audio") or (s.type == "video" and s.index != stream.index)
-        )
-        frame_pts: list[int] = []
-        keyframes: list[int] = []
-        try:
-            for packet in container.demux(stream):
-                # The demuxer ends with an empty flush packet, and edit lists mark packets the
-                # decoder must drop: neither is a frame of the video.
-                if packet.size == 0 or packet.is_discard:
-                    continue
-                if packet.pts is None:
-                    raise InputError(f"input has video packets without timestamps, which cannot be placed: {path}")
-                if packet.is_keyframe:
-                    keyframes.append(packet.pts)
-                elif not keyframes:
-                    continue  # before the first keyframe nothing decodes: a straight decode skips it
-                frame_pts.append(packet.pts)
-        except av.error.FFmpegError as err:
+        if limits.pixels is not None and ctx.width * ctx.height > limits.pixels:
             raise InputError(
-                f"input is damaged: reading its packets failed at packet {len(frame_pts)} ({err.strerror}): {path}"
-            ) from None
+                f"frames of {ctx.width}x{ctx.height} are over limits.pixels={limits.pixels}: "
+                f"raise it (limits.pixels={ctx.width * ctx.height}) if this node has the memory: {path}"
+            )
+        if stream.time_base is None:
+            raise InputError(f"input's video stream has no time base: {path}")
+        frame_pts, keyframes = _index(container, stream, limits, path)
         if not frame_pts:
             raise InputError(f"input has a video stream but no frames: {path}")
         frame_pts.sort()
         if len(set(frame_pts)) != len(frame_pts):
             raise InputError(f"input has frames with duplicate timestamps, which cannot be kept in order: {path}")
         keyframes = sorted(set(keyframes))
-        if stream.time_base is None:
-            raise InputError(f"input's video stream has no time base: {path}")
         rotation = _display_rotation(container, stream)
-        return VideoInfo(
+        info = VideoInfo(
             path=path,
             container=container.format.name,
             codec=ctx.name,
@@ -199,9 +248,89 @@ def probe(path: str) -> VideoInfo:
             sample_aspect_ratio=Fraction(ctx.sample_aspect_ratio) if ctx.sample_aspect_ratio else None,
             frame_pts=tuple(frame_pts),
             keyframe_pts=tuple(keyframes),
-            audio_streams=audio,
-            dropped_streams=dropped,
+            audio_streams=tuple(s.index for s in container.streams.audio),
+            dropped_streams=tuple(_describe(s) for s in container.streams if _dropped(s, stream)),
             rotation=rotation,
+        )
+    _check_pixel_rate(info, limits.pixel_rate)
+    return info
+
+
+def _dropped(stream: av.stream.Stream, video: av.VideoStream) -> bool:
+    """The one rule for every kind of stream: the first video stream is scored, audio is copied
+    (or converted), and everything else (more video, cover art, subtitles, data and timecode
+    tracks, attachments) is left out and named."""
+    return stream.type != "audio" and stream.index != video.index
+
+
+def _describe(stream: av.stream.Stream) -> str:
+    """e.g. "subtitle #2 (ssa)", "attachment #3 (notes.txt)", "data #2 (klv)"."""
+    what = stream.codec_context.name if stream.codec_context else getattr(stream, "name", None)
+    what = what or stream.metadata.get("handler_name") or "unknown"
+    if stream.disposition & av.stream.Disposition.attached_pic:
+        what += ", attached picture"
+    return f"{stream.type} #{stream.index} ({what})"
+
+
+def _video_packets(container: av.container.InputContainer, stream: av.VideoStream) -> Iterator[av.Packet]:
+    """The video stream's packets in file order, less the empty flush packet the demuxer ends with."""
+    return (packet for packet in container.demux(stream) if packet.size)
+
+
+def _index(
+    container: av.container.InputContainer, stream: av.VideoStream, limits: Limits, path: str
+) -> tuple[list[int], list[int]]:
+    """Every frame's pts and the keyframes' pts, from the packets alone. The frame and duration
+    limits are checked packet by packet: a file of millions of tiny repeated frames stops here
+    at the limit, not after indexing them all."""
+    frame_pts: list[int] = []
+    keyframes: list[int] = []
+    max_packets = limits.frames if limits.frames is not None else math.inf
+    max_span = limits.duration_s / Fraction(stream.time_base) if limits.duration_s is not None else math.inf
+    packets = 0
+    lowest, highest = math.inf, -math.inf  # the frames' pts so far
+    try:
+        for packet in _video_packets(container, stream):
+            # Every packet counts, the ones skipped below too: they are read all the same.
+            packets += 1
+            if packets > max_packets:
+                raise InputError(
+                    f"input has more than limits.frames={limits.frames} video frames: raise limits.frames "
+                    f"if it is really that long: {path}"
+                )
+            # Edit lists mark packets the decoder must drop: not a frame of the video.
+            if packet.is_discard:
+                continue
+            if packet.pts is None:
+                raise InputError(f"input has video packets without timestamps, which cannot be placed: {path}")
+            if packet.is_keyframe:
+                keyframes.append(packet.pts)
+            elif not keyframes:
+                continue  # before the first keyframe nothing decodes: a straight decode skips it
+            frame_pts.append(packet.pts)
+            lowest, highest = min(lowest, packet.pts), max(highest, packet.pts)
+            if highest - lowest > max_span:
+                raise InputError(
+                    f"input runs longer than limits.duration_s={limits.duration_s} (at least "
+                    f"{float((highest - lowest) * stream.time_base):.0f} s so far): raise limits.duration_s to accept it: {path}"
+                )
+    except av.error.FFmpegError as err:
+        raise InputError(
+            f"input is damaged: reading its packets failed at packet {len(frame_pts)} ({err.strerror}): {path}"
+        ) from None
+    return frame_pts, keyframes
+
+
+def _check_pixel_rate(info: VideoInfo, limit: float | None) -> None:
+    """Pixels per second of video, over the whole file (a short clip of huge frames at a
+    thousand frames a second is as much work per second as hours of HD)."""
+    if limit is None or info.duration_s <= 0:
+        return  # one frame: no rate
+    rate = info.width * info.height * info.frames / info.duration_s
+    if rate > limit:
+        raise InputError(
+            f"input has {rate:.0f} pixels per second ({info.width}x{info.height} at {info.frames / info.duration_s:.1f} "
+            f"frames/s), over limits.pixel_rate={limit}: raise it (limits.pixel_rate={math.ceil(rate)}) to accept it: {info.path}"
         )
 
 
@@ -258,6 +387,14 @@ def decode_share(info: VideoInfo, share: Share, policy: str = "fail", damage: Da
         for frame in _frames(container, stream, policy, damage, info.path):
             if frame.pts is None or not first <= frame.pts <= last:
                 continue  # another share's frame (the seek may land a GOP early)
+            if (frame.width, frame.height) != (info.width, info.height):
+                # The plan (limits.pixels, the encoder, every buffer) was made for the size in
+                # the stream's header; a stream may change it later (a new SPS), even grow.
+                number = share.start + bisect.bisect_left(expected, frame.pts)
+                raise InputError(
+                    f"input changes its frame size: frame {number} is {frame.width}x{frame.height}, "
+                    f"the stream's header says {info.width}x{info.height} (not supported): {info.path}"
+                )
             if frame.is_corrupt:
                 if policy == "fail":
                     raise _damaged(info, share.start + index, "is corrupt")
@@ -404,18 +541,109 @@ def _pad_even(frame: np.ndarray) -> np.ndarray:
     return np.pad(frame, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
 
 
-class _AudioCopier:
-    """Copies the input's audio packets into the output, interleaved with the video by time."""
+# What an audio stream the output's container cannot hold as it is becomes: every container
+# mpistyle writes (mp4, mov, mkv) holds AAC, and FFmpeg has its own encoder for it.
+AUDIO_FALLBACK = "aac"
 
-    def __init__(self, info: VideoInfo, output: av.container.OutputContainer) -> None:
-        self._input = av.open(info.path, "r") if info.audio_streams else None
-        self._map = {}
+
+@dataclass(frozen=True)
+class AudioTrack:
+    """One input audio stream and how it gets into the output, decided before any frame is scored."""
+
+    stream: int  # the input's stream index
+    codec: str
+    convert: bool = False  # decode and encode as AAC: the container cannot hold the packets as they are
+
+    @property
+    def action(self) -> str:
+        return f"converted to {AUDIO_FALLBACK}" if self.convert else "copied"
+
+
+def plan_audio(info: VideoInfo, container_format: str) -> tuple[AudioTrack, ...]:
+    """Each audio stream of the input copied into ``container_format`` where that takes its
+    packets (a trial mux into memory says so, the finished file included), else converted to
+    AAC. A stream that can be neither is refused now, not after every frame has been scored."""
+    tracks = []
+    for index in info.audio_streams:
+        with _open_input(info.path, genpts=False) as container:
+            stream = container.streams[index]
+            codec = stream.codec_context.name if stream.codec_context else "unknown"
+            first = next((p for p in container.demux(stream) if p.size), None)
+            if _trial_mux(container_format, lambda out, s=stream: out.add_stream_from_template(s), first) is None:
+                tracks.append(AudioTrack(index, codec))
+                continue
+            failure = _trial_mux(container_format, lambda out, s=stream: _add_fallback(out, s), None)
+            if failure is not None:
+                what_to_do = (
+                    "write Matroska instead (output=NAME.mkv)" if container_format != "matroska"
+                    else "convert or remove that audio stream first"
+                )
+                raise InputError(
+                    f"the input's audio stream #{index} ({codec}) can neither be copied into {container_format} nor "
+                    f"converted to {AUDIO_FALLBACK} ({failure}): {what_to_do}: {info.path}"
+                )
+            tracks.append(AudioTrack(index, codec, convert=True))
+    return tuple(tracks)
+
+
+def _trial_mux(
+    container_format: str, add: Callable[[av.container.OutputContainer], av.stream.Stream], packet: av.Packet | None
+) -> str | None:
+    """Write a throwaway file in memory with one stream (and ``packet`` in it); None if that
+    worked, else what failed. Some refusals come only as the file is finished (mp4 and PCM)."""
+    try:
+        with av.open(io.BytesIO(), "w", format=container_format) as trial:
+            stream = add(trial)
+            trial.start_encoding()
+            if packet is not None:
+                packet.stream = stream
+                trial.mux(packet)
+    except av.error.FFmpegError as err:
+        return err.strerror
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+# The usual speaker layout for a channel count, for audio that does not name its own (PCM in
+# AVI says "2 channels", which the AAC encoder refuses).
+_DEFAULT_LAYOUTS = {1: "mono", 2: "stereo", 3: "3.0", 4: "4.0", 5: "5.0", 6: "5.1", 7: "6.1", 8: "7.1"}
+
+
+def _add_fallback(output: av.container.OutputContainer, template: av.AudioStream) -> av.AudioStream:
+    """An AAC stream for ``template``'s sound: its layout, and its rate where AAC has it (else
+    48 kHz; PyAV's encoder resamples and re-frames what it is given)."""
+    ctx = template.codec_context
+    if ctx is None or not ctx.name:
+        raise ValueError("no decoder for this audio")
+    av.codec.Codec(ctx.name, "r")  # raises when this build cannot decode it
+    rate = ctx.sample_rate if ctx.sample_rate in (av.codec.Codec(AUDIO_FALLBACK, "w").audio_rates or ()) else 48000
+    layout = ctx.layout.name
+    if layout == f"{ctx.layout.nb_channels} channels":  # no speaker positions given
+        layout = _DEFAULT_LAYOUTS.get(ctx.layout.nb_channels, layout)
+    stream = output.add_stream(AUDIO_FALLBACK, rate=rate)
+    stream.layout = layout
+    return stream
+
+
+class _AudioCopier:
+    """Copies the input's audio packets into the output, interleaved with the video by time,
+    or decodes and encodes the ones :func:`plan_audio` found the container cannot hold."""
+
+    def __init__(self, info: VideoInfo, output: av.container.OutputContainer, tracks: Sequence[AudioTrack]) -> None:
+        self._input = _open_input(info.path, genpts=False) if tracks else None
+        self._map: dict[int, av.stream.Stream] = {}
+        self._convert: dict[int, tuple[av.AudioStream, av.AudioStream]] = {}  # input stream -> (decoder, encoder)
         self._packets: Iterator[av.Packet] = iter(())
         self._next: av.Packet | None = None
+        self.damaged = 0  # audio packets left out of a conversion because they did not decode
         if self._input is not None:
-            streams = [self._input.streams[i] for i in info.audio_streams]
-            for stream in streams:
-                self._map[stream.index] = output.add_stream_from_template(stream)
+            streams = [self._input.streams[track.stream] for track in tracks]
+            for stream, track in zip(streams, tracks, strict=True):
+                if track.convert:
+                    self._convert[stream.index] = (stream, _add_fallback(output, stream))
+                else:
+                    self._map[stream.index] = output.add_stream_from_template(stream)
             self._packets = self._input.demux(streams)
             self._advance()
 
@@ -432,9 +660,29 @@ class _AudioCopier:
         """Mux every audio packet due by ``seconds``; one without a time goes with its predecessor."""
         while self._next is not None and (self._next.dts is None or float(self._next.dts * self._next.time_base) <= seconds):
             packet = self._next
-            packet.stream = self._map[packet.stream_index]
-            output.mux(packet)
+            if packet.stream_index in self._convert:
+                self._encode(output, packet.stream_index, packet)
+            else:
+                packet.stream = self._map[packet.stream_index]
+                output.mux(packet)
             self._advance()
+
+    def finish(self, output: av.container.OutputContainer) -> None:
+        """Mux what is left, and drain the converters' decoders and encoders."""
+        self.mux_until(output, math.inf)
+        for index in self._convert:
+            self._encode(output, index, None)
+
+    def _encode(self, output: av.container.OutputContainer, index: int, packet: av.Packet | None) -> None:
+        decoder, encoder = self._convert[index]
+        try:
+            # Decoding None drains the decoder; encoding None then drains the encoder.
+            frames = list(decoder.decode(packet))
+        except av.error.InvalidDataError:
+            self.damaged += 1  # a damaged audio packet is left out, as a player skips it
+            return
+        for frame in [*frames, None] if packet is None else frames:
+            output.mux(encoder.encode(frame))
 
     def close(self) -> None:
         if self._input is not None:
@@ -534,14 +782,21 @@ def stream_dts(decode_order_pts: Sequence[int]) -> list[int]:
 
 class Muxer:
     """Writes the output file: the segments' packets in order, by stream copy, with the input's
-    audio copied packet for packet and interleaved by time.
+    audio copied packet for packet (or converted, as ``audio`` from :func:`plan_audio` says;
+    default: every audio stream copied) and interleaved by time.
 
     ``dts`` are the decode timestamps of every video packet of the output (from
     :func:`stream_dts`). Use as a context manager; ``finish()`` must be called for a complete file.
     """
 
     def __init__(
-        self, path: Path, info: VideoInfo, settings: EncodeSettings, dts: Sequence[int], container_format: str | None = None
+        self,
+        path: Path,
+        info: VideoInfo,
+        settings: EncodeSettings,
+        dts: Sequence[int],
+        container_format: str | None = None,
+        audio: Sequence[AudioTrack] | None = None,
     ) -> None:
         self.info = info
         self._written = 0
@@ -555,6 +810,9 @@ class Muxer:
             self._out = av.open(str(path), "w", format=container_format, options=options)
         except av.error.FFmpegError as err:
             raise OutputError(f"cannot create output {path}: {err.strerror}") from None
+        if audio is None:
+            audio = [AudioTrack(index, "") for index in info.audio_streams]
+        copier: _AudioCopier | None = None
         try:
             # A stream set up exactly like the segments' encoders: the container's header then
             # carries the same codec headers (checked per segment in add()).
@@ -563,11 +821,16 @@ class Muxer:
             settings.apply(stream.codec_context, info)
             if info.rotation:
                 stream.set_display_rotation(info.rotation)
-            self._audio = _AudioCopier(info, self._out)
+            copier = _AudioCopier(info, self._out, audio)
             self._out.start_encoding()
-        except (av.error.FFmpegError, ValueError) as err:
+        except (InputError, av.error.FFmpegError, ValueError) as err:
+            if copier is not None:
+                copier.close()
             self._out.close()
+            if isinstance(err, InputError):
+                raise  # the input went away since the plan
             raise OutputError(f"cannot write {path} with codec '{settings.codec}': {err}") from None
+        self._audio = copier
         self._stream = stream
         self._headers = bytes(stream.codec_context.extradata or b"")
 
@@ -596,9 +859,11 @@ class Muxer:
         if self._written != self.info.frames:
             raise OutputError(f"the segments hold {self._written} frames, expected {self.info.frames}")
         try:
-            self._audio.mux_until(self._out, math.inf)
+            self._audio.finish(self._out)
         except av.error.FFmpegError as err:
             raise self._write_error(err) from None
+        if self._audio.damaged:
+            log.warning("%d damaged audio packet(s) did not decode and were left out of the converted audio", self._audio.damaged)
 
     def _write_error(self, err: av.error.FFmpegError) -> OutputError:
         return OutputError(

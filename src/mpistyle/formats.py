@@ -1,0 +1,31 @@
+"""Which inputs mpistyle opens at all: an allow-list of single-file container formats.
+
+FFmpeg also reads *indirect* formats that open other files or URLs named inside the input (HLS
+and DASH playlists, concat lists, image-sequence patterns, SDP, tee, ...). An upload of 95 bytes
+could then make a job read any file the job can read, or a live stream that never ends. So an
+input is opened only with one of the demuxers below (FFmpeg's ``format_whitelist``) and only
+through the ``file`` protocol; the watcher takes only names with one of :data:`VIDEO_SUFFIXES`.
+Each demuxer here reads the one file it is given and nothing else.
+"""
+from __future__ import annotations
+
+# FFmpeg demuxer names (as ``ffmpeg -demuxers`` prints them), one entry per family.
+DEMUXERS: dict[str, str] = {
+    "mov,mp4,m4a,3gp,3g2,mj2": "MP4 / MOV",
+    "matroska,webm": "Matroska / WebM",
+    "avi": "AVI",
+    "mpegts": "MPEG-TS",
+    "flv": "FLV",
+}
+# FFmpeg's format_whitelist option: a comma-separated list of demuxer names.
+FORMAT_WHITELIST = ",".join(DEMUXERS)
+# Protocols an input may be read through: the local (or NFS-mounted) file itself.
+PROTOCOL_WHITELIST = "file"
+
+# The names the watcher accepts as videos (lower case), and the formats they stand for.
+VIDEO_SUFFIXES: tuple[str, ...] = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".ts", ".m2ts", ".mts", ".flv")
+
+
+def describe() -> str:
+    """The allowed formats, for messages and docs."""
+    return ", ".join(DEMUXERS.values())
