@@ -63,3 +63,33 @@ def dump_env(path: str) -> nn.Module:
     with open(path, "w") as handle:
         json.dump(dict(os.environ), handle)
     return Invert()
+
+
+class Slow(nn.Module):
+    """Inverts, taking ``seconds`` per batch: a job that runs long enough to be interrupted."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+
+        time.sleep(self.seconds)
+        return 1.0 - x
+
+
+def slow(seconds: float) -> nn.Module:
+    return Slow(seconds)
+
+
+def hang() -> nn.Module:
+    """Never returns from its first batch: a hung job (a wedged GPU, a deadlock)."""
+    return Slow(10**6)
+
+
+def staging_full() -> nn.Module:
+    """Fails with the staging area's error (exit 6): a failure that is not the input's fault."""
+    from mpistyle.errors import StagingError
+
+    raise StagingError("simulated full staging area")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -69,3 +71,43 @@ def test_shell_scripts_parse_and_pass_shellcheck(script: Path) -> None:
         pytest.skip("shellcheck not installed (scripts/setup.sh --test installs it)")
     checked = subprocess.run([shellcheck, "-x", "-s", "bash", str(script)], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout
+
+
+def test_a_job_restarted_past_the_cap_gives_up() -> None:
+    env = {**os.environ, "MPISTYLE_DRY_RUN": "1", "SLURM_JOB_ID": "42", "SLURM_RESTART_COUNT": "4", "MPISTYLE_MAX_REQUEUES": "3"}
+    done = subprocess.run(["bash", str(SCRIPT), "input=x.mp4", "output=y.mp4"], env=env, capture_output=True, text=True)
+    assert done.returncode == 9 and "restarted 4 times, more than MPISTYLE_MAX_REQUEUES=3" in done.stderr
+    within = subprocess.run(["bash", str(SCRIPT), "input=x.mp4"], env={**env, "SLURM_RESTART_COUNT": "3"}, capture_output=True)
+    assert within.returncode == 0
+
+
+@pytest.mark.parametrize(("restarts", "requeued"), [("2", True), ("3", False)])
+def test_the_time_limit_warning_requeues_only_below_the_cap(tmp_path: Path, restarts: str, requeued: bool) -> None:
+    """The script as Slurm runs it, with stand-ins for srun (a step that stops on SIGUSR1, as the
+    ranks do) and scontrol (which records its calls)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(f"#!/bin/sh\ntrap 'exit 138' USR1\ntouch {tmp_path}/started\nwhile :; do sleep 0.05; done\n")
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/scontrol\n')
+    for tool in ("srun", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "42", "SLURM_RESTART_COUNT": restarts,
+           "MPISTYLE_MAX_REQUEUES": "3"}
+    job = subprocess.Popen(["bash", str(SCRIPT), "input=x.mp4"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    deadline = time.monotonic() + 10
+    while not (tmp_path / "started").exists():
+        assert time.monotonic() < deadline and job.poll() is None
+        time.sleep(0.02)
+    job.send_signal(signal.SIGUSR1)  # what Slurm sends 180 s before the time limit
+    if not requeued:
+        time.sleep(0.5)
+        assert job.poll() is None  # the ranks run on
+        job.send_signal(signal.SIGTERM)  # what Slurm sends at the time limit
+    _, stderr = job.communicate(timeout=10)
+    calls = (tmp_path / "scontrol").read_text() if (tmp_path / "scontrol").exists() else ""
+    assert job.returncode == 138
+    if requeued:
+        assert calls == "requeue 42\n" and "requeueing job 42" in stderr
+    else:
+        assert calls == "" and "not requeueing it again" in stderr and "MPISTYLE_MAX_REQUEUES=3" in stderr

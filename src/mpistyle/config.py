@@ -175,6 +175,10 @@ class RunnerConfig:
     python: str | None = None  # local: the Python with mpistyle (default: this one)
     script: str | None = None  # slurm: the sbatch script (default: slurm/style.sbatch)
     sbatch_args: list[str] = field(default_factory=list)  # slurm: e.g. [--partition=gpu, --gpus-per-node=1]
+    # A job gets only an allow-listed part of the watcher's environment (PATH, HOME, LANG, LC_*,
+    # PYTHONPATH, OMPI_*, MPISTYLE_* but the credentials, ...: see mpistyle.runners): name any
+    # other variable a job needs here. Credential variables are refused.
+    env_pass: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -182,10 +186,28 @@ class WatchConfig:
     storage: StorageAreas = field(default_factory=StorageAreas)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     workdir: str = "mpistyle-watch"  # shared filesystem when the runner is Slurm
+    # Failures that may be the input's fault (a bug, exit 1, or the time limit) before it is
+    # quarantined; exit 3 quarantines at once, and anyone else's fault never counts.
     max_attempts: int = 3
     lease_s: float = 600.0
+    # A job running longer is stopped (local: SIGTERM to its process group, SIGKILL after
+    # job_kill_grace_s; Slurm: sbatch --time, and scancel past the limit plus the grace) and
+    # counts as a failed attempt: the input may be why (too long for the limit).
+    job_time_limit_s: float = 6 * 3600.0
+    job_kill_grace_s: float = 60.0
+    # A tick starts no further video after this long, so a backlog cannot hold the tick (and the
+    # tick script's lock) for hours; the rest wait for the next tick.
+    tick_time_limit_s: float = 3600.0
+    # A job failing through no fault of the input (configuration, staging full, storage, a
+    # signal, an out-of-memory kill, a lost or preempted job) is retried on a later tick after
+    # retry_backoff_s, doubling with each such failure up to retry_backoff_max_s.
+    retry_backoff_s: float = 60.0
+    retry_backoff_max_s: float = 3600.0
     job_overrides: list[str] = field(default_factory=list)  # Hydra overrides for every job
     delete_inputs: bool = False  # delete an input once done or quarantined (needs delete rights)
+    # A state record whose input version is no longer listed (deleted, or replaced by a new
+    # upload) and that nobody changed for this long is ended: its local files removed, then it goes.
+    sweep_after_s: float = 86400.0
 
 
 def register() -> None:

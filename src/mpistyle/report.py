@@ -120,3 +120,49 @@ def atomic_write(path: Path, data: bytes) -> None:
     except OSError as err:
         partial.unlink(missing_ok=True)
         raise OutputError(f"cannot write {path}: {err.strerror}") from None
+
+
+# What a report delivered to a user may carry: figures about the video and the run, never where
+# it ran (paths, host names, run ids, staging folders). An allow-list, so a field added to the job
+# report later stays internal until someone decides it is fit to share.
+_PUBLIC = (
+    "mpistyle_version", "finished_utc", "frames", "frames_reused", "damage", "ranks", "devices", "stages_s", "fps",
+    "flicker", "root_peak_rss_mb",
+)
+_PUBLIC_SECTIONS = {
+    "input": ("container", "codec", "width", "height", "frames", "duration_s", "average_fps", "gops", "audio_streams",
+              "rotation", "dropped_streams"),
+    "output": ("codec", "segments", "width", "height", "frames", "bytes", "audio"),
+}
+_PUBLIC_RANK = (
+    "rank", "device", "threads", "overlap", "frames", "first_frame", "segments", "frames_reused", "damage", "seconds",
+    "seconds_total", "peak_rss_mb", "fps",
+)
+
+
+def public_report(report: dict[str, Any]) -> dict[str, Any]:
+    """The job report without what only an operator needs: each path becomes its base name
+    (``name`` in ``input`` and ``output``), per-rank figures lose the host, the run id goes."""
+    public = {key: report[key] for key in _PUBLIC if key in report}
+    for section, keys in _PUBLIC_SECTIONS.items():
+        part = report.get(section)
+        if isinstance(part, dict):
+            public[section] = {"name": _base_names(part.get("path")), **{k: part[k] for k in keys if k in part}}
+    if "model" in report:
+        public["model"] = _base_names(report["model"])  # a checkpoint or style image: its file name
+    if isinstance(report.get("per_rank"), list):
+        public["per_rank"] = [{k: rank[k] for k in _PUBLIC_RANK if k in rank} for rank in report["per_rank"]]
+    if report.get("preview"):
+        public["preview"] = _base_names(report["preview"])
+    return public
+
+
+def _base_names(value: Any) -> Any:
+    """``value`` with every string that looks like a path cut to its last part."""
+    if isinstance(value, dict):
+        return {key: _base_names(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_base_names(item) for item in value]
+    if isinstance(value, str) and ("/" in value or "\\" in value):
+        return value.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    return value

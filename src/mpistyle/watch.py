@@ -2,18 +2,26 @@
 
 Each tick lists the input area and moves every video one or more steps along
 
-    claimed -> staged -> submitted -> finished -> done            (or -> quarantined)
+    claimed -> staged -> submitted -> finished -> done
 
 recording each step in a state record in the work area (``state/<job>.json``). Records are
 created only if absent and replaced only if unchanged since read, so two watchers never take
 the same video, and a watcher killed at any point leaves a record the next tick continues from:
 every step is safe to repeat. A claim carries a lease that a heartbeat renews while this
-watcher works on it; a dead watcher's lease runs out and another takes over. A video that is
-not a video, is damaged, or fails ``max_attempts`` times is copied to ``quarantine/<job>/``
-with ``error.json`` a person can read, and the others carry on.
+watcher works on it; a dead watcher's lease runs out and another takes over (and follows the
+job the dead one started rather than starting a second).
+
+The other final states: ``quarantined`` (a name that is not a video name or cannot be stored
+everywhere, at once and without downloading it; an input the job finds unusable, exit 3; or
+``max_attempts`` failures that may be the input's fault: a bug or the time limit), copied to
+``quarantine/<job>/`` with ``error.json`` a person can read; ``superseded`` (a newer upload of
+the same name came first); ``abandoned`` (the input went before its job ended). A failure that
+is not the input's fault (staging full, a failed node, ...) is retried on a later tick with
+backoff (:func:`mpistyle.runners.blame`), and the others carry on.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -26,21 +34,25 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
 from . import config
-from .errors import InputError, MpistyleError, StorageError
-from .runners import DEFAULT_SBATCH_SCRIPT, JobSpec, JobStatus, LocalRunner, Runner, SlurmRunner
+from .errors import ConfigError, MpistyleError, StorageError
+from .formats import VIDEO_SUFFIXES
+from .report import public_report
+from .runners import DEFAULT_SBATCH_SCRIPT, JobSpec, JobStatus, LocalRunner, Runner, SlurmRunner, blame, meaning
 from .storage.areas import Area, Entry, StateConflict, open_area
-from .storage.names import job_name, output_name, suffix_of
+from .storage.names import UnsafeName, is_job_key, job_name, output_name, shown, suffix_of
 from .storage.secrets import redact
 
 log = logging.getLogger("mpistyle.watch")
-FINAL = ("done", "quarantined")
+FINAL = ("done", "quarantined", "superseded", "abandoned")
+# Delivered beside each video, under its name plus these.
+_SIDE_FILES = (".report.json", ".preview.png")
 
 
 def _now() -> str:
@@ -76,16 +88,30 @@ class Watcher:
 
     def tick(self) -> dict[str, int]:
         counts: dict[str, int] = {}
-        for entry in self.input.list():
+        entries = self.input.list()
+        for entry in self._within_tick_limit(entries):
             try:
                 outcome = self.advance(entry)
             except Exception as err:  # one bad video (name, record, storage hiccup) never stops the queue
                 outcome = "error"
-                text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                log.error("%s: %s", redact(repr(entry.name)[1:-1]), redact(text))
+                log.error("%s: %s", redact(shown(entry.name)), redact(_first_line(err)))
+            counts[outcome] = counts.get(outcome, 0) + 1
+        for outcome in self._sweep(entries):
             counts[outcome] = counts.get(outcome, 0) + 1
         log.info("tick: %s", ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no input")
         return counts
+
+    def _within_tick_limit(self, entries: list[Entry]) -> Iterator[Entry]:
+        """The tick's videos until ``tick_time_limit_s`` has passed, then no more (the first is
+        always taken, so every tick moves something): a long backlog, or slow storage, must not
+        hold the tick, and the tick script's lock, for hours."""
+        deadline = time.monotonic() + self.cfg.tick_time_limit_s
+        for index, entry in enumerate(entries):
+            if index and time.monotonic() > deadline:
+                log.warning("tick: past tick_time_limit_s=%g; %d video(s) wait for the next tick",
+                            self.cfg.tick_time_limit_s, len(entries) - index)
+                return
+            yield entry
 
     # -- one video ------------------------------------------------------------------------------
 
@@ -104,12 +130,14 @@ class Watcher:
             if etag is None:
                 return "taken"  # another watcher created it a moment ago
             claim = Claim(self.work, record, data, etag)
-            log.info("%s: claimed as %s", entry.name, key)
+            log.info("%s: claimed as %s", redact(shown(entry.name)), key)
         else:
             data, etag = existing
             if data["step"] in FINAL:
                 self._clean_local(key)
                 return data["step"]
+            if data["step"] == "staged" and data.get("retry_after", 0) > time.time():
+                return "waiting"  # backing off after a failure that was not the input's: no claim, no write
             if data["owner"] != self.owner and data["lease_until"] > time.time():
                 return "busy"  # another watcher is working on it right now (a Slurm job it
                 # handed over has lease 0: anyone may follow that)
@@ -120,9 +148,16 @@ class Watcher:
                 return "taken"
         try:
             with self._heartbeat(claim):
+                refusal = self._refusal(entry)
+                if refusal is not None:
+                    # Never downloaded: neither its bytes nor its name go anywhere but quarantine.
+                    reason, what_to_do = refusal
+                    self._quarantine(claim, entry, key, reason, None, what_to_do)
+                    self._clean_local(key)
+                    return claim.data["step"]
                 return self._run_steps(claim, entry, key)
         except StateConflict:
-            log.warning("%s: another watcher took over; leaving it to them", entry.name)
+            log.warning("%s: another watcher took over; leaving it to them", redact(shown(entry.name)))
             return "taken"
         finally:
             self._release(claim)
@@ -137,11 +172,17 @@ class Watcher:
         except (StateConflict, MpistyleError):
             pass  # someone else holds it now, or storage is down: the lease runs out by itself
 
+    def _input_copy(self, key: str, name: str) -> Path:
+        """Where this host keeps its copy of the input: made from the job key alone, never read
+        back from a record (a record is data anyone with work-area access can write)."""
+        return self.workdir / key / f"input{suffix_of(name)}"
+
     def _run_steps(self, claim: Claim, entry: Entry, key: str) -> str:
         local = self.workdir / key
+        copy = self._input_copy(key, entry.name)
         while claim.data["step"] not in FINAL:
             step = claim.data["step"]
-            if step == "staged" and not Path(claim.data.get("local_input") or "").is_file():
+            if step == "staged" and not copy.is_file():
                 claim.update(step="claimed")  # the local copy is gone (another host, a wiped workdir)
                 continue
             if step == "finished" and not (self.workdir / key / "output.mp4").is_file():
@@ -149,26 +190,34 @@ class Watcher:
                 continue
             if step == "claimed":
                 local.mkdir(parents=True, exist_ok=True)
-                copy = local / f"input{suffix_of(entry.name)}"
                 self.input.download(entry.name, copy)
-                claim.update(step="staged", local_input=str(copy))
+                claim.update(step="staged")
             elif step == "staged":
-                if claim.data["attempts"] >= self.cfg.max_attempts:
-                    self._quarantine(claim, entry, key, f"failed {claim.data['attempts']} times", claim.data.get("exit_code"))
+                attempts = claim.data["attempts"]  # failures that may be the input's fault
+                if attempts >= self.cfg.max_attempts:
+                    reason = f"failed {attempts} times, the last: {claim.data.get('failure', 'unknown')}"
+                    self._quarantine(claim, entry, key, reason, claim.data.get("exit_code"))
                     continue
-                claim.update(step="submitted", job=None, attempts=claim.data["attempts"] + 1)
-                handle = self.runner.start(self._job(key, claim))
+                if claim.data.get("retry_after", 0) > time.time():
+                    return "waiting"  # backing off after a failure that was not the input's
+                job = self._job(key, entry)
+                claim.update(step="submitted", job=None, submitted_at=time.time(), started_by=self.owner)
+                handle = self.runner.start(job)
                 claim.update(job=handle)
-                log.info("%s: attempt %d started as %s", entry.name, claim.data["attempts"], handle)
+                log.info("%s: attempt %d started as %s", redact(shown(entry.name)), attempts + 1, handle)
             elif step == "submitted":
-                handle = claim.data["job"] or self.runner.find(self._job(key, claim).name)
+                job = self._job(key, entry)
+                handle = claim.data["job"] or self.runner.find(job)
                 if handle is None:
-                    # Crashed between recording the attempt and starting the job, which never ran.
+                    # Crashed between recording the start and starting the job, which never ran.
                     claim.update(step="staged")
                     continue
                 if handle != claim.data["job"]:
                     claim.update(job=handle)
-                status = self.runner.poll(handle)
+                if self.runner.waits and claim.data.get("started_by") != self.owner:
+                    # A killed watcher's job runs on in its own session: wait for it, never start a second.
+                    log.info("%s: following %s, started by %s", redact(shown(entry.name)), handle, claim.data.get("started_by"))
+                status = self.runner.wait(handle, job, claim.data.get("submitted_at"))
                 if status.state == "lost" and (self.workdir / key / "output.mp4.report.json").is_file():
                     # The scheduler forgot the job (aged out), but it finished: its report is there.
                     status = JobStatus("done", 0)
@@ -177,11 +226,15 @@ class Watcher:
                     return "running"
                 if status.state == "done":
                     claim.update(step="finished", exit_code=0)
-                elif status.exit_code == InputError.exit_code:
+                elif blame(status) == "input":
                     self._quarantine(claim, entry, key, "the input is not a usable video", status.exit_code)
+                elif blame(status) == "attempt":
+                    log.warning("%s: attempt %d failed, exit %s: %s", redact(shown(entry.name)), claim.data["attempts"] + 1,
+                                status.exit_code, redact(meaning(status)))
+                    claim.update(step="staged", attempts=claim.data["attempts"] + 1, exit_code=status.exit_code,
+                                 failure=meaning(status))
                 else:
-                    log.warning("%s: attempt %d %s (exit %s)", entry.name, claim.data["attempts"], status.state, status.exit_code)
-                    claim.update(step="staged", exit_code=status.exit_code)
+                    return self._retry_later(claim, entry, status)
             elif step == "finished":
                 self._deliver(claim, entry, key)
             else:
@@ -189,36 +242,136 @@ class Watcher:
         self._clean_local(key)
         return claim.data["step"]
 
-    def _job(self, key: str, claim: Claim) -> JobSpec:
+    def _job(self, key: str, entry: Entry) -> JobSpec:
         local = self.workdir / key
         output = local / "output.mp4"
         overrides = [
-            f"input={claim.data['local_input']}",
+            f"input={self._input_copy(key, entry.name)}",
             f"output={output}",
-            f"staging.root={self.workdir / 'staging'}",
+            # Inside the video's own folder, so every final state removes it with the rest.
+            f"staging.root={local / 'staging'}",
             *self.cfg.job_overrides,
         ]
-        return JobSpec(name=f"mpistyle-{key}", overrides=overrides, log=local / "job.log", runs_dir=local / "runs")
+        return JobSpec(
+            name=f"mpistyle-{key}", overrides=overrides, log=local / "job.log", runs_dir=local / "runs", folder=local,
+            time_limit_s=self.cfg.job_time_limit_s,
+        )
+
+    def _retry_later(self, claim: Claim, entry: Entry, status: JobStatus) -> str:
+        """A job that failed through no fault of its input: stop the video for this tick and
+        retry it on a later one, waiting twice as long after each such failure. Never counted as
+        an attempt, never quarantined: a full staging area or a failed node is no reason to give
+        a good video up (nor to delete the inbox copy)."""
+        retries = claim.data.get("retries", 0) + 1
+        delay = min(self.cfg.retry_backoff_max_s, self.cfg.retry_backoff_s * 2 ** min(retries - 1, 40))
+        claim.update(
+            step="staged", exit_code=status.exit_code, failure=meaning(status), retries=retries, retry_after=time.time() + delay
+        )
+        log.warning("%s: job failed, exit %s: %s; not the input's fault, retry %d in %.0f s",
+                    redact(shown(entry.name)), status.exit_code, redact(meaning(status)), retries, delay)
+        return "retrying"
+
+    def _refusal(self, entry: Entry) -> tuple[str, str] | None:
+        """Why ``entry`` is not taken at all (its reason and what to do), or None. Checked
+        before any download, so a name that could never be delivered costs nothing."""
+        try:
+            self.input.check(entry.name)
+            target = output_name(entry.name)
+            for suffix in ("", *_SIDE_FILES):
+                self.output.check(target + suffix)
+        except UnsafeName as err:
+            return f"unusable name: {err}", (
+                "rename it (no control characters or backslashes, no empty, '.' or '..' parts, parts of at most "
+                "240 bytes, the whole name well under 1000 bytes) and upload it again"
+            )
+        # Only names of single-file video formats: FFmpeg would also open playlists (.m3u8),
+        # concat lists and the like, which read other files or URLs (see formats.py).
+        if PurePosixPath(entry.name).suffix.lower() not in VIDEO_SUFFIXES:
+            return f"not a video name: only names ending in {', '.join(VIDEO_SUFFIXES)} (any case) are taken", (
+                "upload the video under a name with one of those endings"
+            )
+        return None
 
     def _deliver(self, claim: Claim, entry: Entry, key: str) -> None:
         local = self.workdir / key
         target = output_name(entry.name)
-        for suffix in (".report.json", ".preview.png"):
-            if (local / f"output.mp4{suffix}").exists():
-                self.output.upload(target + suffix, local / f"output.mp4{suffix}")
+        # One record per output name says which input it belongs to: distinct inputs that map
+        # to one output (x.mov and x.mov.mp4), or an older upload finishing late, never overwrite.
+        ticket = f"delivered/{hashlib.sha256(target.encode()).hexdigest()}.json"
+        held = self.work.read_json(ticket)
+        if held is not None and held[0].get("input") != entry.name:
+            other = redact(shown(str(held[0].get("input"))))
+            self._quarantine(
+                claim, entry, key, f"its output name {redact(shown(target))} is already taken by the input {other}", None,
+                "rename one of the two inputs and upload it again",
+            )
+            return
+        newer = self._newer_upload(entry, held[0] if held else None)
+        if newer is not None:
+            claim.update(step="superseded", reason=newer)
+            log.info("%s: not delivered: %s", redact(shown(entry.name)), newer)
+            return
+        mine = {"output": target, "input": entry.name, "etag": entry.etag, "modified": entry.modified, "key": key,
+                "delivered": _now()}
+        if held is None:
+            if self.work.create_json(ticket, mine) is None:
+                raise StateConflict(ticket)  # another watcher delivers to this name right now: next tick
+        else:
+            self.work.replace_json(ticket, mine, held[1])
+        report = self._public_report(local / "output.mp4.report.json", entry, key, target)
+        if report is not None:
+            self.output.upload(target + ".report.json", report)
+        if (local / "output.mp4.preview.png").exists():
+            self.output.upload(target + ".preview.png", local / "output.mp4.preview.png")
         # The video last: its arrival is the signal that everything is there.
         self.output.upload(target, local / "output.mp4")
         self._upload_logs(key)
         claim.update(step="done", output=target)
-        log.info("%s: done -> %s", entry.name, target)
+        log.info("%s: done -> %s", redact(shown(entry.name)), redact(shown(target)))
         if self.cfg.delete_inputs:
             self.input.delete(entry.name, entry.etag)
 
-    def _quarantine(self, claim: Claim, entry: Entry, key: str, reason: str, exit_code: int | None) -> None:
+    def _newer_upload(self, entry: Entry, held: dict[str, Any] | None) -> str | None:
+        """Why this version must not be delivered because a newer one of the same name exists.
+
+        The name's current version is the newest (storage keeps one per name), so if it is ours,
+        ours goes out. If the name is gone (deleted, maybe by ``delete_inputs`` after a newer
+        version's delivery), the delivery record says whether a newer version went out."""
+        current = self.input.version(entry.name)
+        if current is not None:
+            return None if current.etag == entry.etag else "a newer upload of the same name replaced it"
+        if held is not None and held.get("etag") != entry.etag and int(held.get("modified") or 0) > entry.modified:
+            return "a newer upload of the same name was delivered"
+        return None
+
+    def _public_report(self, full: Path, entry: Entry, key: str, target: str) -> Path | None:
+        """Keep the job's own report in the work area; return a copy fit for users (no paths,
+        host names or run ids), or None when the job left no readable report."""
+        if not full.is_file():
+            return None
+        self.work.upload(f"logs/{key}/report.json", full)
+        try:
+            report = public_report(json.loads(full.read_text()))
+        except (ValueError, AttributeError) as err:
+            log.warning("%s: the job's report is unreadable, delivered without it: %s", redact(shown(entry.name)), err)
+            return None
+        report["input"] = {**report.get("input", {}), "name": PurePosixPath(entry.name).name}
+        report["output"] = {**report.get("output", {}), "name": PurePosixPath(target).name}
+        if report.get("preview"):
+            report["preview"] = PurePosixPath(target).name + ".preview.png"
+        public = full.with_name("public.report.json")
+        public.write_text(json.dumps(report, indent=2) + "\n")
+        return public
+
+    def _quarantine(
+        self, claim: Claim, entry: Entry, key: str, reason: str, exit_code: int | None,
+        what_to_do: str = "fix or replace the input and upload it again (a new upload is a new job)",
+    ) -> None:
         local = self.workdir / key
-        copy = Path(claim.data.get("local_input") or "")
+        copy = self._input_copy(key, entry.name)
         if copy.is_file():
-            self.work.upload(f"quarantine/{key}/{Path(entry.name).name}", copy)
+            # A fixed name: the input's own (say "error.json") could overwrite the record below.
+            self.work.upload(f"quarantine/{key}/{copy.name}", copy)
         tail = ""
         if (local / "job.log").exists():
             tail = "\n".join((local / "job.log").read_text(errors="replace").splitlines()[-20:])
@@ -228,7 +381,7 @@ class Watcher:
             "exit_code": exit_code,
             "attempts": claim.data["attempts"],
             "quarantined": _now(),
-            "what_to_do": "fix or replace the input and upload it again (a new upload is a new job)",
+            "what_to_do": what_to_do,
             "log_tail": redact(tail),
         }
         error_file = local / "error.json"
@@ -237,7 +390,7 @@ class Watcher:
         self.work.upload(f"quarantine/{key}/error.json", error_file)
         self._upload_logs(key)
         claim.update(step="quarantined", reason=reason, exit_code=exit_code)
-        log.warning("%s: quarantined (%s)", entry.name, reason)
+        log.warning("%s: quarantined (%s)", redact(shown(entry.name)), redact(reason))
         if self.cfg.delete_inputs:
             self.input.delete(entry.name, entry.etag)
 
@@ -251,6 +404,48 @@ class Watcher:
 
     def _clean_local(self, key: str) -> None:
         shutil.rmtree(self.workdir / key, ignore_errors=True)
+
+    # -- records nobody advances any more ---------------------------------------------------------
+
+    def _sweep(self, listed: list[Entry]) -> Iterator[str]:
+        """A record whose input version is no longer listed (deleted, or replaced by a new
+        upload: a new job) is never advanced again. Once unchanged for ``sweep_after_s``, end it:
+        a running one becomes ``abandoned`` with its local files removed; a final one is deleted
+        (its quarantine copy and logs stay)."""
+        current = {job_name(entry.name, entry.etag) for entry in listed}
+        cutoff = time.time_ns() - int(self.cfg.sweep_after_s * 1e9)
+        for record in self.work.list("state/"):
+            key = record.name.removeprefix("state/").removesuffix(".json")
+            if record.name != f"state/{key}.json" or not is_job_key(key) or key in current or record.modified > cutoff:
+                continue
+            try:
+                outcome = self._sweep_one(record, key)
+            except Exception as err:  # one bad record never stops the sweep
+                outcome = "error"
+                log.error("sweeping %s: %s", redact(shown(record.name)), redact(_first_line(err)))
+            if outcome is not None:
+                yield outcome
+
+    def _sweep_one(self, record: Entry, key: str) -> str | None:
+        found = self.work.read_json(record.name)
+        if found is None:
+            return None
+        data, etag = found
+        if data.get("step") in FINAL:
+            self._clean_local(key)
+            self.work.delete(record.name, record.etag)  # only the version listed: not one changed since
+            return "swept"
+        if data.get("owner") != self.owner and float(data.get("lease_until") or 0) > time.time():
+            return None  # a live watcher works on it (its input may have gone only just now)
+        try:
+            Claim(self.work, record.name, data, etag).update(
+                step="abandoned", reason="its input was deleted or replaced by a new upload", owner=self.owner, lease_until=0
+            )
+        except StateConflict:
+            return None  # someone changed it just now: not stale after all
+        self._clean_local(key)
+        log.info("%s: abandoned: its input %s is gone", key, redact(shown(str(data.get("input")))))
+        return "abandoned"
 
     @contextmanager
     def _heartbeat(self, claim: Claim) -> Iterator[None]:
@@ -275,22 +470,68 @@ class Watcher:
             thread.join()
 
 
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 # Never handed to a job, whatever the area configs name: the jobs only need local paths.
-_SECRET_VARIABLES = ("AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_KEY", "AZURE_STORAGE_SAS_TOKEN")
+# Credentials of the Azure SDK and of Azure's managed identity. The job environment is an
+# allow-list that keeps them (and any other) out anyway; these names are also refused in
+# runner.env_pass, with every storage.*.credential_env.
+_SECRET_VARIABLES = (
+    "AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_KEY", "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_SAS_TOKEN",
+    "AZURE_CLIENT_SECRET", "AZURE_CLIENT_CERTIFICATE_PASSWORD", "AZURE_CLIENT_CERTIFICATE_PATH", "AZURE_PASSWORD",
+    "AZURE_FEDERATED_TOKEN_FILE", "IDENTITY_HEADER", "IDENTITY_ENDPOINT", "MSI_SECRET", "MSI_ENDPOINT",
+)
+_AREAS = ("input", "output", "work")
 
 
-def make_runner(cfg: DictConfig, storage: DictConfig | None = None) -> Runner:
-    hidden = {*_SECRET_VARIABLES, *(f"MPISTYLE_{a.upper()}_CREDENTIAL" for a in ("input", "output", "work"))}
-    if storage is not None:
-        hidden |= {storage[area].credential_env for area in ("input", "output", "work") if storage[area].credential_env}
-    if cfg.kind == "local":
-        return LocalRunner(ranks=cfg.ranks, python=cfg.python or sys.executable, hidden_env=frozenset(hidden))
-    if cfg.kind == "slurm":
-        script = Path(cfg.script).expanduser() if cfg.script else DEFAULT_SBATCH_SCRIPT
+def _credential_names(storage: DictConfig) -> set[str]:
+    return {*_SECRET_VARIABLES, *(storage[area].credential_env for area in _AREAS if storage[area].credential_env)}
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Checks on the watch config beyond types, each naming the override to fix."""
+    for area in _AREAS:
+        if "sig=" in (cfg.storage[area].url or "").lower():
+            variable = cfg.storage[area].credential_env or f"MPISTYLE_{area.upper()}_CREDENTIAL"
+            also = "" if cfg.storage[area].credential_env else f" and set storage.{area}.credential_env={variable}"
+            raise ConfigError(
+                f"storage.{area}.url carries a SAS token, and a command line shows in ps and in systemd's unit status: "
+                f"give the container URL alone, put the SAS in the environment variable {variable}{also}"
+            )
+    for key in ("job_time_limit_s", "tick_time_limit_s", "retry_backoff_s", "retry_backoff_max_s"):
+        if not cfg[key] > 0:  # also refuses nan
+            raise ConfigError(f"{key} must be positive, got {cfg[key]}")
+    if not cfg.job_kill_grace_s >= 0:
+        raise ConfigError(f"job_kill_grace_s must be 0 or more, got {cfg.job_kill_grace_s}")
+    credentials = _credential_names(cfg.storage)
+    for name in cfg.runner.env_pass:
+        if name in credentials or (name.startswith("MPISTYLE_") and name.endswith("_CREDENTIAL")):
+            raise ConfigError(f"runner.env_pass names {name}, a credential: jobs never get one (they work on local files)")
+    for arg in cfg.runner.sbatch_args:
+        if str(arg).startswith(("--export", "--time", "-t")):
+            raise ConfigError(
+                f"runner.sbatch_args sets {str(arg).split('=')[0]}, which the watcher sets itself: "
+                "use job_time_limit_s for the time limit, runner.env_pass for the environment"
+            )
+
+
+def make_runner(cfg: DictConfig) -> Runner:
+    """The runner ``cfg`` (the whole watch config) asks for."""
+    runner = cfg.runner
+    hidden, passed = frozenset(_credential_names(cfg.storage)), frozenset(runner.env_pass)
+    if runner.kind == "local":
+        return LocalRunner(ranks=runner.ranks, python=runner.python or sys.executable, env_pass=passed, hidden_env=hidden,
+                           kill_grace_s=cfg.job_kill_grace_s)
+    if runner.kind == "slurm":
+        script = Path(runner.script).expanduser() if runner.script else DEFAULT_SBATCH_SCRIPT
         if not script.is_file():
-            raise StorageError(f"sbatch script not found: {script} (set runner.script)")
-        return SlurmRunner(script=script, sbatch_args=list(cfg.sbatch_args), hidden_env=frozenset(hidden))
-    raise StorageError(f"runner.kind must be local or slurm, not {cfg.kind!r}")
+            raise ConfigError(f"sbatch script not found: {script} (set runner.script)")
+        return SlurmRunner(script=script, sbatch_args=list(runner.sbatch_args), env_pass=passed, hidden_env=hidden,
+                           kill_grace_s=cfg.job_kill_grace_s)
+    raise ConfigError(f"runner.kind must be local or slurm, not {runner.kind!r}")
 
 
 @hydra.main(config_path="pkg://mpistyle.configs", config_name="watch", version_base="1.3")
@@ -299,8 +540,9 @@ def _hydra_main(cfg: DictConfig) -> None:
     # The Azure SDK logs request URLs; keep it to warnings (and our messages are redacted).
     logging.getLogger("azure").setLevel(logging.WARNING)
     try:
-        areas = {label: open_area(label, cfg.storage[label]) for label in ("input", "output", "work")}
-        counts = Watcher(cfg, areas, make_runner(cfg.runner, cfg.storage)).tick()
+        check_config(cfg)
+        areas = {label: open_area(label, cfg.storage[label]) for label in _AREAS}
+        counts = Watcher(cfg, areas, make_runner(cfg)).tick()
     except MpistyleError as err:
         log.error("error: %s", redact(str(err).splitlines()[0]))
         sys.exit(err.exit_code)

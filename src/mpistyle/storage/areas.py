@@ -7,21 +7,27 @@ the caller read (a watcher that lost its claim finds out instead of overwriting)
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
+import stat
 import time
-import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, BinaryIO, Protocol, TypeVar
 from urllib.parse import urlparse
 
 from ..errors import StorageError
+from .names import check_name, shown
 from .secrets import from_env, redact
+
+log = logging.getLogger("mpistyle.storage")
 
 T = TypeVar("T")
 
@@ -35,12 +41,18 @@ class Entry:
     name: str  # relative to the area's prefix
     etag: str
     size: int
+    modified: int = 0  # last modified, ns since the epoch (blobs: whole seconds)
 
 
 class Area(Protocol):
+    """Every name-taking call checks the name, with the area's prefix, by
+    :func:`~mpistyle.storage.names.check_name` and raises its UnsafeName (a StorageError)."""
+
     label: str
 
-    def list(self) -> list[Entry]: ...
+    def check(self, name: str) -> None: ...
+    def list(self, prefix: str = "") -> list[Entry]: ...
+    def version(self, name: str) -> Entry | None: ...
     def download(self, name: str, dest: Path) -> None: ...
     def upload(self, name: str, src: Path) -> None: ...
     def delete(self, name: str, etag: str | None = None) -> None: ...
@@ -95,26 +107,54 @@ class BlobArea:
                 time.sleep(2.0 * 2**attempt)
         raise AssertionError("unreachable")
 
-    def list(self) -> list[Entry]:
-        blobs = self._call("list blobs", lambda: list(self.client.list_blobs(name_starts_with=self.prefix or None)))
-        return [Entry(b.name[len(self.prefix) :], b.etag, b.size) for b in blobs if not b.name.endswith("/")]
+    def check(self, name: str) -> None:
+        check_name(self.prefix + name, self.label)
+
+    def _full(self, name: str) -> str:
+        """The blob name for ``name``, checked: the SDK puts it in a URL path, where ``..`` is
+        resolved into another container's name."""
+        self.check(name)
+        return self.prefix + name
+
+    def list(self, prefix: str = "") -> list[Entry]:
+        """Every blob whose name starts with ``prefix``, even names the watcher will refuse."""
+        start = self.prefix + prefix
+        blobs = self._call("list blobs", lambda: list(self.client.list_blobs(name_starts_with=start or None)))
+        return [
+            Entry(b.name[len(self.prefix) :], b.etag, b.size, _ns(b.last_modified)) for b in blobs if not b.name.endswith("/")
+        ]
+
+    def version(self, name: str) -> Entry | None:
+        """The blob's current version, or None when there is none."""
+        from azure.core.exceptions import ResourceNotFoundError
+
+        blob = self.client.get_blob_client(self._full(name))
+        try:
+            props = self._call(f"read the properties of {name}", blob.get_blob_properties)
+        except ResourceNotFoundError:
+            return None
+        # Unquoted, as list() gives it (the service quotes it here): the two must compare equal.
+        return Entry(name, props.etag.strip('"'), props.size, _ns(props.last_modified))
 
     def download(self, name: str, dest: Path) -> None:
+        full = self._full(name)
         partial = dest.with_name(dest.name + ".partial")
         with partial.open("wb") as handle:
 
             def fetch() -> None:
                 handle.seek(0)
                 handle.truncate()  # a retry starts over, never after a failed try's bytes
-                self.client.download_blob(self.prefix + name).readinto(handle)
+                self.client.download_blob(full).readinto(handle)
 
             self._call(f"download {name}", fetch)
         os.replace(partial, dest)
 
     def upload(self, name: str, src: Path) -> None:
+        full = self._full(name)
+
         def put() -> None:
             with src.open("rb") as handle:
-                self.client.upload_blob(self.prefix + name, handle, overwrite=True)
+                self.client.upload_blob(full, handle, overwrite=True)
 
         self._call(f"upload {name}", put)
 
@@ -123,17 +163,19 @@ class BlobArea:
         from azure.core import MatchConditions
         from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
 
+        full = self._full(name)
         condition = {"etag": etag, "match_condition": MatchConditions.IfNotModified} if etag else {}
         try:
-            self._call(f"delete {name}", lambda: self.client.delete_blob(self.prefix + name, **condition))
+            self._call(f"delete {name}", lambda: self.client.delete_blob(full, **condition))
         except (ResourceNotFoundError, ResourceModifiedError):
             pass
 
     def read_json(self, name: str) -> tuple[dict[str, Any], str] | None:
         from azure.core.exceptions import ResourceNotFoundError
 
+        full = self._full(name)
         try:
-            stream = self._call(f"read {name}", lambda: self.client.download_blob(self.prefix + name))
+            stream = self._call(f"read {name}", lambda: self.client.download_blob(full))
         except ResourceNotFoundError:
             return None
         return json.loads(stream.readall()), stream.properties.etag
@@ -141,7 +183,7 @@ class BlobArea:
     def create_json(self, name: str, data: dict[str, Any]) -> str | None:
         from azure.core.exceptions import ResourceExistsError
 
-        blob = self.client.get_blob_client(self.prefix + name)
+        blob = self.client.get_blob_client(self._full(name))
         try:
             reply = self._call(f"create {name}", lambda: blob.upload_blob(_dump(data), overwrite=False))
         except ResourceExistsError:
@@ -152,7 +194,7 @@ class BlobArea:
         from azure.core import MatchConditions
         from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
 
-        blob = self.client.get_blob_client(self.prefix + name)
+        blob = self.client.get_blob_client(self._full(name))
 
         def put() -> Any:
             return blob.upload_blob(_dump(data), overwrite=True, etag=etag, match_condition=MatchConditions.IfNotModified)
@@ -175,6 +217,11 @@ def _default_credential() -> Any:
     return DefaultAzureCredential()
 
 
+def _ns(when: Any) -> int:
+    """A blob's last-modified time (an aware datetime) in ns since the epoch, like st_mtime_ns."""
+    return int(when.timestamp()) * 1_000_000_000 if when is not None else 0
+
+
 def _first_line(err: Exception) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
@@ -182,107 +229,231 @@ def _first_line(err: Exception) -> str:
 
 # -- a local folder ----------------------------------------------------------------------------------
 
+# Every folder on the way to a name is opened with O_NOFOLLOW, relative to its parent's
+# descriptor: a symbolic link anywhere below the root (``inbox/x.mp4 -> /etc/passwd``, or a linked
+# folder) is refused, and nothing swapped in between a check and an open is followed either.
+_FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: opening a FIFO someone put there returns at once (then refused) instead of hanging.
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+
 
 class LocalArea:
-    """A folder standing in for a container: the watcher's flow on one machine, no cloud."""
+    """A folder standing in for a container: the watcher's flow on one machine, no cloud.
+
+    The root itself is the operator's choice and may be a link; nothing below it is followed.
+    """
 
     def __init__(self, label: str, root: str, prefix: str = "") -> None:
         self.label = label
         self.root = Path(root).expanduser()
-        self.prefix = prefix
+        # A local prefix is a folder: "in" and "in/" both mean the folder in/.
+        self.prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
+        if self.prefix:
+            check_name(self.prefix.rstrip("/"), label)
         self.root.mkdir(parents=True, exist_ok=True)
 
-    def _path(self, name: str) -> Path:
-        full = self.prefix + name
-        parts = full.replace("\\", "/").split("/")
-        if full.startswith("/") or any(p in ("..", "") for p in parts) or any(unicodedata.category(c) == "Cc" for c in full):
-            raise StorageError(f"unsafe name for a local {self.label} folder: {full!r}")
-        return self.root.joinpath(*parts)
+    def check(self, name: str) -> None:
+        check_name(self.prefix + name, self.label)
 
-    def list(self) -> list[Entry]:
-        base = self.root / self.prefix if self.prefix else self.root
-        if not base.is_dir():
+    def _parts(self, name: str) -> list[str]:
+        self.check(name)
+        return (self.prefix + name).split("/")
+
+    @contextmanager
+    def _folder(self, parts: list[str], name: str, create: bool = False) -> Iterator[int]:
+        """A descriptor of the folder that holds ``parts[-1]``, reached without following links.
+        A missing folder raises FileNotFoundError (unless ``create``)."""
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for part in parts[:-1]:
+                if create:
+                    with suppress(FileExistsError):
+                        os.mkdir(part, dir_fd=fd)
+                try:
+                    child = os.open(part, _FOLDER_FLAGS, dir_fd=fd)
+                except FileNotFoundError:
+                    raise
+                except OSError as err:
+                    raise self._refused(err, name) from None
+                os.close(fd)
+                fd = child
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _refused(self, err: OSError, name: str, what: str = "use") -> StorageError:
+        if err.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
+            return StorageError(
+                f"local {self.label} folder: {redact(shown(self.prefix + name))} is a symbolic link or goes through one "
+                "(local areas never follow links): replace it with the file itself"
+            )
+        return StorageError(f"cannot {what} {redact(shown(self.prefix + name))} in the local {self.label} folder: {err.strerror}")
+
+    def _open_file(self, folder: int, part: str, name: str) -> int:
+        """A descriptor of the regular file ``part`` in ``folder`` (FileNotFoundError if none)."""
+        try:
+            fd = os.open(part, _READ_FLAGS, dir_fd=folder)
+        except FileNotFoundError:
+            raise
+        except OSError as err:
+            raise self._refused(err, name, "read") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise StorageError(f"local {self.label} folder: {redact(shown(self.prefix + name))} is not a regular file")
+        return fd
+
+    def _read(self, name: str) -> bytes | None:
+        parts = self._parts(name)
+        try:
+            with self._folder(parts, name) as folder:
+                fd = self._open_file(folder, parts[-1], name)
+        except FileNotFoundError:
+            return None
+        with os.fdopen(fd, "rb") as handle:
+            return handle.read()
+
+    def list(self, prefix: str = "") -> list[Entry]:
+        """Regular files under ``prefix`` (a folder, e.g. ``state/``); links are skipped, with a
+        warning, and so are hidden files and files being written (not there yet)."""
+        base = self.prefix + prefix
+        parts = base.rstrip("/").split("/") if base else []
+        if parts:
+            check_name("/".join(parts), self.label)
+        try:
+            with self._folder([*parts, ""], base) as folder:
+                return sorted(self._walk(folder, prefix), key=lambda e: e.name)
+        except FileNotFoundError:
             return []
-        entries = []
-        for path in sorted(base.rglob("*")):
-            relative = path.relative_to(base).as_posix()
-            # Files being written (ours or another copier's) are not there yet.
-            if path.is_file() and not any(part.startswith(".") for part in relative.split("/")) and ".partial" not in path.name:
-                stat = path.stat()
-                entries.append(Entry(relative, _local_etag(stat), stat.st_size))
-        return entries
+
+    def _walk(self, folder: int, relative: str) -> Iterator[Entry]:
+        with os.scandir(folder) as found:
+            items = sorted(found, key=lambda item: item.name)
+        for item in items:
+            name = relative + item.name
+            if item.name.startswith(".") or ".partial" in item.name:
+                continue
+            try:
+                info = item.stat(follow_symlinks=False)
+                if stat.S_ISLNK(info.st_mode):
+                    log.warning("local %s folder: skipping the symbolic link %s (local areas never follow links)",
+                                self.label, redact(shown(self.prefix + name)))
+                elif stat.S_ISDIR(info.st_mode):
+                    child = os.open(item.name, _FOLDER_FLAGS, dir_fd=folder)
+                    try:
+                        yield from self._walk(child, name + "/")
+                    finally:
+                        os.close(child)
+                elif stat.S_ISREG(info.st_mode):
+                    yield Entry(name, _local_etag(info), info.st_size, info.st_mtime_ns)
+            except FileNotFoundError:
+                continue  # removed while listing
+            except OSError as err:
+                log.warning("local %s folder: skipping %s: %s", self.label, redact(shown(self.prefix + name)), err.strerror)
+
+    def version(self, name: str) -> Entry | None:
+        parts = self._parts(name)
+        try:
+            with self._folder(parts, name) as folder:
+                info = os.stat(parts[-1], dir_fd=folder, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        except StorageError:
+            return None  # under a linked folder: not an input this area lists
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        return Entry(name, _local_etag(info), info.st_size, info.st_mtime_ns)
 
     def download(self, name: str, dest: Path) -> None:
+        parts = self._parts(name)
+        try:
+            with self._folder(parts, name) as folder:
+                fd = self._open_file(folder, parts[-1], name)
+        except FileNotFoundError:
+            raise StorageError(f"{redact(shown(self.prefix + name))} is gone from the local {self.label} folder") from None
         partial = dest.with_name(dest.name + ".partial")
-        shutil.copyfile(self._path(name), partial)
+        with os.fdopen(fd, "rb") as source, partial.open("wb") as copy:
+            shutil.copyfileobj(source, copy, 1 << 20)
         os.replace(partial, dest)
 
     def upload(self, name: str, src: Path) -> None:
-        target = self._path(name)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
-        shutil.copyfile(src, partial)
-        os.replace(partial, target)
+        parts = self._parts(name)
+
+        def fill(handle: BinaryIO) -> None:
+            with src.open("rb") as source:
+                shutil.copyfileobj(source, handle, 1 << 20)
+
+        with self._folder(parts, name, create=True) as folder:
+            self._write(folder, parts[-1], name, fill)
 
     def delete(self, name: str, etag: str | None = None) -> None:
-        path = self._path(name)
+        parts = self._parts(name)
         try:
-            if etag is not None and _local_etag(path.stat()) != etag:
-                return  # replaced since: that is a new job's input
-            path.unlink()
+            with self._folder(parts, name) as folder:
+                if etag is not None and _local_etag(os.stat(parts[-1], dir_fd=folder, follow_symlinks=False)) != etag:
+                    return  # replaced since: that is a new job's input
+                os.unlink(parts[-1], dir_fd=folder)
         except FileNotFoundError:
             pass
 
     def read_json(self, name: str) -> tuple[dict[str, Any], str] | None:
-        path = self._path(name)
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
+        raw = self._read(name)
+        if raw is None:
             return None
         return json.loads(raw), hashlib.sha256(raw).hexdigest()
 
     def create_json(self, name: str, data: dict[str, Any]) -> str | None:
-        path = self._path(name)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        parts = self._parts(name)
         raw = _dump(data)
-        with self._locked(path):
-            if path.exists():
+        with self._folder(parts, name, create=True) as folder, self._locked(folder, parts[-1]):
+            try:
+                os.stat(parts[-1], dir_fd=folder, follow_symlinks=False)
                 return None
-            self._write(path, raw)
+            except FileNotFoundError:
+                pass
+            self._write(folder, parts[-1], name, lambda handle: handle.write(raw))
         return hashlib.sha256(raw).hexdigest()
 
     def replace_json(self, name: str, data: dict[str, Any], etag: str) -> str:
-        path = self._path(name)
+        parts = self._parts(name)
         raw = _dump(data)
-        with self._locked(path):
-            try:
-                current = hashlib.sha256(path.read_bytes()).hexdigest()
-            except FileNotFoundError:
-                raise StateConflict(name) from None
-            if current != etag:
-                raise StateConflict(name)
-            self._write(path, raw)
+        try:
+            with self._folder(parts, name) as folder, self._locked(folder, parts[-1]):
+                fd = self._open_file(folder, parts[-1], name)
+                with os.fdopen(fd, "rb") as handle:
+                    if hashlib.sha256(handle.read()).hexdigest() != etag:
+                        raise StateConflict(name)
+                self._write(folder, parts[-1], name, lambda handle: handle.write(raw))
+        except FileNotFoundError:
+            raise StateConflict(name) from None
         return hashlib.sha256(raw).hexdigest()
 
+    def _write(self, folder: int, part: str, name: str, fill: Callable[[BinaryIO], object]) -> None:
+        """Readers see the old file or the whole new one. The partial file's name is short (a
+        255-byte name plus a suffix would not fit) and hidden from :meth:`list`."""
+        partial = f".{hashlib.sha256(part.encode()).hexdigest()[:16]}.partial-{os.getpid()}"
+        try:
+            fd = os.open(partial, _WRITE_FLAGS, 0o666, dir_fd=folder)
+            with os.fdopen(fd, "wb") as handle:
+                fill(handle)
+            # Renames the entry itself: a link already at the target is replaced, never followed.
+            os.replace(partial, part, src_dir_fd=folder, dst_dir_fd=folder)
+        except OSError as err:
+            with suppress(OSError):
+                os.unlink(partial, dir_fd=folder)
+            raise self._refused(err, name, "write") from None
+
     @staticmethod
-    def _write(path: Path, raw: bytes) -> None:
-        partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-        partial.write_bytes(raw)
-        os.replace(partial, path)
-
-    class _locked:
+    @contextmanager
+    def _locked(folder: int, part: str) -> Iterator[None]:
         """An exclusive lock beside the record, held while it is compared and replaced."""
-
-        def __init__(self, path: Path) -> None:
-            self.lock = path.with_name(f".{path.name}.lock")
-
-        def __enter__(self) -> None:
-            self.handle = self.lock.open("a")
-            fcntl.flock(self.handle, fcntl.LOCK_EX)
-
-        def __exit__(self, *exc: object) -> None:
-            fcntl.flock(self.handle, fcntl.LOCK_UN)
-            self.handle.close()
+        lock = f".{hashlib.sha256(part.encode()).hexdigest()[:16]}.lock"  # short, like the partial files
+        fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=folder)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
 
 
 def _local_etag(stat: os.stat_result) -> str:
