@@ -249,3 +249,18 @@ def test_cli_end_to_end(video: Callable[..., Path], tmp_path: Path) -> None:
     errors = [line for line in bad.stderr.splitlines() if "ERROR" in line]
     assert len(errors) == 1 and "style image not found" in errors[0]
     assert "Traceback" not in bad.stderr
+
+
+def test_a_style_image_never_makes_the_job_read_another_file(tmp_path: Path) -> None:
+    """A playlist as the style image would have its segment (a real video elsewhere) read; an
+    image-sequence pattern would read img001.png instead of the file of that very name."""
+    from media import hls_playlist
+
+    playlist = hls_playlist(tmp_path)
+    with pytest.raises(ModelError, match="cannot read the style image") as caught:
+        loading.read_style_image(str(playlist))
+    assert "\n" not in str(caught.value)
+    write_png(tmp_path / "img001.png", picture(64, 64, seed=1))
+    literal = tmp_path / "img%03d.png"
+    write_png(tmp_path / "literal.png", picture(32, 48, seed=2)).rename(literal)  # image2 would expand the name
+    assert tuple(loading.read_style_image(str(literal)).shape) == (1, 3, 32, 48)

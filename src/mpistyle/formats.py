@@ -22,6 +22,13 @@ FORMAT_WHITELIST = ",".join(DEMUXERS)
 # Protocols an input may be read through: the local (or NFS-mounted) file itself.
 PROTOCOL_WHITELIST = "file"
 
+# Demuxers of single pictures (a style image): each reads the one file it is given. image2
+# would expand a name like img%03d.png into a sequence: opened with pattern_type=none, it reads
+# the file of that very name.
+PICTURE_DEMUXERS = ("image2", "png_pipe", "jpeg_pipe", "webp_pipe", "bmp_pipe", "tiff_pipe", "gif_pipe", "ppm_pipe")
+# A picture, or a video's first frame.
+PICTURE_WHITELIST = ",".join((*PICTURE_DEMUXERS, *DEMUXERS))
+
 # The names the watcher accepts as videos (lower case), and the formats they stand for.
 VIDEO_SUFFIXES: tuple[str, ...] = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".ts", ".m2ts", ".mts", ".flv")
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, ModelError
+from ..formats import PICTURE_WHITELIST, PROTOCOL_WHITELIST
 from .arbitrary import STYLE_SIDE, ArbitraryStyleNet, StylePredictor, square_resize
 from .checksums import ARBITRARY_PREDICT_SHA256, ARBITRARY_TRANSFORM_SHA256, MULTISTYLE_SHA256, VGG19_SHA256
 from .frame_model import ValueRange
@@ -217,8 +218,11 @@ def read_style_image(style_image: str | None) -> torch.Tensor:
         raise ModelError(f"model.style_image is a folder, not a picture: {path}")
     if not path.is_file():
         raise ModelError(f"style image not found: {path}")
+    # Single pictures and single-file videos only, read from that file alone: a playlist or an
+    # image pattern named as the style image must not make the job read other files.
+    options = {"protocol_whitelist": PROTOCOL_WHITELIST, "format_whitelist": PICTURE_WHITELIST, "pattern_type": "none"}
     try:
-        with av.open(str(path)) as container:
+        with av.open("file:" + str(path.absolute()), container_options=options, timeout=30.0) as container:
             rgb = next(container.decode(video=0)).to_ndarray(format="rgb24")
     except (av.FFmpegError, OSError, ValueError, IndexError, StopIteration) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else "no picture in it"
