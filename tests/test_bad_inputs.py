@@ -200,6 +200,9 @@ CASES: dict[str, Case] = {
     "frame-count bomb": Case(_bomb, 3, "more than limits.frames=1000", ["limits.frames=1000"]),
     "over limits.bytes": Case(_video("in.mp4", frames=4), 3, "over limits.bytes=1000", ["limits.bytes=1000"]),
     "over limits.duration_s": Case(_bomb, 3, "longer than limits.duration_s=60", ["limits.duration_s=60"]),
+    "over limits.total_pixels": Case(
+        _video("in.mp4", frames=4), 3, "more than limits.total_pixels=10000", ["limits.total_pixels=10000"]
+    ),
     "over limits.pixel_rate": Case(
         _video("in.mp4", frames=4), 3, "over limits.pixel_rate=10000", ["limits.pixel_rate=10000"]
     ),

@@ -130,6 +130,29 @@ def _count_packets(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return read
 
 
+def test_the_default_limits_refuse_the_issues_frame_bomb(monkeypatch: pytest.MonkeyPatch) -> None:
+    """300k 8K frames at 30 fps, each repeating the last (28 bytes): 10 MB on disk, under the
+    default frame, duration and pixel-rate limits, and days of work. The packets are made up
+    (encoding 8K frames is too slow for a test); the index sees only their timestamps and flags."""
+    from fractions import Fraction
+    from types import SimpleNamespace
+
+    packets = (SimpleNamespace(size=28, is_discard=False, pts=i, is_keyframe=i == 0) for i in range(300_000))
+    read = []
+
+    def fake(container: object, stream: object) -> Iterator[SimpleNamespace]:
+        for packet in packets:
+            read.append(packet.pts)
+            yield packet
+
+    monkeypatch.setattr(video_module, "_video_packets", fake)
+    defaults = Limits(**vars(LimitsConfig()))
+    assert 300_000 < defaults.frames and 300_000 / 30 < defaults.duration_s  # the other limits let it pass
+    with pytest.raises(InputError, match=r"more than limits\.total_pixels="):
+        video_module._index(None, SimpleNamespace(time_base=Fraction(1, 30)), defaults, 7680 * 4320, "bomb.mkv")
+    assert len(read) < 100_000  # stopped at the limit, not after indexing it all
+
+
 def test_the_default_limits_accept_an_ordinary_video(tmp_path: Path) -> None:
     source = make_video(tmp_path / "in.mp4", frames=12)
     defaults = LimitsConfig()
@@ -138,7 +161,10 @@ def test_the_default_limits_accept_an_ordinary_video(tmp_path: Path) -> None:
     assert defaults.pixels == 7680 * 4320 and defaults.duration_s == 3 * 3600
 
 
-@pytest.mark.parametrize("override", ["limits.frames=0", "limits.bytes=-1", "limits.duration_s=nan", "limits.pixel_rate=0"])
+@pytest.mark.parametrize(
+    "override",
+    ["limits.frames=0", "limits.bytes=-1", "limits.duration_s=nan", "limits.pixel_rate=0", "limits.total_pixels=0"],
+)
 def test_limits_must_be_positive(override: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=override.split("=")[0]):
         run(make_cfg(_job(tmp_path / "in.mp4", tmp_path / "out.mp4", override)))
@@ -201,3 +227,12 @@ def test_timecode_data_and_attachments_are_dropped_and_named(suffix: str, droppe
     source = with_extra_streams(make_video(tmp_path / "plain.mkv", frames=4), tmp_path / f"extra{suffix}")
     info = probe(str(source))
     assert list(info.dropped_streams) == dropped and info.audio_streams == (1,)
+
+
+def test_an_output_container_mpistyle_cannot_read_back_is_refused_before_scoring(tmp_path: Path) -> None:
+    """The preview is decoded from the output through the same allow-list: a nut output used to
+    be written whole and then fail as a bad input (exit 3), which a watcher quarantines."""
+    source = make_video(tmp_path / "in.mp4", frames=2)
+    with pytest.raises(ConfigError, match=r"video\.format=nut: mpistyle writes only containers it reads back"):
+        run(make_cfg(_job(source, tmp_path / "out.nut", "video.format=nut")))
+    assert not (tmp_path / "out.nut").exists()

@@ -120,6 +120,8 @@ class LimitsConfig:
     duration_s: float = 10_800.0  # the video's length: 3 h
     pixels: int = 7680 * 4320  # per frame: 8K UHD
     pixel_rate: int = 7680 * 4320 * 60  # pixels per second of video (size x frames / duration): 8K at 60 fps
+    # Every frame's pixels added up, the work itself: 3 h of 4K at 30 fps (about 50 min of 8K).
+    total_pixels: int = 3840 * 2160 * 30 * 10_800
 
 
 @dataclass

@@ -17,6 +17,9 @@ DEMUXERS: dict[str, str] = {
     "mpegts": "MPEG-TS",
     "flv": "FLV",
 }
+# The muxer names (video.format) of those families: the containers mpistyle writes, since it
+# reads its own output back (the preview, which a user and the watcher take as the proof).
+READABLE_OUTPUTS = frozenset(name for family in DEMUXERS for name in family.split(","))
 # FFmpeg's format_whitelist option: a comma-separated list of demuxer names.
 FORMAT_WHITELIST = ",".join(DEMUXERS)
 # Protocols an input may be read through: the local (or NFS-mounted) file itself.

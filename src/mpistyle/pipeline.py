@@ -28,6 +28,7 @@ from torch import nn
 
 from . import __version__, config, signals
 from .errors import ConfigError, JobStopped, ModelError, MpistyleError, OutputError
+from .formats import READABLE_OUTPUTS
 from .overlap import Ahead, Behind, InOrder, Now
 from .parallel import RankContext, attempt, partition, unwrap
 from .report import Progress, StageTimer, preview_grid, preview_indices, write_json, write_png
@@ -141,6 +142,11 @@ def make_plan(cfg: DictConfig, ranks: int, run_id: str) -> Plan:
         raise ConfigError(
             f"cannot tell the container from the output name {output.name}: "
             f"use one of {', '.join(sorted(_OUTPUT_SUFFIXES))} or set video.format"
+        )
+    if container_format not in READABLE_OUTPUTS:
+        raise ConfigError(
+            f"video.format={container_format}: mpistyle writes only containers it reads back (the preview is "
+            f"decoded from the output): one of {', '.join(sorted(READABLE_OUTPUTS))}"
         )
     info = probe(str(Path(cfg.input).expanduser()), Limits(**OmegaConf.to_container(cfg.limits, resolve=True)))
     if (cfg.temporal.alpha > 0 or cfg.temporal.measure) and min(info.width, info.height) < MIN_FLOW_SIDE:

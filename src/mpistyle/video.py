@@ -54,6 +54,9 @@ class Limits:
     duration_s: float | None = None  # the video's length (also while indexing)
     pixels: int | None = None  # per frame
     pixel_rate: float | None = None  # pixels per second of video: width x height x frames / duration
+    # Every frame's pixels added up: the work the job is, whatever the clock says (300k repeated
+    # 8K frames at 30 fps fit in 10 MB and pass every limit above at their defaults).
+    total_pixels: int | None = None
 
 
 @dataclass(frozen=True)
@@ -229,7 +232,7 @@ def probe(path: str, limits: Limits | None = None) -> VideoInfo:
             )
         if stream.time_base is None:
             raise InputError(f"input's video stream has no time base: {path}")
-        frame_pts, keyframes = _index(container, stream, limits, path)
+        frame_pts, keyframes = _index(container, stream, limits, ctx.width * ctx.height, path)
         if not frame_pts:
             raise InputError(f"input has a video stream but no frames: {path}")
         frame_pts.sort()
@@ -278,7 +281,7 @@ def _video_packets(container: av.container.InputContainer, stream: av.VideoStrea
 
 
 def _index(
-    container: av.container.InputContainer, stream: av.VideoStream, limits: Limits, path: str
+    container: av.container.InputContainer, stream: av.VideoStream, limits: Limits, pixels: int, path: str
 ) -> tuple[list[int], list[int]]:
     """Every frame's pts and the keyframes' pts, from the packets alone. The frame and duration
     limits are checked packet by packet: a file of millions of tiny repeated frames stops here
@@ -286,6 +289,10 @@ def _index(
     frame_pts: list[int] = []
     keyframes: list[int] = []
     max_packets = limits.frames if limits.frames is not None else math.inf
+    if limits.total_pixels is not None and pixels > 0:
+        max_work = limits.total_pixels // pixels  # frames of this size the total allows
+    else:
+        max_work = math.inf
     max_span = limits.duration_s / Fraction(stream.time_base) if limits.duration_s is not None else math.inf
     packets = 0
     lowest, highest = math.inf, -math.inf  # the frames' pts so far
@@ -297,6 +304,11 @@ def _index(
                 raise InputError(
                     f"input has more than limits.frames={limits.frames} video frames: raise limits.frames "
                     f"if it is really that long: {path}"
+                )
+            if packets > max_work:
+                raise InputError(
+                    f"input holds more than limits.total_pixels={limits.total_pixels} pixels ({packets} frames of "
+                    f"{pixels} pixels so far): raise limits.total_pixels if it is really that much work: {path}"
                 )
             # Edit lists mark packets the decoder must drop: not a frame of the video.
             if packet.is_discard:
