@@ -117,10 +117,11 @@ def test_a_job_failing_every_time_is_quarantined_after_max_attempts(tmp_path: Pa
         "job_overrides=['~model','+model._target_=frame_models.fail_on_rank','+model.rank=0','+model.after_batches=0']",
     )
     make_video(tmp_path / "inbox" / "clip.mp4", frames=4)
-    done = run_watch(tmp_path, *overrides)
-    assert done.returncode == 0, done.stderr
-    record = states(tmp_path / "work")["clip.mp4"]
-    assert record["step"] == "quarantined" and starts(record) == 2 and record["attempts"] == 2
+    for tick, step in ((1, "staged"), (2, "quarantined")):  # one attempt a tick
+        done = run_watch(tmp_path, *overrides)
+        assert done.returncode == 0, done.stderr
+        record = states(tmp_path / "work")["clip.mp4"]
+        assert record["step"] == step and starts(record) == tick and record["attempts"] == tick
     error = json.loads((tmp_path / "work" / "quarantine" / record["key"] / "error.json").read_text())
     assert error["reason"].startswith("failed 2 times") and error["exit_code"] == 1
 

@@ -116,6 +116,8 @@ def test_no_credential_reaches_a_slurm_job(slurm: SlurmCluster, tmp_path: Path, 
     assert not set(SECRETS) & set(handed), sorted(set(SECRETS) & set(handed))
     assert "UNLISTED_VARIABLE" not in handed and handed["MY_SETTING"] == "kept"
     assert handed["MPISTYLE_RUNS_DIR"] == str(job.runs_dir) and "SLURM_JOB_ID" in handed
+    # No requeues from style.sbatch: a requeued job's run time starts over, past --time.
+    assert handed["MPISTYLE_MAX_REQUEUES"] == "0"
 
 
 # -- 2. a killed watcher's job runs on and is followed, not started twice ---------------------------
@@ -264,6 +266,8 @@ ELSEWHERE = [
     JobStatus("failed", 143, "CANCELLED"), JobStatus("failed", None, "NODE_FAIL"), JobStatus("failed", 1, "PREEMPTED"),
     JobStatus("failed", 3, "OUT_OF_MEMORY"),
 ]
+# A crash may be the input's doing (a decoder meeting what it cannot handle).
+CRASHES = [JobStatus("failed", 128 + 11), JobStatus("failed", 128 + 6), JobStatus("failed", 128 + 7)]
 
 
 @pytest.mark.parametrize("status", ELSEWHERE, ids=lambda s: f"{s.state}-{s.exit_code}-{s.detail}")
@@ -282,19 +286,41 @@ def test_anyone_elses_fault_backs_off_and_never_counts(tmp_path: Path, status: J
 
 
 @pytest.mark.parametrize(
-    ("status", "step", "attempts"),
+    ("status", "ticks", "attempts"),
     [
-        (JobStatus("failed", 1), "quarantined", 2),  # a bug: counted, and retried at once up to max_attempts
-        (JobStatus("timeout", None, "ran past job_time_limit_s=5"), "quarantined", 2),
-        (JobStatus("timeout", 0, "TIMEOUT"), "quarantined", 2),
-        (JobStatus("failed", 3), "quarantined", 0),  # not a usable video: at once
+        # A bug, a crash or the time limit: counted, one attempt a tick, quarantined at max_attempts.
+        (JobStatus("failed", 1), [{"failed": 1}, {"quarantined": 1}], 2),
+        *((crash, [{"failed": 1}, {"quarantined": 1}], 2) for crash in CRASHES),
+        (JobStatus("timeout", None, "ran past job_time_limit_s=5"), [{"failed": 1}, {"quarantined": 1}], 2),
+        (JobStatus("timeout", 0, "TIMEOUT"), [{"failed": 1}, {"quarantined": 1}], 2),
+        (JobStatus("failed", 3), [{"quarantined": 1}], 0),  # not a usable video: at once
     ],
+    ids=lambda value: str(value),
 )
-def test_the_inputs_own_fault_counts(tmp_path: Path, status: JobStatus, step: str, attempts: int) -> None:
+def test_the_inputs_own_fault_counts(tmp_path: Path, status: JobStatus, ticks: list[dict[str, int]], attempts: int) -> None:
     watcher = fake_watcher(tmp_path, status, "max_attempts=2")
-    assert watcher.tick() == {step: 1}
+    assert [watcher.tick() for _ in ticks] == ticks
     record = states(tmp_path / "work")["clip0.mp4"]
-    assert record["attempts"] == attempts and starts(record) == max(attempts, 1)
+    assert record["step"] == "quarantined" and record["attempts"] == attempts and starts(record) == max(attempts, 1)
+
+
+def test_a_video_failing_again_and_again_elsewhere_is_reported_not_quarantined(tmp_path: Path) -> None:
+    watcher = fake_watcher(tmp_path, JobStatus("failed", 6), "retry_alert=2", "retry_backoff_s=100")
+    path = lambda: next((tmp_path / "work" / "state").glob("*.json"))  # noqa: E731
+    assert watcher.tick() == {"retrying": 1}
+    path().write_text(json.dumps({**json.loads(path().read_text()), "retry_after": 0}))
+    assert watcher.tick() == {"stuck": 1}  # the second failure in a row: an error every tick from now on
+    assert watcher.tick() == {"stuck": 1}  # while it waits, too
+    record = states(tmp_path / "work")["clip0.mp4"]
+    assert record["step"] == "staged" and record["attempts"] == 0 and record["retries"] == 2
+    assert not (tmp_path / "work" / "quarantine").exists()
+
+
+def test_a_stuck_video_makes_the_tick_exit_9(tmp_path: Path) -> None:
+    overrides = local_overrides(tmp_path, "retry_alert=1", model("staging_full"))
+    make_video(tmp_path / "inbox" / "clip.mp4", frames=2)
+    done = run_watch(tmp_path, *overrides)
+    assert done.returncode == 9 and "1 stuck" in done.stderr and "not the input's" in done.stderr, done.stderr
 
 
 def test_a_tick_starts_no_video_past_its_time_limit(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -202,6 +202,15 @@ def test_only_video_names_are_taken_and_the_rest_refused_once(tmp_path: Path) ->
     assert states(work) == records
 
 
+def test_delete_inputs_never_deletes_what_was_refused_unread(tmp_path: Path) -> None:
+    """A refused name is never downloaded, so quarantine holds no copy: the input is the only one."""
+    watcher = local_watcher(tmp_path, "delete_inputs=true")
+    (tmp_path / "inbox" / "notes.txt").write_text("notes")
+    (tmp_path / "inbox" / "clip.3gp").write_bytes(b"a video of a type the watcher does not take")
+    assert watcher.tick() == {"quarantined": 2}
+    assert sorted(p.name for p in (tmp_path / "inbox").iterdir()) == ["clip.3gp", "notes.txt"]
+
+
 # -- 2: no symbolic links ------------------------------------------------------------------------------
 
 
@@ -426,6 +435,20 @@ def test_records_of_deleted_inputs_are_swept(tmp_path: Path) -> None:
         os.utime(record, (hours_ago, hours_ago))
     assert watcher.tick() == {"done": 1, "swept": 1}  # b's record, final now, goes too
     assert sorted(states(work)) == ["c.mp4", "d.mp4"]
+
+
+def test_an_input_the_listing_missed_is_not_swept(tmp_path: Path) -> None:
+    """A listing that skipped a folder (unreadable for a moment) is no proof the input is gone:
+    sweeping its 'done' record would score and deliver it again."""
+    watcher = local_watcher(tmp_path, "sweep_after_s=60")
+    (tmp_path / "inbox" / "sub").mkdir()
+    make_video(tmp_path / "inbox" / "sub" / "a.mp4", frames=2, width=32, height=24)
+    assert watcher.tick() == {"done": 1}
+    hours_ago = time.time() - 7200
+    for record in (tmp_path / "work" / "state").glob("*.json"):
+        os.utime(record, (hours_ago, hours_ago))
+    assert list(watcher._sweep([])) == []  # as a tick whose listing missed sub/ would call it
+    assert states(tmp_path / "work")["sub/a.mp4"]["step"] == "done"
 
 
 # -- 8: a record's local_input is not trusted ---------------------------------------------------------

@@ -7,7 +7,8 @@
 #
 # A tick never runs for ever: it is stopped after MPISTYLE_WATCH_TIMEOUT_S (default 8 h, more
 # than the watcher's tick_time_limit_s + job_time_limit_s + job_kill_grace_s, 1 h + 6 h + 1 min
-# by default). A local job the tick waited for runs on in its own session; the next tick follows
+# by default: a tick starts no video after its own limit and runs at most one job per video).
+# A local job the tick waited for runs on in its own session; the next tick follows
 # it. The running tick writes its start into the lock file; a tick that finds the lock held for
 # longer than MPISTYLE_WATCH_STALE_S (default: the timeout + 10 min) fails loudly instead of
 # quietly stepping aside, so a wedged tick (a hung filesystem no signal can stop) shows.

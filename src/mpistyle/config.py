@@ -205,6 +205,9 @@ class WatchConfig:
     # retry_backoff_s, doubling with each such failure up to retry_backoff_max_s.
     retry_backoff_s: float = 60.0
     retry_backoff_max_s: float = 3600.0
+    # After this many such failures in a row the video is still retried (never quarantined for
+    # someone else's fault), but each tick logs an error and exits 9, so monitoring sees it.
+    retry_alert: int = 5
     job_overrides: list[str] = field(default_factory=list)  # Hydra overrides for every job
     delete_inputs: bool = False  # delete an input once done or quarantined (needs delete rights)
     # A state record whose input version is no longer listed (deleted, or replaced by a new

@@ -68,3 +68,9 @@ class JobInterrupted(JobAborted):
 
 class JobStopped(JobAborted):
     """This rank gave up its work because another rank failed."""
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's message cut to its first line (its type's name when it has none)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

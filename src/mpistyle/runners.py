@@ -42,14 +42,24 @@ _JOB_ENV = frozenset({
     "PATH", "HOME", "USER", "LOGNAME", "LANG", "TZ", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV", "LD_LIBRARY_PATH",
     "SLURM_CONF", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "XDG_CACHE_HOME",
 })
-# OMPI_*: mpirun as root needs OMPI_ALLOW_RUN_AS_ROOT(_CONFIRM); MPISTYLE_*: the job's settings.
-_JOB_ENV_PREFIXES = ("LC_", "OMPI_", "PMIX_", "TORCHINDUCTOR_", "MPISTYLE_")
+# OMPI_*: mpirun as root needs OMPI_ALLOW_RUN_AS_ROOT(_CONFIRM); MPISTYLE_*: the job's settings;
+# SBATCH_*: sbatch's own defaults (partition, account); UCX_/NCCL_/FI_: the interconnect's tuning.
+_JOB_ENV_PREFIXES = ("LC_", "OMPI_", "PMIX_", "TORCHINDUCTOR_", "MPISTYLE_", "SBATCH_", "UCX_", "NCCL_", "FI_")
 _CREDENTIAL_NAME = re.compile(r"MPISTYLE_\w*_CREDENTIAL")  # the storage areas' default credential variables
+
+
+def is_credential_name(name: str) -> bool:
+    """Whether ``name`` is one of the storage areas' default credential variables."""
+    return _CREDENTIAL_NAME.fullmatch(name) is not None
 
 # The local job's wrapper: it records the job's exit code in a file (written whole, then renamed)
 # and outlives the watcher, so a later watcher learns how a job it did not start ended.
 _WRAPPER = '"$@"; code=$?; echo "$code" > "$0.partial" && mv -f "$0.partial" "$0"'
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+# Signals a crash dies of: a decoder or model meeting something it cannot handle, which the input
+# may well be (SIGKILL and SIGTERM are not here: an out-of-memory kill, scancel, preemption).
+_CRASHES = {signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGFPE, signal.SIGILL}
 
 # What an exit code means, for the log line of a failed job.
 _MEANINGS = {
@@ -95,8 +105,8 @@ def blame(status: JobStatus) -> str:
     """Whose fault a job that did not finish is, which decides what happens to its video:
 
     - ``input``: exit 3, the input is not a usable video: quarantine at once;
-    - ``attempt``: a bug (exit 1) or the time limit: the input may be the reason, so it counts
-      toward ``max_attempts``;
+    - ``attempt``: a bug (exit 1), a crash (SIGSEGV, SIGABRT, SIGBUS, SIGFPE, SIGILL) or the
+      time limit: the input may be the reason, so it counts toward ``max_attempts``;
     - ``elsewhere``: configuration, output, model, staging, storage, a signal, an out-of-memory
       kill, a lost job, a failed node or a preemption: retried on a later tick, never held
       against the input.
@@ -107,6 +117,8 @@ def blame(status: JobStatus) -> str:
         if status.exit_code == InputError.exit_code:
             return "input"
         if status.exit_code == InternalError.exit_code:
+            return "attempt"
+        if status.exit_code is not None and status.exit_code - 128 in {int(crash) for crash in _CRASHES}:
             return "attempt"
     return "elsewhere"
 
@@ -155,7 +167,7 @@ class Runner:
         return {name: value for name, value in os.environ.items() if self._passes(name)} | extra
 
     def _passes(self, name: str) -> bool:
-        if name in self.hidden_env or _CREDENTIAL_NAME.fullmatch(name):
+        if name in self.hidden_env or is_credential_name(name):
             return False
         return name in _JOB_ENV or name in self.env_pass or name.startswith(_JOB_ENV_PREFIXES)
 
@@ -303,8 +315,11 @@ class LocalRunner(Runner):
             with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self._wait_gone(handle, job, 10.0)
+        code = self._exit_code(job)
+        if code == 0:
+            return JobStatus("done", 0)  # it finished as the limit came: nothing was cut short
         stopped = f"ran past job_time_limit_s={job.time_limit_s:g} and was stopped"
-        return JobStatus("timeout", self._exit_code(job), detail=stopped)
+        return JobStatus("timeout", code, detail=stopped)
 
     def _wait_gone(self, handle: str, job: JobSpec, patience: float) -> None:
         sid, begun = (int(part) for part in handle.rsplit(":", 2)[1:])
@@ -366,7 +381,9 @@ class SlurmRunner(Runner):
 
     def start(self, job: JobSpec) -> str:
         job.log.parent.mkdir(parents=True, exist_ok=True)
-        env = {"MPISTYLE_RUNS_DIR": str(job.runs_dir)}
+        # No requeues from the script: a requeued job's run time starts again, so --time would
+        # no longer bound the job; the watcher's own retries (which resume from staging) do.
+        env = {"MPISTYLE_RUNS_DIR": str(job.runs_dir), "MPISTYLE_MAX_REQUEUES": "0"}
         # sbatch would export its whole environment; name the allow-listed variables instead
         # (their values come from sbatch's own environment, which is the same allow-listed one).
         exported = ",".join(sorted(self.job_env(env)))

@@ -41,10 +41,20 @@ import hydra
 from omegaconf import DictConfig
 
 from . import config
-from .errors import ConfigError, MpistyleError, StorageError
+from .errors import ConfigError, MpistyleError, StorageError, first_line
 from .formats import VIDEO_SUFFIXES
 from .report import public_report
-from .runners import DEFAULT_SBATCH_SCRIPT, JobSpec, JobStatus, LocalRunner, Runner, SlurmRunner, blame, meaning
+from .runners import (
+    DEFAULT_SBATCH_SCRIPT,
+    JobSpec,
+    JobStatus,
+    LocalRunner,
+    Runner,
+    SlurmRunner,
+    blame,
+    is_credential_name,
+    meaning,
+)
 from .storage.areas import Area, Entry, StateConflict, open_area
 from .storage.names import UnsafeName, is_job_key, job_name, output_name, shown, suffix_of
 from .storage.secrets import redact
@@ -94,7 +104,7 @@ class Watcher:
                 outcome = self.advance(entry)
             except Exception as err:  # one bad video (name, record, storage hiccup) never stops the queue
                 outcome = "error"
-                log.error("%s: %s", redact(shown(entry.name)), redact(_first_line(err)))
+                log.error("%s: %s", redact(shown(entry.name)), redact(first_line(err)))
             counts[outcome] = counts.get(outcome, 0) + 1
         for outcome in self._sweep(entries):
             counts[outcome] = counts.get(outcome, 0) + 1
@@ -137,7 +147,8 @@ class Watcher:
                 self._clean_local(key)
                 return data["step"]
             if data["step"] == "staged" and data.get("retry_after", 0) > time.time():
-                return "waiting"  # backing off after a failure that was not the input's: no claim, no write
+                # Backing off after a failure that was not the input's: no claim, no write.
+                return "stuck" if data.get("retries", 0) >= self.cfg.retry_alert else "waiting"
             if data["owner"] != self.owner and data["lease_until"] > time.time():
                 return "busy"  # another watcher is working on it right now (a Slurm job it
                 # handed over has lease 0: anyone may follow that)
@@ -231,8 +242,12 @@ class Watcher:
                 elif blame(status) == "attempt":
                     log.warning("%s: attempt %d failed, exit %s: %s", redact(shown(entry.name)), claim.data["attempts"] + 1,
                                 status.exit_code, redact(meaning(status)))
-                    claim.update(step="staged", attempts=claim.data["attempts"] + 1, exit_code=status.exit_code,
-                                 failure=meaning(status))
+                    attempts = claim.data["attempts"] + 1
+                    claim.update(step="staged", attempts=attempts, exit_code=status.exit_code, failure=meaning(status))
+                    if attempts < self.cfg.max_attempts:
+                        # The next attempt waits for a later tick: one job per video per tick keeps
+                        # the tick within tick_time_limit_s + job_time_limit_s.
+                        return "failed"
                 else:
                     return self._retry_later(claim, entry, status)
             elif step == "finished":
@@ -267,6 +282,12 @@ class Watcher:
         claim.update(
             step="staged", exit_code=status.exit_code, failure=meaning(status), retries=retries, retry_after=time.time() + delay
         )
+        if retries >= self.cfg.retry_alert:
+            # Still never quarantined (not the input's fault), but no longer quiet: the tick exits 9.
+            log.error("%s: job failed %d times for reasons that are not the input's (last: exit %s, %s); "
+                      "retry in %.0f s; look at logs/%s/ in the work area", redact(shown(entry.name)), retries,
+                      status.exit_code, redact(meaning(status)), delay, claim.data["key"])
+            return "stuck"
         log.warning("%s: job failed, exit %s: %s; not the input's fault, retry %d in %.0f s",
                     redact(shown(entry.name)), status.exit_code, redact(meaning(status)), retries, delay)
         return "retrying"
@@ -282,7 +303,8 @@ class Watcher:
         except UnsafeName as err:
             return f"unusable name: {err}", (
                 "rename it (no control characters or backslashes, no empty, '.' or '..' parts, parts of at most "
-                "240 bytes, the whole name well under 1000 bytes) and upload it again"
+                "255 bytes and the whole name at most 1024 bytes with the '.mp4' and '.report.json' the output "
+                "names add) and upload it again"
             )
         # Only names of single-file video formats: FFmpeg would also open playlists (.m3u8),
         # concat lists and the like, which read other files or URLs (see formats.py).
@@ -369,7 +391,8 @@ class Watcher:
     ) -> None:
         local = self.workdir / key
         copy = self._input_copy(key, entry.name)
-        if copy.is_file():
+        kept = copy.is_file()
+        if kept:
             # A fixed name: the input's own (say "error.json") could overwrite the record below.
             self.work.upload(f"quarantine/{key}/{copy.name}", copy)
         tail = ""
@@ -391,7 +414,9 @@ class Watcher:
         self._upload_logs(key)
         claim.update(step="quarantined", reason=reason, exit_code=exit_code)
         log.warning("%s: quarantined (%s)", redact(shown(entry.name)), redact(reason))
-        if self.cfg.delete_inputs:
+        if self.cfg.delete_inputs and kept:
+            # Only once its copy is in quarantine: a name refused unread (not a video name, or
+            # unusable) stays where it is, the one copy there is.
             self.input.delete(entry.name, entry.etag)
 
     def _upload_logs(self, key: str) -> None:
@@ -422,7 +447,7 @@ class Watcher:
                 outcome = self._sweep_one(record, key)
             except Exception as err:  # one bad record never stops the sweep
                 outcome = "error"
-                log.error("sweeping %s: %s", redact(shown(record.name)), redact(_first_line(err)))
+                log.error("sweeping %s: %s", redact(shown(record.name)), redact(first_line(err)))
             if outcome is not None:
                 yield outcome
 
@@ -431,6 +456,12 @@ class Watcher:
         if found is None:
             return None
         data, etag = found
+        try:
+            current = self.input.version(str(data.get("input")))
+        except StorageError:
+            current = None  # a name no area takes: it cannot be listed, so it is gone
+        if current is not None and current.etag == data.get("etag"):
+            return None  # still there: the listing missed it (an unreadable folder), it is not gone
         if data.get("step") in FINAL:
             self._clean_local(key)
             self.work.delete(record.name, record.etag)  # only the version listed: not one changed since
@@ -470,11 +501,6 @@ class Watcher:
             thread.join()
 
 
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 # Never handed to a job, whatever the area configs name: the jobs only need local paths.
 # Credentials of the Azure SDK and of Azure's managed identity. The job environment is an
 # allow-list that keeps them (and any other) out anyway; these names are also refused in
@@ -501,14 +527,14 @@ def check_config(cfg: DictConfig) -> None:
                 f"storage.{area}.url carries a SAS token, and a command line shows in ps and in systemd's unit status: "
                 f"give the container URL alone, put the SAS in the environment variable {variable}{also}"
             )
-    for key in ("job_time_limit_s", "tick_time_limit_s", "retry_backoff_s", "retry_backoff_max_s"):
+    for key in ("job_time_limit_s", "tick_time_limit_s", "retry_backoff_s", "retry_backoff_max_s", "retry_alert"):
         if not cfg[key] > 0:  # also refuses nan
             raise ConfigError(f"{key} must be positive, got {cfg[key]}")
     if not cfg.job_kill_grace_s >= 0:
         raise ConfigError(f"job_kill_grace_s must be 0 or more, got {cfg.job_kill_grace_s}")
     credentials = _credential_names(cfg.storage)
     for name in cfg.runner.env_pass:
-        if name in credentials or (name.startswith("MPISTYLE_") and name.endswith("_CREDENTIAL")):
+        if name in credentials or is_credential_name(name):
             raise ConfigError(f"runner.env_pass names {name}, a credential: jobs never get one (they work on local files)")
     for arg in cfg.runner.sbatch_args:
         if str(arg).startswith(("--export", "--time", "-t")):
@@ -546,7 +572,9 @@ def _hydra_main(cfg: DictConfig) -> None:
     except MpistyleError as err:
         log.error("error: %s", redact(str(err).splitlines()[0]))
         sys.exit(err.exit_code)
-    sys.exit(StorageError.exit_code if counts.get("error") else 0)
+    # Non-zero when something needs a person: a storage or scheduler error, or a video whose jobs
+    # keep failing for reasons that are not its own (retry_alert).
+    sys.exit(StorageError.exit_code if counts.get("error") or counts.get("stuck") else 0)
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Protocol, TypeVar
 from urllib.parse import urlparse
 
-from ..errors import StorageError
+from ..errors import StorageError, first_line
 from .names import check_name, shown
 from .secrets import from_env, redact
 
@@ -101,9 +101,9 @@ class BlobArea:
             except AzureError as err:
                 status = getattr(err, "status_code", None)
                 if status is not None and status < 500 and status != 408 and status != 429:
-                    raise StorageError(f"{self.label} storage refused to {what}: {redact(_first_line(err))}") from None
+                    raise StorageError(f"{self.label} storage refused to {what}: {redact(first_line(err))}") from None
                 if attempt == 2:
-                    raise StorageError(f"{self.label} storage failed to {what}: {redact(_first_line(err))}") from None
+                    raise StorageError(f"{self.label} storage failed to {what}: {redact(first_line(err))}") from None
                 time.sleep(2.0 * 2**attempt)
         raise AssertionError("unreachable")
 
@@ -220,11 +220,6 @@ def _default_credential() -> Any:
 def _ns(when: Any) -> int:
     """A blob's last-modified time (an aware datetime) in ns since the epoch, like st_mtime_ns."""
     return int(when.timestamp()) * 1_000_000_000 if when is not None else 0
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 # -- a local folder ----------------------------------------------------------------------------------
