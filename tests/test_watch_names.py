@@ -342,15 +342,22 @@ def test_a_quarantined_video_is_kept_under_a_fixed_name_and_nothing_stays_local(
 # -- 6: an older upload never replaces a newer result -----------------------------------------------
 
 
-def test_an_older_version_finishing_late_is_superseded(tmp_path: Path) -> None:
-    watcher = local_watcher(tmp_path)
-    inbox, work, outbox = tmp_path / "inbox", tmp_path / "work", tmp_path / "outbox"
+def _v1_finished_its_job(tmp_path: Path, watcher: Watcher) -> tuple[Entry, str]:
+    """clip.mp4, version 1 (uploaded long ago), whose job has just finished on this host."""
+    inbox = tmp_path / "inbox"
     make_video(inbox / "clip.mp4", frames=2, width=32, height=24)
     os.utime(inbox / "clip.mp4", ns=(10**18, 10**18))
     v1 = watcher.input.list()[0]
-    key1 = record_at(work, v1, "finished", owner="here:1")
+    key1 = record_at(tmp_path / "work", v1, "finished", owner="here:1")
     (tmp_path / "scratch" / key1).mkdir(parents=True)
     (tmp_path / "scratch" / key1 / "output.mp4").write_bytes(b"v1's result")
+    return v1, key1
+
+
+def test_an_older_version_finishing_late_is_superseded(tmp_path: Path) -> None:
+    watcher = local_watcher(tmp_path)
+    inbox, work, outbox = tmp_path / "inbox", tmp_path / "work", tmp_path / "outbox"
+    v1, key1 = _v1_finished_its_job(tmp_path, watcher)
     # v1's job was still running when v2 came and was delivered.
     make_video(inbox / "clip.mp4", frames=3, width=32, height=24)
     assert watcher.advance(watcher.input.list()[0]) == "done"
@@ -365,13 +372,8 @@ def test_an_older_version_finishing_late_is_superseded(tmp_path: Path) -> None:
 
 def test_an_older_version_is_superseded_after_the_newer_one_was_delivered_and_deleted(tmp_path: Path) -> None:
     watcher = local_watcher(tmp_path, "delete_inputs=true")
-    inbox, work, outbox = tmp_path / "inbox", tmp_path / "work", tmp_path / "outbox"
-    make_video(inbox / "clip.mp4", frames=2, width=32, height=24)
-    os.utime(inbox / "clip.mp4", ns=(10**18, 10**18))
-    v1 = watcher.input.list()[0]
-    key1 = record_at(work, v1, "finished", owner="here:1")
-    (tmp_path / "scratch" / key1).mkdir(parents=True)
-    (tmp_path / "scratch" / key1 / "output.mp4").write_bytes(b"v1's result")
+    inbox, outbox = tmp_path / "inbox", tmp_path / "outbox"
+    v1, _ = _v1_finished_its_job(tmp_path, watcher)
     make_video(inbox / "clip.mp4", frames=3, width=32, height=24)
     assert watcher.tick() == {"done": 1}
     assert not (inbox / "clip.mp4").exists()  # the input is gone: only the delivery record knows v2
