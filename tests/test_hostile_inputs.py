@@ -149,7 +149,7 @@ def test_the_default_limits_refuse_the_issues_frame_bomb(monkeypatch: pytest.Mon
     defaults = Limits(**vars(LimitsConfig()))
     assert 300_000 < defaults.frames and 300_000 / 30 < defaults.duration_s  # the other limits let it pass
     with pytest.raises(InputError, match=r"more than limits\.total_pixels="):
-        video_module._index(None, SimpleNamespace(time_base=Fraction(1, 30)), defaults, 7680 * 4320, "bomb.mkv")
+        video_module._index(None, None, Fraction(1, 30), defaults, 7680 * 4320, "bomb.mkv")
     assert len(read) < 100_000  # stopped at the limit, not after indexing it all
 
 

@@ -139,7 +139,7 @@ def exit_on_error(ctx: RankContext, run_dir: Path) -> Iterator[None]:
 def _log_file_only(level: int, message: str) -> None:
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
-            handler.handle(log.makeRecord(log.name, level, __file__, 0, message, None, None))
+            handler.handle(log.makeRecord(log.name, level, __file__, 0, message, (), None))
 
 
 def setup_logging(ctx: RankContext, run_dir: Path) -> None:

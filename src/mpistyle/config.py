@@ -7,10 +7,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from .errors import ConfigError
 from .model.checksums import ARBITRARY_PREDICT_SHA256, ARBITRARY_TRANSFORM_SHA256, MULTISTYLE_SHA256
@@ -213,6 +213,11 @@ class WatchConfig:
     # A state record whose input version is no longer listed (deleted, or replaced by a new
     # upload) and that nobody changed for this long is ended: its local files removed, then it goes.
     sweep_after_s: float = 86400.0
+
+
+def plain(node: Any) -> dict[str, Any]:
+    """A config node as plain Python dicts and lists, interpolations resolved."""
+    return cast(dict[str, Any], OmegaConf.to_container(node, resolve=True))
 
 
 def register() -> None:

@@ -71,7 +71,7 @@ class FlowEstimator:
         # A new DIS object per pair (creating one costs ~10 us): a reused one keeps state
         # between calls, so a pair's flow would depend on the pairs before it, and the output
         # on where a rank's share began. No initial flow is passed either.
-        return cv2.DISOpticalFlow_create(FLOW_PRESETS[self.preset]).calc(gray_from, gray_to, None)
+        return cv2.DISOpticalFlow_create(FLOW_PRESETS[self.preset]).calc(gray_from, gray_to, None)  # type: ignore[attr-defined]
 
 
 # Pixel coordinates per frame size, built once: a video has one size, so this stays tiny.

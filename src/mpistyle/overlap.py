@@ -75,7 +75,7 @@ class Ahead(Generic[T]):
         if isinstance(item, _Failed):
             self._queue.put(item)
             raise item.error
-        return item  # type: ignore[no-any-return]
+        return item
 
     def close(self) -> None:
         self._closed.set()

@@ -123,11 +123,11 @@ class RankContext:
         once every rank has stopped (no rank is left waiting). Other ranks return ``[]``.
         """
         if not self.is_root:
-            def tick(frames: int) -> bool:
+            def report(frames: int) -> bool:
                 self.comm.send(frames, dest=0, tag=_TAG_PROGRESS)
                 return not self.comm.iprobe(source=0, tag=_TAG_STOP)
 
-            outcome = attempt(lambda: work(tick))
+            outcome = attempt(lambda: work(report))
             self.comm.send(outcome[1], dest=0, tag=_TAG_DONE)
             return []
 

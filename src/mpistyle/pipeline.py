@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
 from . import __version__, config, signals
@@ -148,7 +148,7 @@ def make_plan(cfg: DictConfig, ranks: int, run_id: str) -> Plan:
             f"video.format={container_format}: mpistyle writes only containers it reads back (the preview is "
             f"decoded from the output): one of {', '.join(sorted(READABLE_OUTPUTS))}"
         )
-    info = probe(str(Path(cfg.input).expanduser()), Limits(**OmegaConf.to_container(cfg.limits, resolve=True)))
+    info = probe(str(Path(cfg.input).expanduser()), Limits(**config.plain(cfg.limits)))
     if (cfg.temporal.alpha > 0 or cfg.temporal.measure) and min(info.width, info.height) < MIN_FLOW_SIDE:
         raise ConfigError(
             f"temporal.* needs frames of at least {MIN_FLOW_SIDE} pixels a side (optical flow); "
@@ -165,7 +165,7 @@ def make_plan(cfg: DictConfig, ranks: int, run_id: str) -> Plan:
     for what, path in (("output", output), ("report", report), ("preview", preview)):
         if path is not None:
             _writable_dir(path.parent, what)
-    video = OmegaConf.to_container(cfg.video, resolve=True)
+    video = config.plain(cfg.video)
     segment_seconds = video.pop("segment_seconds")
     settings = EncodeSettings(**video)
     check_encoder(settings, info, container_format)
@@ -174,7 +174,7 @@ def make_plan(cfg: DictConfig, ranks: int, run_id: str) -> Plan:
     segments = info.segments(segment_seconds)
     parts = partition([_frames_in(info, s) for s in segments], ranks)
 
-    model = OmegaConf.to_container(cfg.model, resolve=True)
+    model = config.plain(cfg.model)
     key = job_key(
         {
             "input": fingerprint(Path(info.path)),
@@ -217,7 +217,7 @@ def make_plan(cfg: DictConfig, ranks: int, run_id: str) -> Plan:
         report=report,
         preview=preview,
         staging=Staging(staging_root, key),
-        temporal=OmegaConf.to_container(cfg.temporal, resolve=True),
+        temporal=config.plain(cfg.temporal),
     )
 
 
@@ -537,7 +537,7 @@ def finish_job(
             "bytes": plan.output.stat().st_size,
             "audio": [{"stream": t.stream, "codec": t.codec, "action": t.action} for t in plan.audio],
         },
-        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "model": config.plain(cfg.model),
         "frames": info.frames,
         "frames_reused": sum(s["frames_reused"] for s in summaries),
         "damage": {

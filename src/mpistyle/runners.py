@@ -238,8 +238,8 @@ class LocalRunner(Runner):
                 del self._children[child.pid]
         old = re.fullmatch(r"local:(-?\d+)", handle)  # records from before jobs had their own session
         if old:
-            code = int(old.group(1))
-            return JobStatus("done" if code == 0 else "failed", code)
+            recorded = int(old.group(1))
+            return JobStatus("done" if recorded == 0 else "failed", recorded)
         code = self._exit_code(job)
         if code is not None:
             return JobStatus("done" if code == 0 else "failed", code)

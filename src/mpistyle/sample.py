@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
+from typing import cast
 
 import av
 import numpy as np
@@ -67,7 +68,7 @@ def make_video(
     variable frame rate.
     """
     with av.open(str(path), "w") as out:
-        video = out.add_stream(codec, rate=fps)
+        video = cast(av.VideoStream, out.add_stream(codec, rate=fps))
         video.width, video.height, video.pix_fmt = width, height, pix_fmt
         if codec == "libx264":
             interval = str(frames + 1) if keyframes is not None else str(gop)

@@ -18,10 +18,11 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from typing import cast
 
 import av
 import av.error
@@ -232,7 +233,8 @@ def probe(path: str, limits: Limits | None = None) -> VideoInfo:
             )
         if stream.time_base is None:
             raise InputError(f"input's video stream has no time base: {path}")
-        frame_pts, keyframes = _index(container, stream, limits, ctx.width * ctx.height, path)
+        time_base = Fraction(stream.time_base)
+        frame_pts, keyframes = _index(container, stream, time_base, limits, ctx.width * ctx.height, path)
         if not frame_pts:
             raise InputError(f"input has a video stream but no frames: {path}")
         frame_pts.sort()
@@ -246,7 +248,7 @@ def probe(path: str, limits: Limits | None = None) -> VideoInfo:
             codec=ctx.name,
             width=ctx.width,
             height=ctx.height,
-            time_base=Fraction(stream.time_base),
+            time_base=time_base,
             average_rate=Fraction(stream.average_rate) if stream.average_rate else None,
             sample_aspect_ratio=Fraction(ctx.sample_aspect_ratio) if ctx.sample_aspect_ratio else None,
             frame_pts=tuple(frame_pts),
@@ -281,19 +283,19 @@ def _video_packets(container: av.container.InputContainer, stream: av.VideoStrea
 
 
 def _index(
-    container: av.container.InputContainer, stream: av.VideoStream, limits: Limits, pixels: int, path: str
+    container: av.container.InputContainer, stream: av.VideoStream, time_base: Fraction, limits: Limits, pixels: int,
+    path: str,
 ) -> tuple[list[int], list[int]]:
     """Every frame's pts and the keyframes' pts, from the packets alone. The frame and duration
     limits are checked packet by packet: a file of millions of tiny repeated frames stops here
     at the limit, not after indexing them all."""
     frame_pts: list[int] = []
     keyframes: list[int] = []
-    max_packets = limits.frames if limits.frames is not None else math.inf
+    max_packets: float = limits.frames if limits.frames is not None else math.inf
+    max_work: float = math.inf
     if limits.total_pixels is not None and pixels > 0:
         max_work = limits.total_pixels // pixels  # frames of this size the total allows
-    else:
-        max_work = math.inf
-    max_span = limits.duration_s / Fraction(stream.time_base) if limits.duration_s is not None else math.inf
+    max_span = limits.duration_s / time_base if limits.duration_s is not None else math.inf
     packets = 0
     lowest, highest = math.inf, -math.inf  # the frames' pts so far
     try:
@@ -324,7 +326,7 @@ def _index(
             if highest - lowest > max_span:
                 raise InputError(
                     f"input runs longer than limits.duration_s={limits.duration_s} (at least "
-                    f"{float((highest - lowest) * stream.time_base):.0f} s so far): raise limits.duration_s to accept it: {path}"
+                    f"{float((highest - lowest) * time_base):.0f} s so far): raise limits.duration_s to accept it: {path}"
                 )
     except av.error.FFmpegError as err:
         raise InputError(
@@ -372,7 +374,9 @@ class Damage:
         self.packet_errors += other.packet_errors
 
 
-def decode_share(info: VideoInfo, share: Share, policy: str = "fail", damage: Damage | None = None) -> Iterator[np.ndarray]:
+def decode_share(
+    info: VideoInfo, share: Share, policy: str = "fail", damage: Damage | None = None
+) -> Generator[np.ndarray, None, None]:
     """Yield the share's frames as RGB ``(H, W, 3)`` uint8 arrays, in presentation order.
 
     Decoding starts at the share's first keyframe, so no frame outside the share is decoded
@@ -578,13 +582,13 @@ def plan_audio(info: VideoInfo, container_format: str) -> tuple[AudioTrack, ...]
     tracks = []
     for index in info.audio_streams:
         with _open_input(info.path, genpts=False) as container:
-            stream = container.streams[index]
+            stream = cast(av.AudioStream, container.streams[index])
             codec = stream.codec_context.name if stream.codec_context else "unknown"
             first = next((p for p in container.demux(stream) if p.size), None)
-            if _trial_mux(container_format, lambda out, s=stream: out.add_stream_from_template(s), first) is None:
+            if _trial_mux(container_format, stream, first) is None:
                 tracks.append(AudioTrack(index, codec))
                 continue
-            failure = _trial_mux(container_format, lambda out, s=stream: _add_fallback(out, s), None)
+            failure = _trial_mux(container_format, stream, None, convert=True)
             if failure is not None:
                 what_to_do = (
                     "write Matroska instead (output=NAME.mkv)" if container_format != "matroska"
@@ -599,13 +603,14 @@ def plan_audio(info: VideoInfo, container_format: str) -> tuple[AudioTrack, ...]
 
 
 def _trial_mux(
-    container_format: str, add: Callable[[av.container.OutputContainer], av.stream.Stream], packet: av.Packet | None
+    container_format: str, template: av.AudioStream, packet: av.Packet | None, convert: bool = False
 ) -> str | None:
-    """Write a throwaway file in memory with one stream (and ``packet`` in it); None if that
-    worked, else what failed. Some refusals come only as the file is finished (mp4 and PCM)."""
+    """Write a throwaway file in memory with ``template``'s stream, copied (with ``packet`` in
+    it) or converted; None if that worked, else what failed. Some refusals come only as the
+    file is finished (mp4 and PCM)."""
     try:
         with av.open(io.BytesIO(), "w", format=container_format) as trial:
-            stream = add(trial)
+            stream = _add_fallback(trial, template) if convert else trial.add_stream_from_template(template)
             trial.start_encoding()
             if packet is not None:
                 packet.stream = stream
@@ -633,7 +638,7 @@ def _add_fallback(output: av.container.OutputContainer, template: av.AudioStream
     layout = ctx.layout.name
     if layout == f"{ctx.layout.nb_channels} channels":  # no speaker positions given
         layout = _DEFAULT_LAYOUTS.get(ctx.layout.nb_channels, layout)
-    stream = output.add_stream(AUDIO_FALLBACK, rate=rate)
+    stream = cast(av.AudioStream, output.add_stream(AUDIO_FALLBACK, rate=rate))
     stream.layout = layout
     return stream
 
@@ -650,7 +655,7 @@ class _AudioCopier:
         self._next: av.Packet | None = None
         self.damaged = 0  # audio packets left out of a conversion because they did not decode
         if self._input is not None:
-            streams = [self._input.streams[track.stream] for track in tracks]
+            streams = [cast(av.AudioStream, self._input.streams[track.stream]) for track in tracks]
             for stream, track in zip(streams, tracks, strict=True):
                 if track.convert:
                     self._convert[stream.index] = (stream, _add_fallback(output, stream))
@@ -715,7 +720,8 @@ def _wants_global_header(container_format: str | None) -> bool:
     """mp4, mov and mkv keep the codec headers (SPS/PPS) in the stream header, not in the frames."""
     if container_format is None:
         return False
-    return bool(av.format.ContainerFormat(container_format, "w").flags & av.format.Flags.global_header.value)
+    # Flags is an enum.Flag whose values are ints (the stubs say Flags).
+    return bool(av.format.ContainerFormat(container_format, "w").flags & cast(int, av.format.Flags.global_header.value))
 
 
 class SegmentEncoder:
@@ -730,7 +736,7 @@ class SegmentEncoder:
         self.info = info
         self._next = first_frame
         try:
-            codec = av.CodecContext.create(settings.codec, "w")
+            codec = cast(av.VideoCodecContext, av.CodecContext.create(settings.codec, "w"))
             settings.apply(codec, info)
             codec.framerate = info.average_rate or Fraction(25)
             if _wants_global_header(container_format):
@@ -738,7 +744,7 @@ class SegmentEncoder:
             codec.open()
         except (av.error.FFmpegError, ValueError, TypeError) as err:
             raise OutputError(f"cannot open the encoder {settings.codec}: {err}") from None
-        self._codec: av.VideoCodecContext = codec  # type: ignore[assignment]
+        self._codec = codec
         self._pix_fmt = settings.pix_fmt
 
     @property
@@ -764,7 +770,7 @@ class SegmentEncoder:
     def _encode(self, frame: av.VideoFrame | None) -> list[EncodedPacket]:
         try:
             return [
-                EncodedPacket(bytes(packet), packet.pts, packet.is_keyframe)
+                EncodedPacket(bytes(packet), cast(int, packet.pts), packet.is_keyframe)  # an encoder's packets have one
                 for packet in self._codec.encode(frame)
                 if packet.size  # an encoder may emit empty packets while it fills its queue
             ]
@@ -828,7 +834,7 @@ class Muxer:
         try:
             # A stream set up exactly like the segments' encoders: the container's header then
             # carries the same codec headers (checked per segment in add()).
-            stream = self._out.add_stream(settings.codec, rate=info.average_rate or Fraction(25))
+            stream = cast(av.VideoStream, self._out.add_stream(settings.codec, rate=info.average_rate or Fraction(25)))
             stream.time_base = info.time_base
             settings.apply(stream.codec_context, info)
             if info.rotation:

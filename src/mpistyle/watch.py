@@ -218,11 +218,12 @@ class Watcher:
                 log.info("%s: attempt %d started as %s", redact(shown(entry.name)), attempts + 1, handle)
             elif step == "submitted":
                 job = self._job(key, entry)
-                handle = claim.data["job"] or self.runner.find(job)
-                if handle is None:
+                found: str | None = claim.data["job"] or self.runner.find(job)
+                if found is None:
                     # Crashed between recording the start and starting the job, which never ran.
                     claim.update(step="staged")
                     continue
+                handle = found
                 if handle != claim.data["job"]:
                     claim.update(job=handle)
                 if self.runner.waits and claim.data.get("started_by") != self.owner:

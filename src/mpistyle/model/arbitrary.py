@@ -95,6 +95,8 @@ class ArbitraryStyleNet(nn.Module):
     the float result is the closer of the two to the network as trained.
     """
 
+    style: torch.Tensor  # a buffer (annotated for the type checker: nn.Module's getattr is untyped)
+
     def __init__(self, predictor: StylePredictor | None = None, strength: float = 1.0) -> None:
         super().__init__()
         self.contract = nn.ModuleList(

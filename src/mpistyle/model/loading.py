@@ -175,14 +175,15 @@ def _arbitrary_transform_state(convs: Mapping[str, tuple[torch.Tensor, torch.Ten
     layers |= {f"expand.{i}": f"transformer/expand/conv{i + 1}/conv" for i in range(3)}
     state: dict[str, torch.Tensor] = {}
     for key, name in layers.items():
-        weight, bias = convs.get(f"{name}/weights", (None, None))
-        if weight is not None:
-            state[f"{key}.conv.weight"], state[f"{key}.conv.bias"] = weight, bias
+        found = convs.get(f"{name}/weights")
+        if found is not None:
+            state[f"{key}.conv.weight"], state[f"{key}.conv.bias"] = found
         # StyleNorm: the dense layers over the style vector are 1x1 convs in the file. The
         # graph multiplies the normalised tensor by Conv_1's output and adds Conv's.
         for part, conv in (("gamma", "Conv_1"), ("beta", "Conv")):
-            weight, bias = convs.get(f"style_params/{name}/StyleNorm/{conv}/weights", (None, None))
-            if weight is not None:
+            found = convs.get(f"style_params/{name}/StyleNorm/{conv}/weights")
+            if found is not None:
+                weight, bias = found
                 state[f"{key}.norm.{part}.weight"], state[f"{key}.norm.{part}.bias"] = weight.flatten(1), bias
     return state
 
@@ -334,7 +335,7 @@ def load_torchscript(checkpoint: str | None = None, value_range: float = 1.0) ->
 
 
 def _load_state(
-    net: nn.Module, state: Mapping[str, torch.Tensor], path: Path, extra_ok: set[str] = frozenset()
+    net: nn.Module, state: Mapping[str, torch.Tensor], path: Path, extra_ok: frozenset[str] | set[str] = frozenset()
 ) -> None:
     """load_state_dict with a one-line, specific error when the checkpoint does not fit."""
     expected = net.state_dict()

@@ -70,6 +70,8 @@ class MultiStyleNet(nn.Module):
     the result cropped back, so no pixel is stretched.
     """
 
+    style_weights: torch.Tensor  # a buffer (annotated for the type checker: nn.Module's getattr is untyped)
+
     def __init__(self, channels: int = 32, residual_blocks: int = 6) -> None:
         super().__init__()
         self.contract = nn.ModuleList(

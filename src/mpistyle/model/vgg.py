@@ -36,6 +36,8 @@ class VGG19Features(nn.Module):
     still flow to the input, which is what a perceptual loss needs.
     """
 
+    bgr_mean: torch.Tensor  # a buffer (annotated for the type checker: nn.Module's getattr is untyped)
+
     def __init__(self, layers: Sequence[str] = JOHNSON_STYLE_LAYERS) -> None:
         super().__init__()
         unknown = [name for name in layers if name not in RELU_NAMES]

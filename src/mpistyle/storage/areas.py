@@ -78,7 +78,7 @@ class BlobArea:
         self.prefix = prefix
         self.retries = retries
         secret = from_env(credential_env)
-        options = {"retry_total": retries, "connection_timeout": 20, "read_timeout": 120}
+        options: dict[str, Any] = {"retry_total": retries, "connection_timeout": 20, "read_timeout": 120}
         if secret and ("AccountName=" in secret or "BlobEndpoint=" in secret):
             container = urlparse(url).path.rstrip("/").rsplit("/", 1)[-1]
             self.client = ContainerClient.from_connection_string(secret, container, **options)
@@ -164,7 +164,7 @@ class BlobArea:
         from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
 
         full = self._full(name)
-        condition = {"etag": etag, "match_condition": MatchConditions.IfNotModified} if etag else {}
+        condition: dict[str, Any] = {"etag": etag, "match_condition": MatchConditions.IfNotModified} if etag else {}
         try:
             self._call(f"delete {name}", lambda: self.client.delete_blob(full, **condition))
         except (ResourceNotFoundError, ResourceModifiedError):

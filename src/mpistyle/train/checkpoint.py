@@ -24,7 +24,7 @@ def rng_state() -> dict[str, Any]:
     _, keys, position, has_gauss, gauss = np.random.get_state()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+        "numpy": {"keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "position": int(position),
                   "has_gauss": int(has_gauss), "gauss": float(gauss)},
     }
     if torch.cuda.is_available():

@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from .. import signals, train_config
+from ..config import plain
 from ..errors import ConfigError, InternalError, JobInterrupted
 from ..model.loading import load_vgg19
 from ..model.transformer_net import TransformerNet
@@ -92,8 +93,7 @@ def run(cfg: DictConfig, ctx: RankContext) -> Path:
             cfg.image_size, device, threads, first, cfg.steps,
         )
 
-    config = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(config, dict)
+    config = plain(cfg)
     config["inputs"] = inputs
     step_fn = _make_step(cfg, ctx, setup, net, optimizer, device)
     params = list(net.parameters())
@@ -195,7 +195,7 @@ def _initial_state(cfg: DictConfig, files: RunFiles, inputs: dict[str, str]) -> 
                 f"use another run_dir to start a new training, or restore the pictures it was trained on"
             )
         log.info("resuming from %s at step %d", files.checkpoint, state["step"])
-        _warn_changed(state.get("config", {}), OmegaConf.to_container(cfg, resolve=True))
+        _warn_changed(state.get("config", {}), plain(cfg))
         files.keep_losses_up_to(state["step"])
         return state
     files.keep_losses_up_to(0)
@@ -236,8 +236,10 @@ def _average(ctx: RankContext, params: list[torch.nn.Parameter], losses: torch.T
     if ctx.size > 1:
         from mpi4py import MPI
 
-        grads = [p.grad for p in params]
-        assert all(g is not None for g in grads)
+        grads: list[torch.Tensor] = []
+        for param in params:
+            assert param.grad is not None  # every parameter takes part in the loss
+            grads.append(param.grad)
         flat = torch.cat([g.reshape(-1) for g in grads] + [losses]).to("cpu", torch.float32).contiguous()
         ctx.comm.Allreduce(MPI.IN_PLACE, flat.numpy(), op=MPI.SUM)
         flat /= ctx.size
