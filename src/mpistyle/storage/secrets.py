@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any
 
 _PATTERNS = [
     re.compile(r"(?i)(sig=)[^&\s\"']+"),
@@ -47,11 +46,3 @@ def from_env(variable: str | None) -> str | None:
         remember(part)
     return value
 
-
-def redacted_dict(data: Any) -> Any:
-    """A copy of nested dicts/lists with every string redacted."""
-    if isinstance(data, dict):
-        return {key: redacted_dict(value) for key, value in data.items()}
-    if isinstance(data, list):
-        return [redacted_dict(value) for value in data]
-    return redact(data) if isinstance(data, str) else data
