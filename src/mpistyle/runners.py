@@ -191,6 +191,29 @@ def _proc(pid: int) -> _Proc | None:
     return _Proc(state=fields[0], pgrp=int(fields[2]), session=int(fields[3]), start=int(fields[19]))
 
 
+@dataclass(frozen=True)
+class _LocalHandle:
+    """A local job's handle, ``local:HOST:SID:START``: the host it runs on, its session id (the
+    wrapper's pid, which is also its process group id) and the wrapper's start time in clock
+    ticks after boot (with the pid, it names one process whatever pids are reused)."""
+
+    host: str
+    sid: int
+    start: int
+
+    def __str__(self) -> str:
+        return f"local:{self.host}:{self.sid}:{self.start}"
+
+    @classmethod
+    def here(cls, pid: int, start: int) -> _LocalHandle:
+        return cls(socket.gethostname(), pid, start)
+
+    @classmethod
+    def parse(cls, handle: str) -> _LocalHandle | None:
+        match = re.fullmatch(r"local:(.*):(\d+):(\d+)", handle)
+        return cls(match.group(1), int(match.group(2)), int(match.group(3))) if match else None
+
+
 def _uptime() -> float:
     return float(Path("/proc/uptime").read_text().split()[0])
 
@@ -229,8 +252,7 @@ class LocalRunner(Runner):
         proc = _proc(child.pid)  # readable even if it has exited: it is not reaped before poll
         if proc is None:
             raise StorageError(f"the job started as process {child.pid} but /proc does not show it; is /proc mounted?")
-        # The session leader's pid is its process group id; with its start time it survives pid reuse.
-        return f"local:{socket.gethostname()}:{child.pid}:{proc.start}"
+        return str(_LocalHandle.here(child.pid, proc.start))
 
     def poll(self, handle: str, job: JobSpec) -> JobStatus:
         for child in list(self._children.values()):
@@ -243,13 +265,13 @@ class LocalRunner(Runner):
         code = self._exit_code(job)
         if code is not None:
             return JobStatus("done" if code == 0 else "failed", code)
-        parts = handle.removeprefix("local:").split(":")
-        if not handle.startswith("local:") or len(parts) != 3 or not (parts[1].isdigit() and parts[2].isdigit()):
+        local = _LocalHandle.parse(handle)
+        if local is None:
             return JobStatus("lost", detail=f"no local job in handle {handle!r}")
-        if parts[0] != socket.gethostname():
-            return JobStatus("lost", detail=f"the job was started on {parts[0]}, which this host cannot follow")
-        if self._members(int(parts[1]), int(parts[2]), job):
-            return JobStatus("running", running_s=self._running_s(int(parts[2])))
+        if local.host != socket.gethostname():
+            return JobStatus("lost", detail=f"the job was started on {local.host}, which this host cannot follow")
+        if self._members(local, job):
+            return JobStatus("running", running_s=self._running_s(local.start))
         return JobStatus("lost", detail="the job stopped without recording an exit code (killed with its wrapper, or a reboot)")
 
     def wait(self, handle: str, job: JobSpec, submitted_at: float | None = None) -> JobStatus:
@@ -276,7 +298,7 @@ class LocalRunner(Runner):
         for pid in _pids():
             proc = _proc(pid)
             if proc and proc.pgrp == pid and proc.state != "Z" and _is_job(pid, job):
-                return f"local:{socket.gethostname()}:{pid}:{proc.start}"
+                return str(_LocalHandle.here(pid, proc.start))
         return None
 
     def _exit_code(self, job: JobSpec) -> int | None:
@@ -285,7 +307,7 @@ class LocalRunner(Runner):
         except (OSError, ValueError):
             return None
 
-    def _members(self, sid: int, start: int, job: JobSpec) -> list[int]:
+    def _members(self, local: _LocalHandle, job: JobSpec) -> list[int]:
         """The live processes of the job's session (its session and process group ids are the
         wrapper's pid; mpirun puts each rank in a process group of its own, in the same session).
         Each must carry the job's own runs folder in its environment: a record is data anyone with
@@ -294,7 +316,7 @@ class LocalRunner(Runner):
         found = []
         for pid in _pids():
             proc = _proc(pid)
-            if proc and proc.session == sid and proc.state != "Z" and proc.start >= start and _is_job(pid, job):
+            if proc and proc.session == local.sid and proc.state != "Z" and proc.start >= local.start and _is_job(pid, job):
                 found.append(pid)
         return found
 
@@ -306,12 +328,13 @@ class LocalRunner(Runner):
         stops at the next batch and keeps what it staged), then SIGKILL to every process of the
         job still there after the grace. (Not SIGTERM to each rank as well: a second stop signal
         ends a rank at once, its cooperative stop unfinished.)"""
-        sid, begun = (int(part) for part in handle.rsplit(":", 2)[1:])
-        if self._members(sid, begun, job):
+        local = _LocalHandle.parse(handle)
+        assert local is not None  # poll() said it runs
+        if self._members(local, job):
             with suppress(ProcessLookupError):
-                os.killpg(sid, signal.SIGTERM)
+                os.killpg(local.sid, signal.SIGTERM)
         self._wait_gone(handle, job, self.kill_grace_s)
-        for pid in self._members(sid, begun, job):
+        for pid in self._members(local, job):
             with suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self._wait_gone(handle, job, 10.0)
@@ -322,9 +345,10 @@ class LocalRunner(Runner):
         return JobStatus("timeout", code, detail=stopped)
 
     def _wait_gone(self, handle: str, job: JobSpec, patience: float) -> None:
-        sid, begun = (int(part) for part in handle.rsplit(":", 2)[1:])
+        local = _LocalHandle.parse(handle)
+        assert local is not None
         deadline = time.monotonic() + patience
-        while time.monotonic() < deadline and self._members(sid, begun, job):
+        while time.monotonic() < deadline and self._members(local, job):
             self.poll(handle, job)  # reaps our own child
             time.sleep(0.1)
 

@@ -579,14 +579,16 @@ def plan_audio(info: VideoInfo, container_format: str) -> tuple[AudioTrack, ...]
     """Each audio stream of the input copied into ``container_format`` where that takes its
     packets (a trial mux into memory says so, the finished file included), else converted to
     AAC. A stream that can be neither is refused now, not after every frame has been scored."""
+    if not info.audio_streams:
+        return ()
     tracks = []
-    for index in info.audio_streams:
-        with _open_input(info.path, genpts=False) as container:
-            stream = cast(av.AudioStream, container.streams[index])
+    with _open_input(info.path, genpts=False) as container:
+        streams = [cast(av.AudioStream, container.streams[index]) for index in info.audio_streams]
+        first = _first_packets(container, streams)
+        for stream in streams:
             codec = stream.codec_context.name if stream.codec_context else "unknown"
-            first = next((p for p in container.demux(stream) if p.size), None)
-            if _trial_mux(container_format, stream, first) is None:
-                tracks.append(AudioTrack(index, codec))
+            if _trial_mux(container_format, stream, first.get(stream.index)) is None:
+                tracks.append(AudioTrack(stream.index, codec))
                 continue
             failure = _trial_mux(container_format, stream, None, convert=True)
             if failure is not None:
@@ -595,11 +597,23 @@ def plan_audio(info: VideoInfo, container_format: str) -> tuple[AudioTrack, ...]
                     else "convert or remove that audio stream first"
                 )
                 raise InputError(
-                    f"the input's audio stream #{index} ({codec}) can neither be copied into {container_format} nor "
-                    f"converted to {AUDIO_FALLBACK} ({failure}): {what_to_do}: {info.path}"
+                    f"the input's audio stream #{stream.index} ({codec}) can neither be copied into {container_format} "
+                    f"nor converted to {AUDIO_FALLBACK} ({failure}): {what_to_do}: {info.path}"
                 )
-            tracks.append(AudioTrack(index, codec, convert=True))
+            tracks.append(AudioTrack(stream.index, codec, convert=True))
     return tuple(tracks)
+
+
+def _first_packets(container: av.container.InputContainer, streams: Sequence[av.AudioStream]) -> dict[int, av.Packet]:
+    """Each stream's first packet with data, in one pass that stops once every stream has one
+    (a stream without any is read to the end of the file once, not once per stream)."""
+    first: dict[int, av.Packet] = {}
+    for packet in container.demux(streams):
+        if packet.size and packet.stream_index not in first:
+            first[packet.stream_index] = packet
+            if len(first) == len(streams):
+                break
+    return first
 
 
 def _trial_mux(
