@@ -21,7 +21,6 @@ import torch
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
-from mpistyle import train_config
 from mpistyle.errors import ConfigError, InputError, ModelError
 from mpistyle.model.loading import default_vgg19_weights, load_transformer_net, load_vgg19
 from mpistyle.model.transformer_net import TransformerNet
@@ -29,6 +28,7 @@ from mpistyle.model.vgg import CAFFE_BGR_MEAN, JOHNSON_STYLE_LAYERS, VGG19Featur
 from mpistyle.parallel import RankContext
 from mpistyle.report import write_png
 from mpistyle.sample import landscape, make_video
+from mpistyle.train import config as train_config
 from mpistyle.train import data, loop
 from mpistyle.train.checkpoint import load_checkpoint
 from mpistyle.train.losses import PerceptualLoss, gram

@@ -17,8 +17,8 @@ import pytest
 
 from azurite import KEY, Azurite
 from mpistyle.sample import make_video
-from mpistyle.storage.areas import LocalArea
-from mpistyle.storage.names import job_name, output_name
+from mpistyle.watch.areas import LocalArea
+from mpistyle.watch.names import job_name, output_name
 from slurm_cluster import SlurmCluster
 
 from conftest import MPI_ENV, TESTS
@@ -28,7 +28,7 @@ Watch = Callable[..., subprocess.CompletedProcess[str]]
 
 
 def watch_command(*overrides: str) -> list[str]:
-    return [sys.executable, "-c", "from mpistyle.watch import main; main()", *overrides]
+    return [sys.executable, "-c", "from mpistyle.watch.watcher import main; main()", *overrides]
 
 
 def run_watch(
@@ -260,7 +260,7 @@ def test_delete_inputs_removes_only_the_version_processed(tmp_path: Path) -> Non
 
 def test_unsafe_names_never_leave_the_output_folder(tmp_path: Path) -> None:
     from mpistyle.errors import StorageError
-    from mpistyle.storage.areas import LocalArea
+    from mpistyle.watch.areas import LocalArea
 
     area = LocalArea("output", str(tmp_path / "out"))
     for name in ("../escape.mp4", "/etc/x.mp4", "a/../../b.mp4", "ctl\x07.mp4"):

@@ -15,10 +15,10 @@ from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
 from mpistyle.errors import ConfigError
-from mpistyle.runners import JobSpec, JobStatus, Runner, blame
 from mpistyle.sample import make_video
-from mpistyle.storage.areas import open_area
-from mpistyle.watch import Watcher, check_config, make_runner
+from mpistyle.watch.areas import open_area
+from mpistyle.watch.runners import JobSpec, JobStatus, Runner, blame
+from mpistyle.watch.watcher import Watcher, check_config, make_runner
 from slurm_cluster import SlurmCluster
 from test_watch import local_overrides, run_watch, starts, states, watch_command
 

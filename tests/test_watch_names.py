@@ -24,11 +24,11 @@ from azurite import KEY, Azurite
 from mpistyle.errors import StorageError
 from mpistyle.formats import VIDEO_SUFFIXES
 from mpistyle.report import public_report
-from mpistyle.runners import JobSpec, JobStatus, Runner
 from mpistyle.sample import make_video
-from mpistyle.storage.areas import Area, BlobArea, Entry, LocalArea
-from mpistyle.storage.names import UnsafeName, check_name, job_name
-from mpistyle.watch import Watcher
+from mpistyle.watch.areas import Area, BlobArea, Entry, LocalArea
+from mpistyle.watch.names import UnsafeName, check_name, job_name
+from mpistyle.watch.runners import JobSpec, JobStatus, Runner
+from mpistyle.watch.watcher import Watcher
 from test_watch import local_overrides, run_watch, states
 
 # -- helpers ------------------------------------------------------------------------------------

@@ -15,9 +15,9 @@ import torch
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
-from mpistyle import train_config
 from mpistyle.model.transformer_net import TransformerNet
 from mpistyle.parallel import RankContext
+from mpistyle.train import config as train_config
 from mpistyle.train import loop
 
 

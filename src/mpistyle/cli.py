@@ -19,7 +19,7 @@ from omegaconf import DictConfig, open_dict
 from . import config, signals
 from .errors import ConfigError, InternalError, MpistyleError, OutputError
 from .parallel import RankContext
-from .storage.secrets import redact
+from .secrets import redact
 
 log = logging.getLogger("mpistyle")
 _ctx: RankContext | None = None

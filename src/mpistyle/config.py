@@ -178,7 +178,7 @@ class RunnerConfig:
     script: str | None = None  # slurm: the sbatch script (default: slurm/style.sbatch)
     sbatch_args: list[str] = field(default_factory=list)  # slurm: e.g. [--partition=gpu, --gpus-per-node=1]
     # A job gets only an allow-listed part of the watcher's environment (PATH, HOME, LANG, LC_*,
-    # PYTHONPATH, OMPI_*, MPISTYLE_* but the credentials, ...: see mpistyle.runners): name any
+    # PYTHONPATH, OMPI_*, MPISTYLE_* but the credentials, ...: see mpistyle.watch.runners): name any
     # other variable a job needs here. Credential variables are refused.
     env_pass: list[str] = field(default_factory=list)
 

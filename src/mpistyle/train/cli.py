@@ -7,9 +7,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from .. import train_config
 from ..cli import exit_on_error, start
 from ..parallel import RankContext
+from . import config as train_config
 
 _ctx: RankContext | None = None
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from .. import signals, train_config
+from .. import signals
 from ..config import plain
 from ..errors import ConfigError, InternalError, JobInterrupted
 from ..model.loading import load_vgg19
@@ -36,6 +36,7 @@ from ..model.transformer_net import TransformerNet
 from ..parallel import RankContext
 from ..scoring import pick_device, set_threads
 from ..staging import fingerprint
+from . import config as train_config
 from . import data
 from .checkpoint import load_checkpoint, save_checkpoint, save_state_dict, set_rng_state
 from .files import RunFiles

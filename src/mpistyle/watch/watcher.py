@@ -40,10 +40,13 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from . import config
-from .errors import ConfigError, MpistyleError, StorageError, first_line
-from .formats import VIDEO_SUFFIXES
-from .report import public_report
+from .. import config
+from ..errors import ConfigError, MpistyleError, StorageError, first_line
+from ..formats import VIDEO_SUFFIXES
+from ..report import public_report
+from ..secrets import redact
+from .areas import Area, Entry, StateConflict, open_area
+from .names import UnsafeName, is_job_key, job_name, output_name, shown, suffix_of
 from .runners import (
     DEFAULT_SBATCH_SCRIPT,
     JobSpec,
@@ -55,9 +58,6 @@ from .runners import (
     is_credential_name,
     meaning,
 )
-from .storage.areas import Area, Entry, StateConflict, open_area
-from .storage.names import UnsafeName, is_job_key, job_name, output_name, shown, suffix_of
-from .storage.secrets import redact
 
 log = logging.getLogger("mpistyle.watch")
 FINAL = ("done", "quarantined", "superseded", "abandoned")
@@ -579,7 +579,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    from .cli import check_overrides
+    from ..cli import check_overrides
 
     config.register()
     check_overrides(sys.argv[1:], "watch")

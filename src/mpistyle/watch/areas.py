@@ -24,8 +24,8 @@ from typing import Any, BinaryIO, Protocol, TypeVar
 from urllib.parse import urlparse
 
 from ..errors import StorageError, first_line
+from ..secrets import from_env, redact
 from .names import check_name, shown
-from .secrets import from_env, redact
 
 log = logging.getLogger("mpistyle.storage")
 

@@ -10,9 +10,9 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from .errors import ConfigError
-from .model.checksums import VGG19_SHA256
-from .model.vgg import JOHNSON_CONTENT_LAYER, JOHNSON_STYLE_LAYERS, RELU_NAMES
+from ..errors import ConfigError
+from ..model.checksums import VGG19_SHA256
+from ..model.vgg import JOHNSON_CONTENT_LAYER, JOHNSON_STYLE_LAYERS, RELU_NAMES
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 

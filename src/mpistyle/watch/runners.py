@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from .errors import InputError, InternalError, StorageError
+from ..errors import InputError, InternalError, StorageError
 
 # Where the sbatch script lives when running from a checkout; the config can point elsewhere.
 DEFAULT_SBATCH_SCRIPT = Path(__file__).resolve().parents[2] / "slurm" / "style.sbatch"
