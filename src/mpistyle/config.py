@@ -4,7 +4,6 @@ the schemas stored here (the ConfigStore's ``schema/`` entries).
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -12,12 +11,12 @@ from typing import Any, cast
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from .devices import check_device
 from .errors import ConfigError
 from .model.checksums import ARBITRARY_PREDICT_SHA256, ARBITRARY_TRANSFORM_SHA256, MULTISTYLE_SHA256
 
 PROGRESS_MODES = ("auto", "bar", "log", "off")
 FLOW_PRESETS = ("ultrafast", "fast", "medium")  # OpenCV DIS presets (mpistyle.flicker)
-_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 @dataclass
@@ -245,8 +244,7 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError(f"batch_size must be at least 1, got {cfg.batch_size}")
     if cfg.threads is not None and cfg.threads < 1:
         raise ConfigError(f"threads must be at least 1, got {cfg.threads}")
-    if not _DEVICE.match(str(cfg.device)):
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got '{cfg.device}'")
+    check_device(cfg.device)
     if cfg.report.progress not in PROGRESS_MODES:
         raise ConfigError(f"report.progress must be one of {', '.join(PROGRESS_MODES)}, got '{cfg.report.progress}'")
     if cfg.report.preview_frames < 0:

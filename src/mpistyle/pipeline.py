@@ -27,12 +27,13 @@ from omegaconf import DictConfig
 from torch import nn
 
 from . import __version__, config, signals
+from .devices import pick_device, set_threads
 from .errors import ConfigError, JobStopped, ModelError, MpistyleError, OutputError
 from .formats import READABLE_OUTPUTS
 from .overlap import Ahead, Behind, InOrder, Now
 from .parallel import RankContext, attempt, partition, unwrap
 from .report import Progress, StageTimer, preview_grid, preview_indices, write_json, write_png
-from .scoring import Scorer, default_batch_size, pick_device, set_threads
+from .scoring import Scorer, default_batch_size
 from .staging import DEFAULT_STAGING, SegmentWriter, Staging, fingerprint, job_key
 from .video import (
     AUDIO_FALLBACK,

@@ -2,47 +2,18 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import numpy as np
 import torch
 from torch import nn
 
-from .errors import ConfigError, ModelError
-
-
-def pick_device(requested: str, local_rank: int) -> torch.device:
-    """``auto`` and ``cuda`` give each rank on a node its own GPU: ``cuda:<local rank mod GPUs>``."""
-    if requested in ("auto", "cuda"):
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
-        if requested == "cuda":
-            raise ConfigError("device=cuda but this node has no usable CUDA GPU (use device=auto or cpu)")
-        return torch.device("cpu")
-    device = torch.device(requested)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device={requested} but this node has no usable CUDA GPU")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"device={requested} but this node has {torch.cuda.device_count()} GPU(s)")
-    return device
+from .errors import ModelError
 
 
 def default_batch_size(device: torch.device) -> int:
     """Batches feed a GPU; on a CPU one frame at a time was fastest (bigger batches mostly add
     page faults for the larger activations: 176 vs 196 ms/frame at 640x360 on 2 cores)."""
     return 8 if device.type == "cuda" else 1
-
-
-def set_threads(threads: int | None, ranks_on_node: int) -> int:
-    """Torch CPU threads for this rank: the CPUs it may run on (mpirun binding respected),
-    shared among the node's ranks, unless given."""
-    if threads is None:
-        cpus = len(os.sched_getaffinity(0))
-        # Ranks bound to their own cores already see only those; unbound ranks share the node.
-        threads = max(1, cpus // ranks_on_node) if cpus >= ranks_on_node else 1
-    torch.set_num_threads(threads)
-    return threads
 
 
 log = logging.getLogger(__name__)

@@ -3,18 +3,16 @@
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
+from ..devices import check_device
 from ..errors import ConfigError
 from ..model.checksums import VGG19_SHA256
 from ..model.vgg import JOHNSON_CONTENT_LAYER, JOHNSON_STYLE_LAYERS, RELU_NAMES
-
-_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
 
 @dataclass
@@ -82,8 +80,7 @@ def check(cfg: DictConfig) -> None:
     for key in ("content_weight", "style_weight", "tv_weight"):
         if cfg[key] < 0:
             raise ConfigError(f"{key} must be 0 or more, got {cfg[key]}")
-    if not _DEVICE.match(str(cfg.device)):
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got '{cfg.device}'")
+    check_device(cfg.device)
     if cfg.threads is not None and cfg.threads < 1:
         raise ConfigError(f"threads must be at least 1, got {cfg.threads}")
     layers = [cfg.vgg.content_layer, *cfg.vgg.style_layers]

@@ -30,11 +30,11 @@ from omegaconf import DictConfig
 
 from .. import signals
 from ..config import plain
+from ..devices import pick_device, set_threads
 from ..errors import ConfigError, InternalError, JobInterrupted
 from ..model.loading import load_vgg19
 from ..model.transformer_net import TransformerNet
 from ..parallel import RankContext
-from ..scoring import pick_device, set_threads
 from ..staging import fingerprint
 from . import config as train_config
 from . import data

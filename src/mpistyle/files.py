@@ -1,0 +1,65 @@
+"""File habits every program keeps: a file appears whole or not at all, and a folder is checked
+before any work that would be lost if it could not be written."""
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import MpistyleError, OutputError
+
+
+def partial_path(path: Path) -> Path:
+    """Where ``path`` is written before it is renamed into place: beside it (one filesystem, so
+    the rename is atomic), hidden, and per host and process, so two writers never share one."""
+    return path.with_name(f".{path.name}.partial-{socket.gethostname()}-{os.getpid()}")
+
+
+@contextmanager
+def replacing(path: Path, durable: bool = False) -> Iterator[Path]:
+    """Yield a partial path to write; when the block completes, rename it over ``path``, after
+    an fsync if ``durable`` (on NFS a rename can reach the server before the data). If the
+    block fails, the partial file is removed and ``path`` is left as it was. OSError passes
+    through for the caller to word."""
+    partial = partial_path(path)
+    try:
+        yield partial
+        if durable:
+            with partial.open("rb") as handle:
+                os.fsync(handle.fileno())
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def write_atomic(path: Path, data: bytes, durable: bool = False) -> None:
+    """Readers see the old file or the whole new one, never half of it."""
+    try:
+        with replacing(path, durable) as partial:
+            partial.write_bytes(data)
+    except OSError as err:
+        raise OutputError(f"cannot write {path}: {err.strerror}") from None
+
+
+def writable_dir(directory: Path, what: str, error: type[MpistyleError] = OutputError, create: bool = True) -> None:
+    """Check that this process can write in ``directory`` (created first if ``create``), or
+    raise ``error`` naming it as ``what``."""
+    if create:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise error(f"cannot create the {what} {directory}: {err.strerror}") from None
+    elif not directory.is_dir():
+        raise error(f"the {what} {directory} does not exist: create it or choose another place")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise error(f"the {what} is not writable: {directory}")
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (links and other spellings included)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
