@@ -18,14 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .magenta import stylise
+
 STYLE_DIM = 100
 # The predictor's input side; paintings are centre-cropped square and resized to it.
 STYLE_SIDE = 256
-# Two stride-2 convolutions on the way in, two x2 upsamplings on the way out: sides must be
-# multiples of 4 for the output to come back at the input's size. Frames are padded internally.
-SIDE_MULTIPLE = 4
-# The 3x3 reflect pads at quarter resolution need at least 2 pixels there.
-MIN_SIDE = 8
 # The epsilon the exported graph adds to the variance (an int8 constant: 127 * 7.874e-8).
 NORM_EPS = 1e-5
 
@@ -125,26 +122,12 @@ class ArbitraryStyleNet(nn.Module):
         self.style.copy_(vector)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        height, width = x.shape[-2:]
         style = self.style.to(x.dtype)[None]
         if self.strength < 1.0:
             assert self.predictor is not None
             own = self.predictor(square_resize(x, STYLE_SIDE))
             style = self.strength * style + (1.0 - self.strength) * own
-        pad_h = max(MIN_SIDE, height + -height % SIDE_MULTIPLE) - height
-        pad_w = max(MIN_SIDE, width + -width % SIDE_MULTIPLE) - width
-        if pad_h or pad_w:
-            # Reflection needs the pad to be smaller than the side; tiny frames replicate instead.
-            mode = "reflect" if pad_h < height and pad_w < width else "replicate"
-            x = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
-        for layer in self.contract:
-            x = F.relu(layer(x, style))
-        for block in self.residual:
-            x = block(x, style)
-        for layer in self.expand[:-1]:
-            x = F.relu(layer(x, style))
-        x = torch.sigmoid(self.expand[-1](x, style))
-        return x[..., :height, :width]
+        return stylise(x, style, self.contract, self.residual, self.expand)
 
 
 def square_resize(x: torch.Tensor, side: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ import zipfile
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -23,6 +24,9 @@ from .frame_model import ValueRange
 from .multistyle import NUM_STYLES, MultiStyleNet
 from .transformer_net import TransformerNet
 from .vgg import JOHNSON_STYLE_LAYERS, VGG19Features
+
+if TYPE_CHECKING:
+    from onnx import GraphProto
 
 # Old PyTorch versions saved running statistics for InstanceNorm; current modules have none.
 _LEGACY_NORM_KEY = re.compile(r"in\d+\.running_(mean|var)$")
@@ -83,17 +87,6 @@ def style_vector(style: int, blend: object = None) -> torch.Tensor:
     return weights / total
 
 
-def _onnx_initializers(path: Path) -> dict[str, torch.Tensor]:
-    import onnx
-    from onnx import numpy_helper
-
-    try:
-        graph = onnx.load(str(path)).graph
-    except Exception as err:  # onnx raises DecodeError, OSError, ... for a bad file
-        raise ModelError(f"cannot read ONNX weights {path}: {err}") from None
-    return {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in graph.initializer}
-
-
 def load_multistyle(
     style: int = 19,
     blend: object = None,
@@ -108,7 +101,8 @@ def load_multistyle(
         Path(weights).expanduser() if weights else default_multistyle_weights(), weights_sha256, "model.weights_sha256"
     )
     net = MultiStyleNet()
-    _load_state(net, _onnx_initializers(path), path, extra_ok={"style_weights"})
+    _, stored = _read_onnx(path)
+    _load_state(net, stored, path, extra_ok={"style_weights"})
     net.set_style(style_vector(style, blend))
     return net.eval()
 
@@ -129,14 +123,9 @@ def _checked_weights(
     return path
 
 
-def _onnx_dequantized_convs(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Every Conv of an int8 QDQ ONNX file as float ``{weight name: (weight, bias)}``.
-
-    Weights and biases are stored as integers with a (per-channel) scale and zero point, each
-    feeding a DequantizeLinear node; they are dequantised here as that node does,
-    ``scale * (q - zero_point)``, so the float weights are exactly the numbers the file computes
-    with. Biases are looked up through the Conv nodes because the file shares some of them.
-    """
+def _read_onnx(path: Path) -> tuple[GraphProto, dict[str, torch.Tensor]]:
+    """An ONNX file's graph and its stored tensors (initializers) by name."""
+    # Imported here, not at the top: only the ONNX models need onnx, which takes ~0.2 s to import.
     import onnx
     from onnx import numpy_helper
 
@@ -144,7 +133,33 @@ def _onnx_dequantized_convs(path: Path) -> dict[str, tuple[torch.Tensor, torch.T
         graph = onnx.load(str(path)).graph
     except Exception as err:  # onnx raises DecodeError, OSError, ... for a bad file
         raise ModelError(f"cannot read ONNX weights {path}: {err}") from None
-    stored = {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in graph.initializer}
+    return graph, {t.name: torch.from_numpy(numpy_helper.to_array(t).copy()) for t in graph.initializer}
+
+
+def _onnx_dequantized_convs(path: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Every Conv of an int8 QDQ ONNX file as float ``{weight name: (weight, bias)}``.
+
+    Biases are looked up through the Conv nodes because the file shares some of them.
+    """
+    graph, stored = _read_onnx(path)
+    floats = _dequantized(graph, stored)
+    convs = {}
+    for node in graph.node:
+        if node.op_type == "Conv" and node.input[1] in floats:
+            weight = floats[node.input[1]]
+            bias = floats[node.input[2]] if len(node.input) > 2 and node.input[2] else torch.zeros(len(weight))
+            convs[node.input[1].removesuffix("_dequant")] = (weight, bias)
+    return convs
+
+
+def _dequantized(graph: GraphProto, stored: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The float output of every DequantizeLinear node over a stored tensor, by output name.
+
+    Weights and biases are stored as integers with a (per-channel) scale and zero point, each
+    feeding a DequantizeLinear node; they are dequantised here as that node does,
+    ``scale * (q - zero_point)``, so the float weights are exactly the numbers the file computes
+    with.
+    """
     floats: dict[str, torch.Tensor] = {}
     for node in graph.node:
         if node.op_type != "DequantizeLinear" or node.input[0] not in stored:
@@ -159,13 +174,7 @@ def _onnx_dequantized_convs(path: Path) -> dict[str, tuple[torch.Tensor, torch.T
             shape[axis] = -1
             scale, zero = scale.view(shape), zero.view(shape)
         floats[node.output[0]] = ((q - zero) * scale).float()
-    convs = {}
-    for node in graph.node:
-        if node.op_type == "Conv" and node.input[1] in floats:
-            weight = floats[node.input[1]]
-            bias = floats[node.input[2]] if len(node.input) > 2 and node.input[2] else torch.zeros(len(weight))
-            convs[node.input[1].removesuffix("_dequant")] = (weight, bias)
-    return convs
+    return floats
 
 
 def _arbitrary_transform_state(convs: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:

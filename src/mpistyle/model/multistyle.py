@@ -9,11 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .magenta import stylise
+
 NUM_STYLES = 26
-# Two stride-2 convolutions on the way in: frame sides must be multiples of 4.
-SIDE_MULTIPLE = 4
-# The 3x3 reflect pads after two stride-2 steps need at least 2 pixels left on each side.
-MIN_SIDE = 8
 
 
 class ConditionalInstanceNorm(nn.Module):
@@ -93,19 +91,4 @@ class MultiStyleNet(nn.Module):
         self.style_weights.copy_(weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        height, width = x.shape[-2:]
-        pad_h = max(MIN_SIDE, height + -height % SIDE_MULTIPLE) - height
-        pad_w = max(MIN_SIDE, width + -width % SIDE_MULTIPLE) - width
-        if pad_h or pad_w:
-            # Reflection needs the pad to be smaller than the side; tiny frames replicate instead.
-            mode = "reflect" if pad_h < height and pad_w < width else "replicate"
-            x = F.pad(x, (0, pad_w, 0, pad_h), mode=mode)
-        style = self.style_weights.to(x.dtype)
-        for block in self.contract:
-            x = F.relu(block(x, style))
-        for res in self.res:
-            x = res(x, style)
-        for block in self.expand[:-1]:
-            x = F.relu(block(x, style))
-        x = torch.sigmoid(self.expand[-1](x, style))
-        return x[..., :height, :width]
+        return stylise(x, self.style_weights.to(x.dtype), self.contract, self.res, self.expand)
