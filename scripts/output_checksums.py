@@ -6,7 +6,10 @@
 Each case runs the real program (under `mpirun` where it has several ranks) on a clip made
 here, and records the output's digest and the shape of its job report (every key path, not the
 timings). Digests hold on one machine: the model's floating point differs between CPUs, so
-compare runs made on the same machine (the file records which).
+compare runs made on the same machine (the file records which), with the same input clips: x264
+encodes the clips made here differently from one run to the next (its AVX-512 code at widths
+that are not a multiple of 128), so they are made once into ``--inputs`` and reused, and their
+digests are recorded too.
 """
 from __future__ import annotations
 
@@ -122,11 +125,21 @@ def _fill(override: str, files: dict[str, Path]) -> str:
     return override
 
 
-def run_case(name: str, folder: Path) -> dict[str, Any]:
-    ranks, make_input, output_name, overrides = CASES[name]
+def _inputs(name: str, folder: Path) -> tuple[Path, dict[str, Path]]:
+    """The case's input clip and files, made on the first run and reused after."""
+    folder.mkdir(parents=True, exist_ok=True)
+    done = folder / "inputs.json"
+    if not done.exists():
+        made = {"source": CASES[name][1](folder), "painting": _painting(folder), "checkpoint": _checkpoint(folder)}
+        done.write_text(json.dumps({key: path.name for key, path in made.items()}))
+    names = json.loads(done.read_text())
+    return folder / names.pop("source"), {key: folder / value for key, value in names.items()}
+
+
+def run_case(name: str, folder: Path, inputs: Path) -> dict[str, Any]:
+    ranks, _, output_name, overrides = CASES[name]
     folder.mkdir()
-    source = make_input(folder)
-    files = {"painting": _painting(folder), "checkpoint": _checkpoint(folder)}
+    source, files = _inputs(name, inputs / name)
     output = folder / output_name
     args = [f"input={source}", f"output={output}", *[_fill(o, files) for o in overrides]]
     command = [sys.executable, "-m", "mpistyle", *args]
@@ -137,6 +150,7 @@ def run_case(name: str, folder: Path) -> dict[str, Any]:
         raise SystemExit(f"{name}: exit {done.returncode}\n{done.stderr[-3000:]}")
     report = json.loads(output.with_name(f"{output.name}.report.json").read_text())
     return {
+        "input_sha256": _digest(source),
         "output_sha256": _digest(output),
         "preview_sha256": _digest(output.with_name(f"{output.name}.preview.png")),
         "report_keys": sorted(_key_paths(report)),
@@ -148,12 +162,13 @@ def main() -> int:
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--write", type=Path, help="record the digests in this JSON file")
     group.add_argument("--check", type=Path, help="compare with the digests recorded in this JSON file")
+    parser.add_argument("--inputs", type=Path, default=Path(".cache/output-checksums"), help="where the input clips are kept")
     parser.add_argument("cases", nargs="*", default=list(CASES), help="cases to run (default: all)")
     args = parser.parse_args()
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="mpistyle-checksums-") as tmp:
         for name in args.cases:
-            results[name] = run_case(name, Path(tmp) / name)
+            results[name] = run_case(name, Path(tmp) / name, args.inputs.absolute())
             print(f"{name}: {results[name]['output_sha256'][:16]}", flush=True)
     machine = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "av": av.__version__}
     if args.write:
