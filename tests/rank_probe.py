@@ -12,12 +12,12 @@ from mpistyle.parallel import RankContext, attempt
 def main(case: str, out_dir: Path) -> None:
     ctx = RankContext.world()
     result: object
-    if case == "large-share":
+    if case == "large-from-root":
         # Far past the 32 KiB a buffer-less irecv would get.
-        value = ctx.share(lambda: list(range(300_000)))
+        value = ctx.from_root(lambda: list(range(300_000)))
         result = [len(value), value[-1]]
-    elif case == "share-error":
-        outcome = attempt(lambda: ctx.share(_fail))
+    elif case == "from-root-error":
+        outcome = attempt(lambda: ctx.from_root(_fail))
         result = [outcome[0], type(outcome[1]).__name__, str(outcome[1])]
     elif case == "check-all":
         outcome = attempt(lambda: ctx.check_all(lambda: _fail() if ctx.rank == ctx.size - 1 else ctx.rank))
@@ -26,11 +26,29 @@ def main(case: str, out_dir: Path) -> None:
         seen: list[int] = []
         summaries = ctx.run_everywhere(lambda tick: {"ticks": [tick(ctx.rank + 1) for _ in range(3)]}, seen.append)
         result = {"summaries": summaries, "frames": sum(seen)}
+    elif case == "training":
+        result = _training_collectives(ctx)
     else:
         raise SystemExit(f"unknown case {case}")
     # One file per rank: lines printed by several ranks at once can interleave.
     line = {"rank": ctx.rank, "local_rank": ctx.local_rank, "size": ctx.size, "result": result}
     (out_dir / f"rank-{ctx.rank}.json").write_text(json.dumps(line))
+
+
+def _training_collectives(ctx: RankContext) -> dict[str, object]:
+    """What data-parallel training asks of the ranks: a slice of the batch, a mean, a gather."""
+    import torch
+
+    # Shapes and values differ per tensor, and per rank: the mean must put each back in place.
+    vector = torch.tensor([ctx.rank, 1.0, 2.0 * ctx.rank + 1])
+    matrix = torch.full((2, 2), 3.0 * ctx.rank)
+    ctx.mean_in_place([vector, matrix])
+    return {
+        "slice": list(ctx.own_slice(list(range(2 * ctx.size)))),
+        "vector": vector.tolist(),
+        "matrix": matrix.tolist(),
+        "gathered": ctx.gather_all(f"rank {ctx.rank}"),
+    }
 
 
 def _fail() -> int:

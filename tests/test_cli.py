@@ -132,7 +132,7 @@ def test_a_rank_failing_mid_job_stops_every_rank(video: Callable[..., Path], tmp
     assert "rank 1: internal error: RuntimeError: simulated failure inside the model" in errors[0]
     assert "mpistyle.log" in errors[0]  # where the traceback went
     assert not output.exists()
-    assert not list(tmp_path.glob(".out.partial*"))
+    assert not list(tmp_path.glob(".out*partial*"))
 
 
 @pytest.mark.mpi
@@ -177,7 +177,7 @@ def test_sigterm_stops_cleanly_and_the_rerun_resumes(video: Callable[..., Path],
     _, stderr = job.communicate(timeout=60)
     assert job.returncode == 143, stderr
     assert "stopped by SIGTERM" in stderr and "Traceback" not in stderr
-    assert not output.exists() and not list(tmp_path.glob(".out.partial*"))
+    assert not output.exists() and not list(tmp_path.glob(".out*partial*"))
     assert not list(staging.glob("*/*partial*"))
     staged = len(list(staging.glob("*/segment-*.h5")))
     assert 1 <= staged < 15
@@ -233,7 +233,7 @@ def test_a_killed_rank_ends_the_job_promptly_and_the_rerun_resumes(video: Callab
     assert time.monotonic() - killed_at < 15, "the other rank kept the job alive"
     assert job.returncode != 0
     assert "rank 1" in stderr and "signal 9" in stderr  # mpirun names the rank and the cause
-    assert not output.exists() and not list(tmp_path.glob(".out.partial*"))
+    assert not output.exists() and not list(tmp_path.glob(".out*partial*"))
 
     done = run_mpistyle(*args, ranks=2, cwd=tmp_path)
     assert done.returncode == 0, done.stderr

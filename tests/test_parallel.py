@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from mpistyle.parallel import RankContext
+
 from conftest import MPI_ENV, TESTS
 
 pytestmark = pytest.mark.mpi
@@ -34,8 +36,8 @@ def ranks_run(tmp_path: Path) -> Callable[[str, int], list[dict]]:
 
 
 @pytest.mark.parametrize("ranks", [1, 2, 3])
-def test_large_share_reaches_every_rank(ranks_run: Callable[[str, int], list[dict]], ranks: int) -> None:
-    lines = ranks_run("large-share", ranks)
+def test_a_large_result_from_the_root_reaches_every_rank(ranks_run: Callable[[str, int], list[dict]], ranks: int) -> None:
+    lines = ranks_run("large-from-root", ranks)
     assert [line["rank"] for line in lines] == list(range(ranks))
     assert all(line["result"] == [300_000, 299_999] for line in lines)
     assert sorted(line["local_rank"] for line in lines) == list(range(ranks))  # one node here
@@ -43,7 +45,7 @@ def test_large_share_reaches_every_rank(ranks_run: Callable[[str, int], list[dic
 
 @pytest.mark.parametrize("ranks", [1, 3])
 def test_root_error_reaches_every_rank(ranks_run: Callable[[str, int], list[dict]], ranks: int) -> None:
-    lines = ranks_run("share-error", ranks)
+    lines = ranks_run("from-root-error", ranks)
     assert all(line["result"] == [False, "ModelError", "checkpoint does not fit"] for line in lines)
 
 
@@ -63,3 +65,22 @@ def test_progress_and_summaries_reach_the_root(ranks_run: Callable[[str, int], l
     assert root["frames"] == sum(3 * (rank + 1) for rank in range(ranks))
     assert [s["ticks"] for s in root["summaries"]] == [[True] * 3] * ranks
     assert all(line["result"]["summaries"] == [] for line in lines[1:])
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3])
+def test_training_collectives(ranks_run: Callable[[str, int], list[dict]], ranks: int) -> None:
+    lines = ranks_run("training", ranks)
+    # Each rank its own two items of the global batch, in rank order, none twice.
+    assert [line["result"]["slice"] for line in lines] == [[2 * rank, 2 * rank + 1] for rank in range(ranks)]
+    for line in lines:
+        result = line["result"]
+        assert result["vector"] == [(ranks - 1) / 2, 1.0, float(ranks)]
+        assert result["matrix"] == [[3 * (ranks - 1) / 2] * 2] * 2
+        assert result["gathered"] == [f"rank {rank}" for rank in range(ranks)]
+
+
+def test_a_batch_that_does_not_split_evenly_is_a_bug() -> None:
+    ctx = RankContext(None, 1, 3, 1, 3, "here")  # no communicator needed: slicing is local
+    assert ctx.own_slice("abcdef") == "cd"
+    with pytest.raises(ValueError, match="does not split evenly over 3 ranks"):
+        ctx.own_slice([1, 2, 3, 4])

@@ -27,8 +27,8 @@ def gradient(
     torch.manual_seed(0)
     net = TransformerNet()
     optimizer = torch.optim.Adam(net.parameters())
-    local = loop._make_step(cfg, ctx, setup, net, optimizer, torch.device("cpu"))(1)
-    losses = loop._average(ctx, list(net.parameters()), local) if average else {}
+    local = loop.make_step(cfg, ctx, setup, net, optimizer, torch.device("cpu"))(1)
+    losses = loop.average_over_ranks(ctx, list(net.parameters()), local) if average else {}
     return torch.cat([p.grad.reshape(-1) for p in net.parameters()]).double(), losses
 
 
@@ -38,9 +38,9 @@ def main(out: Path, overrides: list[str]) -> None:
     with initialize_config_module("mpistyle.configs", version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     ctx = RankContext.world()
-    setup = loop._setup(cfg, torch.device("cpu"))
+    setup = loop.build_setup(cfg, torch.device("cpu"))
     averaged, losses = gradient(cfg, ctx, setup)
-    digests = ctx.comm.gather(hashlib.sha256(averaged.numpy().tobytes()).hexdigest())
+    digests = ctx.gather_all(hashlib.sha256(averaged.numpy().tobytes()).hexdigest())
     if ctx.is_root:
         alone = RankContext(None, 0, 1, 0, 1, ctx.host)
         whole = cfg.copy()

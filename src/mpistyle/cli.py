@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -22,29 +23,72 @@ from .parallel import RankContext
 from .secrets import redact
 
 log = logging.getLogger("mpistyle")
-_ctx: RankContext | None = None
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What every rank knows before Hydra composes the config: its rank facts, and the run id
+    every rank of the job agreed on (it names the run directory)."""
+
+    ctx: RankContext
+    run_id: str
 
 
 def main() -> None:
-    global _ctx
-    _ctx = start("config", config.register)
-    _hydra_main()
+    run_hydra(start("config", config.register), "config", _restyle)
 
 
-def start(config_name: str, register: Callable[[], None]) -> RankContext:
+def _restyle(cfg: DictConfig, launch: Launch) -> None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    with exit_on_error(launch.ctx, run_dir):
+        with open_dict(cfg):
+            cfg.run_dir = str(run_dir)
+        from .pipeline import run  # after logging is set up: importing torch takes a moment
+
+        run(cfg, launch.ctx, launch.run_id)
+
+
+def start(config_name: str, register: Callable[[], None]) -> Launch:
     """What every mpistyle command does before Hydra runs, on every rank."""
     ctx = RankContext.world()
     # Every rank must use one run directory: rank 0 names it, the others are told. Under Slurm
     # it is the job id, so a requeued job finds its staging or checkpoint and resumes.
-    os.environ["MPISTYLE_RUN_ID"] = ctx.share(new_run_id)
-    if not ctx.is_root:
-        # Only rank 0 writes Hydra's config dumps (and, later, the log file).
-        sys.argv.append("hydra.output_subdir=null")
+    run_id = ctx.from_root(new_run_id)
+    # The one place the run id travels through the environment: the configs name the run
+    # directory ${oc.env:MPISTYLE_RUN_ID}, and OmegaConf resolves it whenever the config is
+    # read, during the whole run. Our own code is handed the run id as a value (Launch).
+    os.environ["MPISTYLE_RUN_ID"] = run_id
     sys.excepthook = _abort_on_crash(ctx)
     signals.install()
     register()
     check_overrides(sys.argv[1:], config_name=config_name, show=ctx.is_root)
-    return ctx
+    return Launch(ctx, run_id)
+
+
+def run_hydra(launch: Launch, config_name: str, task: Callable[[DictConfig, Launch], None]) -> None:
+    """Let Hydra compose ``config_name`` from the command line, make the run directory (or
+    answer --help, --cfg), then call ``task(cfg, launch)``."""
+
+    @hydra.main(config_path="pkg://mpistyle.configs", config_name=config_name, version_base="1.3")
+    def hydra_task(cfg: DictConfig) -> None:
+        task(cfg, launch)
+
+    # Only rank 0 writes Hydra's config dumps (and, later, the log file).
+    extra = [] if launch.ctx.is_root else ["hydra.output_subdir=null"]
+    with _hydra_arguments(extra):
+        hydra_task()
+
+
+@contextmanager
+def _hydra_arguments(extra: list[str]) -> Iterator[None]:
+    """``@hydra.main`` reads its overrides from ``sys.argv`` and nowhere else: add ``extra``
+    there while Hydra runs, and put the command line back after."""
+    command_line = sys.argv
+    sys.argv = [*command_line, *extra]
+    try:
+        yield
+    finally:
+        sys.argv = command_line
 
 
 def check_overrides(args: list[str], config_name: str = "config", show: bool = True) -> None:
@@ -94,18 +138,6 @@ def new_run_id() -> str:
     if job:
         return job
     return time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}"
-
-
-@hydra.main(config_path="pkg://mpistyle.configs", config_name="config", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> None:
-    assert _ctx is not None
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    with exit_on_error(_ctx, run_dir):
-        with open_dict(cfg):
-            cfg.run_dir = str(run_dir)
-        from .pipeline import run  # after logging is set up: importing torch takes a moment
-
-        run(cfg, _ctx, os.environ["MPISTYLE_RUN_ID"])
 
 
 @contextmanager

@@ -1,5 +1,6 @@
 """The only module that knows about ranks: who we are, how work is split, how ranks agree on
-setup results, how progress reaches the root, and how one failure stops the whole job.
+setup results, how progress reaches the root, how data-parallel training splits a batch and
+averages gradients, and how one failure stops the whole job.
 
 Works the same under ``mpirun``/``srun`` and as a plain process (an MPI singleton of size 1).
 """
@@ -15,9 +16,12 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .errors import InternalError, JobStopped, MpistyleError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -25,7 +29,7 @@ T = TypeVar("T")
 _TAG_PROGRESS = 11
 _TAG_DONE = 12
 _TAG_STOP = 13
-_TAG_SHARE = 14
+_TAG_FROM_ROOT = 14
 # How often a waiting rank checks for its message: short next to any stage, long for a CPU.
 _POLL_S = 0.02
 
@@ -80,7 +84,7 @@ class RankContext:
 
     # -- agreeing on setup: every rank gets the same result or the same error ------------------
 
-    def share(self, compute: Callable[[], T]) -> T:
+    def from_root(self, compute: Callable[[], T]) -> T:
         """Run ``compute`` on the root only and hand its result (or its error) to every rank.
 
         The other ranks wait by polling with short sleeps, not in a spinning MPI call, so a
@@ -88,14 +92,14 @@ class RankContext:
         """
         if self.is_root:
             outcome = attempt(compute)
-            requests = [self.comm.isend(outcome, dest=rank, tag=_TAG_SHARE) for rank in range(1, self.size)]
+            requests = [self.comm.isend(outcome, dest=rank, tag=_TAG_FROM_ROOT) for rank in range(1, self.size)]
             for request in requests:
                 _wait(request)
         else:
             # Probe first: a plain irecv gets a fixed 32 KiB buffer, too small for a long index.
-            while not self.comm.iprobe(source=0, tag=_TAG_SHARE):
+            while not self.comm.iprobe(source=0, tag=_TAG_FROM_ROOT):
                 time.sleep(_POLL_S)
-            outcome = self.comm.recv(source=0, tag=_TAG_SHARE)
+            outcome = self.comm.recv(source=0, tag=_TAG_FROM_ROOT)
             # A STOP the root sent while this rank was already done is stale now; drop it so a
             # later job in this process does not see it.
             while self.comm.iprobe(source=0, tag=_TAG_STOP):
@@ -105,17 +109,54 @@ class RankContext:
     def check_all(self, compute: Callable[[], T]) -> T:
         """Run ``compute`` on every rank; if any rank fails, every rank raises the first error."""
         outcome = attempt(compute)
-        errors = self.comm.allgather(None if outcome[0] else outcome[1])
+        errors = self.gather_all(None if outcome[0] else outcome[1])
         for rank, error in enumerate(errors):
             if error is not None:
                 raise _from_rank(error, rank) if rank != self.rank else error
         return outcome[1]
 
+    def gather_all(self, value: T) -> list[T]:
+        """Every rank's ``value``, in rank order, on every rank (a plain process: ``[value]``)."""
+        if self.size == 1:
+            return [value]
+        return list(self.comm.allgather(value))
+
+    # -- data-parallel training: equal slices of one global batch, averaged gradients ------------
+
+    def own_slice(self, batch: Sequence[T]) -> Sequence[T]:
+        """This rank's contiguous part of a global batch that every rank holds whole: rank ``r``
+        of ``n`` gets the ``r``-th of ``n`` equal parts (so ``n`` ranks together train on
+        exactly the batch one rank would)."""
+        if len(batch) % self.size:
+            raise ValueError(f"a batch of {len(batch)} does not split evenly over {self.size} ranks")
+        per_rank = len(batch) // self.size
+        return batch[self.rank * per_rank:(self.rank + 1) * per_rank]
+
+    def mean_in_place(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Replace every tensor, on every rank, by its mean over the ranks, with one
+        MPI_Allreduce of one flat float32 buffer: one message however many tensors.
+
+        The buffer goes through host memory, which works with any MPI build, CUDA-aware or
+        not. Tensors of other dtypes are averaged in float32 (gradients are float32 anyway).
+        """
+        if self.size == 1:
+            return
+        import torch
+        from mpi4py import MPI
+
+        flat = torch.cat([tensor.reshape(-1) for tensor in tensors]).to("cpu", torch.float32).contiguous()
+        self.comm.Allreduce(MPI.IN_PLACE, flat.numpy(), op=MPI.SUM)
+        flat /= self.size
+        offset = 0
+        for tensor in tensors:
+            tensor.copy_(flat[offset:offset + tensor.numel()].view_as(tensor))
+            offset += tensor.numel()
+
     # -- the scoring phase: every rank works, progress flows to the root -----------------------
 
     def run_everywhere(
-        self, work: Callable[[Callable[[int], bool]], dict[str, Any]], on_frames: Callable[[int], None]
-    ) -> list[dict[str, Any]]:
+        self, work: Callable[[Callable[[int], bool]], T], on_frames: Callable[[int], None]
+    ) -> list[T]:
         """Every rank runs ``work(tick)``. ``tick(n)`` reports ``n`` more frames done and returns
         False once the job is stopping because some rank failed; ``work`` should then give up.
 

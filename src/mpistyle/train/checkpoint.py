@@ -6,14 +6,14 @@ file in place.
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..errors import ModelError, OutputError
+from ..errors import ModelError
+from ..files import write_atomic
 
 CHECKPOINT_NAME = "checkpoint.pt"
 FORMAT = 1
@@ -53,20 +53,12 @@ def _cpu(value: Any) -> Any:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
+    # Serialised in memory first: torch.save to a file reports a full disk as a RuntimeError
+    # from its zip writer, while write_atomic turns a failed write into one OutputError.
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        with partial.open("wb") as handle:
-            handle.write(buffer.getbuffer())
-            handle.flush()
-            # On NFS a rename can reach the server before the data; a requeued job must not
-            # find a checkpoint whose bytes never arrived.
-            os.fsync(handle.fileno())
-        os.replace(partial, path)
-    except OSError as err:
-        partial.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path}: {err.strerror}") from None
+    # Durable: a requeued job must not find a checkpoint whose bytes never reached the NFS server.
+    write_atomic(path, buffer.getvalue(), durable=True)
 
 
 def save_checkpoint(

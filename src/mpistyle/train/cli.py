@@ -4,27 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
-from ..cli import exit_on_error, start
-from ..parallel import RankContext
+from ..cli import Launch, exit_on_error, run_hydra, start
 from . import config as train_config
-
-_ctx: RankContext | None = None
 
 
 def main() -> None:
-    global _ctx
-    _ctx = start("train", train_config.register)
-    _hydra_main()
+    run_hydra(start("train", train_config.register), "train", _train)
 
 
-@hydra.main(config_path="pkg://mpistyle.configs", config_name="train", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> None:
-    assert _ctx is not None
-    run_dir = Path(cfg.run_dir)
-    with exit_on_error(_ctx, run_dir):
+def _train(cfg: DictConfig, launch: Launch) -> None:
+    # configs/train.yaml names the run directory run_dir (Hydra makes it, as hydra.run.dir).
+    with exit_on_error(launch.ctx, Path(cfg.run_dir)):
         from .loop import run  # after logging is set up: importing torch takes a moment
 
-        run(cfg, _ctx)
+        run(cfg, launch.ctx)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import OutputError
+from ..files import writable_dir, write_atomic
 from ..report import write_png
 from .checkpoint import CHECKPOINT_NAME
 
@@ -33,15 +33,10 @@ class RunFiles:
 
     def prepare(self) -> None:
         """Create the run directory and check every location before any step is trained."""
-        try:
-            self.samples.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise OutputError(f"cannot create the run directory {self.run_dir}: {err.strerror}") from None
-        parent = self.output.parent
-        if not parent.is_dir():
-            raise OutputError(f"the output's folder {parent} does not exist: create it or choose another output")
-        if not os.access(parent, os.W_OK):
-            raise OutputError(f"cannot write in {parent} (the output's folder): choose another output")
+        writable_dir(self.run_dir, "run directory")
+        writable_dir(self.samples, "samples folder")
+        # Not created: a mistyped output folder should stop the run, not collect the model.
+        writable_dir(self.output.parent, "output's folder", create=False)
 
     def keep_losses_up_to(self, step: int) -> None:
         """A resumed run repeats the steps after its checkpoint: drop their old loss lines."""
@@ -50,7 +45,8 @@ class RunFiles:
         lines = self.losses.read_text().splitlines(keepends=True)
         kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
         if len(kept) != len(lines):
-            self.losses.write_text("".join(kept))
+            # Whole or not at all: a kill here must not cost the lines before the checkpoint.
+            write_atomic(self.losses, "".join(kept).encode())
 
     def append_losses(self, record: dict[str, Any]) -> None:
         try:

@@ -2,8 +2,9 @@
 
 Every rank holds the whole TransformerNet (1.7 M parameters, 6.7 MB) and an identical optimiser.
 Each step, every rank trains on its own slice of the step's global batch; the gradients are
-averaged with one ``MPI_Allreduce`` of a flat buffer, and every rank takes the same Adam step,
-so all ranks keep the same weights (rank 0's are the ones written).
+averaged with one ``MPI_Allreduce`` of a flat buffer (:meth:`RankContext.mean_in_place`), and
+every rank takes the same Adam step, so all ranks keep the same weights (rank 0's are the ones
+written). Nothing here talks to MPI itself: every collective is a :class:`RankContext` method.
 
 Why a plain mpi4py Allreduce rather than torch.distributed (gloo/NCCL) with DDP: the job already
 has an MPI communicator from the launcher (mpirun or srun), so there is no second rendezvous
@@ -32,10 +33,10 @@ from .. import signals
 from ..config import plain
 from ..devices import pick_device, set_threads
 from ..errors import ConfigError, InternalError, JobInterrupted
+from ..files import fingerprint
 from ..model.loading import load_vgg19
 from ..model.transformer_net import TransformerNet
 from ..parallel import RankContext
-from ..staging import fingerprint
 from . import config as train_config
 from . import data
 from .checkpoint import load_checkpoint, save_checkpoint, save_state_dict, set_rng_state
@@ -62,23 +63,126 @@ class Setup:
 def run(cfg: DictConfig, ctx: RankContext) -> Path:
     """Train as ``cfg`` says (resuming from ``cfg.run_dir``'s checkpoint if there is one) and
     return the path of the trained net's state dict. Every rank calls this."""
+    files = _run_files(cfg)
+    ctx.from_root(files.prepare)
+    device = ctx.check_all(lambda: pick_device(cfg.device, ctx.local_rank))
+    threads = set_threads(cfg.threads, ctx.local_size)
+    setup = ctx.check_all(lambda: build_setup(cfg, device))
+    training = _Training.begin(cfg, ctx, files, setup, device)
+    if ctx.is_root:
+        log.info(
+            "training %s on %s: %d content image(s), %d rank(s) x batch %d at %dpx, %s, %d thread(s); steps %d-%d",
+            Path(cfg.style_image).name, cfg.content, len(setup.content), ctx.size, cfg.batch_size,
+            cfg.image_size, device, threads, training.resumed_at + 1, cfg.steps,
+        )
+    training.train()
+    training.finish()
+    return files.output
+
+
+def _run_files(cfg: DictConfig) -> RunFiles:
+    """Check ``cfg`` and name what the run writes: the run directory's files and the model."""
     train_config.check(cfg)
     if not cfg.run_dir:
         raise ConfigError("no run directory: add run_dir=PATH")
     run_dir = Path(cfg.run_dir).expanduser()
     output = Path(cfg.output).expanduser() if cfg.output else run_dir / f"{Path(cfg.style_image).stem}.pth"
-    files = RunFiles(run_dir, output)
-    ctx.share(files.prepare)
+    return RunFiles(run_dir, output)
 
-    device = ctx.check_all(lambda: pick_device(cfg.device, ctx.local_rank))
-    threads = set_threads(cfg.threads, ctx.local_size)
-    setup = ctx.check_all(lambda: _setup(cfg, device))
-    net = TransformerNet().to(device)
-    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    # Rank 0 decides where training starts (fresh or from the checkpoint) and sends it to all,
-    # so every rank starts from the same weights without needing the run directory itself.
-    inputs = ctx.share(lambda: _inputs_digest(cfg, setup.content))
-    start = ctx.share(lambda: _initial_state(cfg, files, inputs))
+
+@dataclass
+class _Training:
+    """One run on this rank, from the step after ``resumed_at`` (0: a fresh net) to the end."""
+
+    cfg: DictConfig
+    ctx: RankContext
+    files: RunFiles
+    setup: Setup
+    device: torch.device
+    net: TransformerNet
+    optimizer: torch.optim.Optimizer
+    config: dict[str, Any]  # what checkpoints record: the resolved settings and the inputs' digests
+    resumed_at: int
+
+    @classmethod
+    def begin(cls, cfg: DictConfig, ctx: RankContext, files: RunFiles, setup: Setup, device: torch.device) -> _Training:
+        net = TransformerNet().to(device)
+        optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+        # Rank 0 decides where training starts (fresh or from the checkpoint) and sends it to all,
+        # so every rank starts from the same weights without needing the run directory itself.
+        inputs = ctx.from_root(lambda: _inputs_digest(cfg, setup.content))
+        start = ctx.from_root(lambda: _initial_state(cfg, files, inputs))
+        _restore(cfg, start, net, optimizer)
+        config = plain(cfg)
+        config["inputs"] = inputs
+        return cls(cfg, ctx, files, setup, device, net, optimizer, config, start["step"])
+
+    def train(self) -> None:
+        """Every step up to ``cfg.steps``, with loss lines, samples and checkpoints when due."""
+        first = self.resumed_at + 1
+        step_fn = make_step(self.cfg, self.ctx, self.setup, self.net, self.optimizer, self.device)
+        params = list(self.net.parameters())
+        meter = _Meter(self.cfg.batch_size * self.ctx.size)
+        for step in range(first, self.cfg.steps + 1):
+            try:
+                local = self.ctx.check_all(lambda: step_fn(step))  # noqa: B023  (called at once, in this iteration)
+            except JobInterrupted as err:
+                raise self._stopped(step, err) from None
+            losses = average_over_ranks(self.ctx, params, local)
+            self.optimizer.step()
+            meter.add(losses)
+            self._after_step(step, first, meter)
+
+    def _stopped(self, step: int, err: JobInterrupted) -> JobInterrupted:
+        """Save a checkpoint for a signal that came at ``step``; the error that says how to resume."""
+        # Nobody took this step's optimiser step: the weights are those after step - 1.
+        self.ctx.from_root(lambda: self._save_checkpoint(step - 1))
+        name = signal.Signals(err.exit_code - 128).name if err.exit_code > 128 else "a signal"
+        return JobInterrupted(
+            f"stopped by {name} after step {step - 1}: checkpoint saved in {self.files.checkpoint}; "
+            f"run the same command with run_dir={self.files.run_dir} to resume",
+            exit_code=err.exit_code,
+        )
+
+    def _after_step(self, step: int, first: int, meter: _Meter) -> None:
+        cfg = self.cfg
+        due_log = step % cfg.log_every == 0 or step in (first, cfg.steps)
+        due_sample = cfg.sample_every > 0 and step % cfg.sample_every == 0 and step != cfg.steps
+        due_checkpoint = step % cfg.checkpoint_every == 0 and step != cfg.steps
+        if not (due_log or due_sample or due_checkpoint):
+            return
+
+        def on_root() -> None:
+            if due_log:
+                _log_losses(self.files, step, cfg.steps, meter.take())
+            if due_sample:
+                _sample(self.files, step, self.net, self.setup.sample, self.device)
+            if due_checkpoint:
+                self._save_checkpoint(step)
+
+        if due_checkpoint:
+            _check_replicas(self.ctx, self.net)
+        self.ctx.from_root(on_root)
+
+    def finish(self) -> None:
+        """Rank 0 writes the last checkpoint, the trained net and its sample."""
+
+        def on_root() -> None:
+            done = max(self.cfg.steps, self.resumed_at)
+            self._save_checkpoint(done)
+            save_state_dict(self.files.output, self.net)
+            sample = _sample(self.files, done, self.net, self.setup.sample, self.device)
+            log.info("trained to step %d: the model is %s (sample %s)", done, self.files.output, sample)
+
+        _check_replicas(self.ctx, self.net)
+        self.ctx.from_root(on_root)
+
+    def _save_checkpoint(self, step: int) -> None:
+        save_checkpoint(self.files.checkpoint, step, self.net, self.optimizer, self.config)
+
+
+def _restore(cfg: DictConfig, start: dict[str, Any], net: TransformerNet, optimizer: torch.optim.Optimizer) -> None:
+    """Load the state training starts from (see :func:`_initial_state`) into this rank's copies."""
     net.load_state_dict(start["model"])
     if start["optimizer"] is not None:
         optimizer.load_state_dict(start["optimizer"])
@@ -86,60 +190,6 @@ def run(cfg: DictConfig, ctx: RankContext) -> Path:
             group["lr"] = cfg.lr  # the command line wins over the checkpoint
     if start["rng"] is not None:
         set_rng_state(start["rng"])
-    first = start["step"] + 1
-    if ctx.is_root:
-        log.info(
-            "training %s on %s: %d content image(s), %d rank(s) x batch %d at %dpx, %s, %d thread(s); steps %d-%d",
-            Path(cfg.style_image).name, cfg.content, len(setup.content), ctx.size, cfg.batch_size,
-            cfg.image_size, device, threads, first, cfg.steps,
-        )
-
-    config = plain(cfg)
-    config["inputs"] = inputs
-    step_fn = _make_step(cfg, ctx, setup, net, optimizer, device)
-    params = list(net.parameters())
-    meter = _Meter(cfg.batch_size * ctx.size)
-    for step in range(first, cfg.steps + 1):
-        try:
-            local = ctx.check_all(lambda: step_fn(step))  # noqa: B023  (called at once, in this iteration)
-        except JobInterrupted as err:
-            # Nobody took this step's optimiser step: the weights are those after step - 1.
-            ctx.share(lambda: save_checkpoint(files.checkpoint, step - 1, net, optimizer, config))  # noqa: B023
-            name = signal.Signals(err.exit_code - 128).name if err.exit_code > 128 else "a signal"
-            raise JobInterrupted(
-                f"stopped by {name} after step {step - 1}: checkpoint saved in {files.checkpoint}; "
-                f"run the same command with run_dir={run_dir} to resume",
-                exit_code=err.exit_code,
-            ) from None
-        losses = _average(ctx, params, local)
-        optimizer.step()
-        meter.add(losses)
-        due_log = step % cfg.log_every == 0 or step in (first, cfg.steps)
-        due_sample = cfg.sample_every > 0 and step % cfg.sample_every == 0 and step != cfg.steps
-        due_checkpoint = step % cfg.checkpoint_every == 0 and step != cfg.steps
-        if due_log or due_sample or due_checkpoint:
-            def after_step(step: int = step, log_now: bool = due_log, sample: bool = due_sample,
-                           checkpoint: bool = due_checkpoint) -> None:
-                if log_now:
-                    _log_losses(files, step, cfg.steps, meter.take())
-                if sample:
-                    _sample(files, step, net, setup.sample, device)
-                if checkpoint:
-                    save_checkpoint(files.checkpoint, step, net, optimizer, config)
-            if due_checkpoint:
-                _check_replicas(ctx, net)
-            ctx.share(after_step)
-
-    def finish() -> None:
-        done = max(cfg.steps, start["step"])
-        save_checkpoint(files.checkpoint, done, net, optimizer, config)
-        save_state_dict(output, net)
-        sample = _sample(files, done, net, setup.sample, device)
-        log.info("trained to step %d: the model is %s (sample %s)", done, output, sample)
-
-    _check_replicas(ctx, net)
-    ctx.share(finish)
-    return output
 
 
 def _check_replicas(ctx: RankContext, net: TransformerNet) -> None:
@@ -151,14 +201,14 @@ def _check_replicas(ctx: RankContext, net: TransformerNet) -> None:
     digest = hashlib.sha256()
     for tensor in net.state_dict().values():
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    digests = ctx.comm.allgather(digest.hexdigest())
+    digests = ctx.gather_all(digest.hexdigest())
     if len(set(digests)) > 1:
         raise InternalError(f"the ranks' weights diverged (digests {', '.join(d[:12] for d in digests)})")
     if ctx.is_root:
         log.info("all %d ranks hold identical weights (sha256 %s)", ctx.size, digests[0][:16])
 
 
-def _setup(cfg: DictConfig, device: torch.device) -> Setup:
+def build_setup(cfg: DictConfig, device: torch.device) -> Setup:
     content = data.open_content(Path(cfg.content).expanduser(), cfg.image_size, cfg.video_every)
     style = data.style_tensor(Path(cfg.style_image).expanduser(), cfg.style_size)
     layers = [cfg.vgg.content_layer, *cfg.vgg.style_layers]
@@ -210,19 +260,20 @@ def _warn_changed(old: dict[str, Any], new: Any) -> None:
         log.warning("resuming with changed settings: %s", ", ".join(changed))
 
 
-def _make_step(
+def make_step(
     cfg: DictConfig, ctx: RankContext, setup: Setup, net: TransformerNet, optimizer: torch.optim.Optimizer,
     device: torch.device,
 ) -> Callable[[int], torch.Tensor]:
+    """This rank's part of a step: a function of the step number that fills the gradients of
+    ``net`` from this rank's slice of the step's global batch."""
     global_batch = cfg.batch_size * ctx.size
-    mine = slice(ctx.rank * cfg.batch_size, (ctx.rank + 1) * cfg.batch_size)
 
     def step_fn(step: int) -> torch.Tensor:
         """This rank's forward and backward pass; returns its losses (in LOSS_KEYS order)."""
         # Checked before the work, inside check_all: every rank learns of a signal any rank got
         # at the same step, so all stop together and none waits in the allreduce.
         signals.check()
-        crops = data.crop_plan(cfg.seed, step, global_batch, len(setup.content))[mine]
+        crops = ctx.own_slice(data.crop_plan(cfg.seed, step, global_batch, len(setup.content)))
         images = data.batch(setup.content, crops, cfg.image_size).to(device)
         optimizer.zero_grad(set_to_none=False)
         losses = setup.loss(net(images), images)
@@ -232,23 +283,14 @@ def _make_step(
     return step_fn
 
 
-def _average(ctx: RankContext, params: list[torch.nn.Parameter], losses: torch.Tensor) -> dict[str, float]:
-    """Average the gradients (in place) and the losses over the ranks: one MPI_Allreduce."""
-    if ctx.size > 1:
-        from mpi4py import MPI
-
-        grads: list[torch.Tensor] = []
-        for param in params:
-            assert param.grad is not None  # every parameter takes part in the loss
-            grads.append(param.grad)
-        flat = torch.cat([g.reshape(-1) for g in grads] + [losses]).to("cpu", torch.float32).contiguous()
-        ctx.comm.Allreduce(MPI.IN_PLACE, flat.numpy(), op=MPI.SUM)
-        flat /= ctx.size
-        offset = 0
-        for grad in grads:
-            grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
-            offset += grad.numel()
-        losses = flat[offset:]
+def average_over_ranks(ctx: RankContext, params: list[torch.nn.Parameter], losses: torch.Tensor) -> dict[str, float]:
+    """Average the gradients and the losses over the ranks, in place, in one allreduce; the
+    losses by name."""
+    grads: list[torch.Tensor] = []
+    for param in params:
+        assert param.grad is not None  # every parameter takes part in the loss
+        grads.append(param.grad)
+    ctx.mean_in_place([*grads, losses])
     return dict(zip(LOSS_KEYS, losses.tolist(), strict=True))
 
 
