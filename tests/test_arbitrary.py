@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from mpistyle.errors import ConfigError, ModelError
 from mpistyle.model import loading
 from mpistyle.model.arbitrary import STYLE_DIM, STYLE_SIDE, ArbitraryStyleNet, square_resize
-from mpistyle.pipeline import make_plan
+from mpistyle.plan import make_plan
 
 from conftest import make_cfg, run_mpistyle
 from media import decode_all
@@ -218,10 +218,10 @@ def test_the_painting_contents_change_the_staging_key(video: Callable[..., Path]
     source = video(frames=6, width=32, height=24)
     painting = write_png(tmp_path / "painting.png", picture(64, 64, seed=15))
     overrides = [f"input={source}", f"output={tmp_path / 'out.mp4'}", "model=arbitrary", f"model.style_image={painting}"]
-    first = make_plan(make_cfg(overrides), 1, "a").staging.dir
-    assert make_plan(make_cfg(overrides), 1, "b").staging.dir == first
+    first = make_plan(make_cfg(overrides), 1).staging.dir
+    assert make_plan(make_cfg(overrides), 1).staging.dir == first
     write_png(painting, picture(64, 64, seed=16))  # a different painting under the same name
-    assert make_plan(make_cfg(overrides), 1, "c").staging.dir != first
+    assert make_plan(make_cfg(overrides), 1).staging.dir != first
 
 
 def test_cli_end_to_end(video: Callable[..., Path], tmp_path: Path) -> None:

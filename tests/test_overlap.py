@@ -9,11 +9,11 @@ from collections.abc import Iterator
 import pytest
 
 from mpistyle.errors import InputError, StagingError
-from mpistyle.overlap import Ahead, Behind
+from mpistyle.overlap import ReadAhead, RunBehind
 
 
 def test_ahead_yields_every_item_in_order_and_ends() -> None:
-    ahead = Ahead(iter(range(100)), depth=3, name="t")
+    ahead = ReadAhead(iter(range(100)), depth=3, name="t")
     assert list(ahead) == list(range(100))
     with pytest.raises(StopIteration):
         next(ahead)
@@ -28,7 +28,7 @@ def test_ahead_holds_at_most_depth_items_beyond_the_consumer() -> None:
             produced.append(n)
             yield n
 
-    ahead = Ahead(items(), depth=2, name="t")
+    ahead = ReadAhead(items(), depth=2, name="t")
     assert next(ahead) == 0
     time.sleep(0.3)
     # Item 0 taken, 2 queued, and at most one more made and waiting to be queued.
@@ -41,7 +41,7 @@ def test_ahead_raises_the_iterators_error_in_the_consumer_with_its_type() -> Non
         yield 1
         raise InputError("frame 2 is corrupt")
 
-    ahead = Ahead(items(), depth=2, name="t")
+    ahead = ReadAhead(items(), depth=2, name="t")
     assert next(ahead) == 1
     with pytest.raises(InputError, match="frame 2 is corrupt"):
         next(ahead)
@@ -59,7 +59,7 @@ def test_closing_ahead_early_closes_the_generator_in_its_thread() -> None:
         finally:
             closed.set()
 
-    ahead = Ahead(items(), depth=2, name="t")
+    ahead = ReadAhead(items(), depth=2, name="t")
     assert next(ahead) == 0
     ahead.close()
     assert closed.is_set()
@@ -67,7 +67,7 @@ def test_closing_ahead_early_closes_the_generator_in_its_thread() -> None:
 
 def test_behind_runs_calls_in_order_and_drain_waits_for_them() -> None:
     done: list[int] = []
-    behind = Behind(depth=2, name="t")
+    behind = RunBehind(depth=2, name="t")
     for n in range(20):
         behind.submit(lambda n=n: (time.sleep(0.001), done.append(n)))
     behind.drain()
@@ -81,7 +81,7 @@ def test_behind_hands_back_the_first_error_and_skips_the_calls_after_it() -> Non
     def fail() -> None:
         raise StagingError("staging filesystem is full")
 
-    behind = Behind(depth=8, name="t")
+    behind = RunBehind(depth=8, name="t")
     behind.submit(lambda: ran.append("a"))
     behind.submit(fail)
     behind.submit(lambda: ran.append("c"))  # may be queued before the failure is known
@@ -95,7 +95,7 @@ def test_behind_hands_back_the_first_error_and_skips_the_calls_after_it() -> Non
 
 def test_behind_blocks_the_submitter_when_depth_calls_wait() -> None:
     release = threading.Event()
-    behind = Behind(depth=1, name="t")
+    behind = RunBehind(depth=1, name="t")
     behind.submit(release.wait)  # running
     behind.submit(lambda: None)  # waiting: the queue is full
     submitted = threading.Event()

@@ -16,9 +16,11 @@ from omegaconf import DictConfig
 
 from mpistyle import pipeline
 from mpistyle.errors import ConfigError, InputError, JobStopped, ModelError, OutputError
-from mpistyle.parallel import RankContext
 from mpistyle.pipeline import run
+from mpistyle.plan import make_plan
 from mpistyle.report import StageTimer
+from mpistyle.scoring import build_scorer
+from mpistyle.worker import Worker, score_segments
 
 from media import audio_packets, decode_all, keyframe_flags, stream_summary
 
@@ -318,16 +320,16 @@ def test_temporal_blend_gives_the_same_bits_after_a_resume(video: Callable[..., 
 
 
 def run_split(config: DictConfig, ranks: int) -> dict:
-    """The pipeline's stages as ``ranks`` ranks would run them (plan, each share, the join), in
-    this one process: the split logic without mpirun (tests/test_cli.py runs the real thing)."""
-    plan = pipeline.make_plan(config, ranks, "split")
+    """The pipeline's steps as ``ranks`` ranks would run them (plan, each rank's segments, the
+    join), in this one process: the split logic without mpirun (tests/test_cli.py runs the real thing)."""
+    plan = make_plan(config, ranks)
     plan.staging.create()
-    scorer = pipeline.build_scorer(config, RankContext.world())
-    summaries = [
-        pipeline.score_share(plan, share, scorer, lambda frames: True, config.on_damage, bool(config.overlap))
-        for share in plan.shares
+    scorer = build_scorer(config, 0, 1)
+    results = [
+        score_segments(Worker(plan, scorer, lambda frames: True, config.on_damage, bool(config.overlap)), mine, rank, "here")
+        for rank, mine in enumerate(plan.assigned)
     ]
-    return pipeline.finish_job(config, plan, summaries, StageTimer(), time.perf_counter(), "split")
+    return pipeline.finish(pipeline.Job(config, "split", StageTimer(), time.perf_counter()), plan, results)
 
 
 def test_segments_with_other_b_frame_delays_join_into_a_valid_stream(
@@ -427,9 +429,9 @@ def test_a_stop_with_overlap_keeps_the_segments_scored_whole(
     source = video(frames=24, gop=6)
     common = [f"input={source}", "video.segment_seconds=0", "report.preview_frames=0"]
     config = cfg(*common, f"output={tmp_path / 'a.mp4'}", "overlap=true")
-    plan = pipeline.make_plan(config, 1, "stop")
+    plan = make_plan(config, 1)
     plan.staging.create()
-    scorer = pipeline.build_scorer(config, RankContext.world())
+    scorer = build_scorer(config, 0, 1)
     seen = 0
 
     def tick(frames: int) -> bool:  # as if another rank failed once this many frames were done
@@ -438,11 +440,11 @@ def test_a_stop_with_overlap_keeps_the_segments_scored_whole(
         return seen < stop_after
 
     with pytest.raises(JobStopped):
-        pipeline.score_share(plan, plan.shares[0], scorer, tick, config.on_damage, overlap=True)
+        score_segments(Worker(plan, scorer, tick, config.on_damage, overlap=True), plan.assigned[0], 0, "here")
     # Stopped inside the second segment (frame 9) or right after it (frame 12): every segment
     # scored whole is staged, the one cut short is not, and no partial file is left.
     staged = sorted(p.name for p in plan.staging.dir.iterdir())
-    assert staged == [plan.staging.segment_path(6 * n, 6 * n + 6).name for n in range(kept)]
+    assert staged == [plan.staging.path(segment).name for segment in plan.segments[:kept]]
     resumed = run(config)
     assert resumed["frames_reused"] == 6 * kept
     assert run(cfg(*common, f"output={tmp_path / 'b.mp4'}", "overlap=false"))["frames_reused"] == 0

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from mpistyle.files import fingerprint
 from mpistyle.pipeline import run
-from mpistyle.staging import fingerprint
 
 Cfg = Callable[..., DictConfig]
 

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from mpistyle.errors import InputError
-from mpistyle.parallel import partition
-from mpistyle.video import decode_share, probe, shares_for, stream_dts
+from mpistyle.mux import reorder_depth, stream_dts
+from mpistyle.plan import assign
+from mpistyle.video import VideoInfo, decode_segment, probe
 
 from media import decode_all
 
@@ -25,7 +26,7 @@ def test_probe_reads_the_index_without_decoding(video: Callable[..., Path], name
     info = probe(str(path))
     assert info.frames == 30
     assert (info.width, info.height) == (64, 48)
-    assert len(info.keyframe_pts) == 5 and info.gop_sizes() == [6] * 5
+    assert len(info.keyframe_pts) == 5 and _gop_sizes(info) == [6] * 5
     assert info.average_rate == 12
     assert info.audio_streams and info.duration_s == pytest.approx(2.5, abs=0.01)
 
@@ -33,15 +34,15 @@ def test_probe_reads_the_index_without_decoding(video: Callable[..., Path], name
 @pytest.mark.parametrize("ranks", [1, 2, 3, 7])
 @pytest.mark.parametrize("bframes", [0, 2])
 @pytest.mark.parametrize("name", ["in.mp4", "in.mkv", "in.mov"])
-def test_shares_decode_to_exactly_the_straight_decode(video: Callable[..., Path], ranks: int, bframes: int, name: str) -> None:
+def test_segments_decode_to_exactly_the_straight_decode(video: Callable[..., Path], ranks: int, bframes: int, name: str) -> None:
     path = video(name, frames=31, gop=5, bframes=bframes)
     info = probe(str(path))
-    shares = shares_for(info, partition(info.gop_sizes(), ranks))
-    pieces = [frame for share in shares for frame in decode_share(info, share)]
+    parts = assign(info.segments(0), ranks)
+    pieces = [frame for part in parts for segment in part for frame in decode_segment(info, segment)]
     straight, _ = decode_all(path)
     assert len(pieces) == len(straight) == 31
     assert all(np.array_equal(a, b) for a, b in zip(pieces, straight))
-    assert shares[0].start == 0 and shares[-1].stop == 31
+    assert parts[0][0].start == 0 and parts[-1][-1].stop == 31
 
 
 def test_every_gop_decodes_alone_from_an_avi_with_b_frames(video: Callable[..., Path]) -> None:
@@ -49,22 +50,25 @@ def test_every_gop_decodes_alone_from_an_avi_with_b_frames(video: Callable[..., 
     # (No B-frames in the input: FFmpeg cannot restore their display order from AVI.)
     path = video("cuts.avi", frames=20, keyframes=[0, 6, 7], bframes=0, audio=0)
     info = probe(str(path))
-    assert info.gop_sizes() == [6, 1, 13]
-    pieces = [frame for gop in range(3) for frame in decode_share(info, shares_for(info, [range(gop, gop + 1)])[0])]
+    assert _gop_sizes(info) == [6, 1, 13]
+    pieces = [frame for gop in info.segments(0) for frame in decode_segment(info, gop)]
     straight, _ = decode_all(path)
     assert len(pieces) == 20 and all(np.array_equal(a, b) for a, b in zip(pieces, straight))
 
 
-def _reorder_depth(decode_order: list[int]) -> int:
-    shown = {pts: i for i, pts in enumerate(sorted(decode_order))}
-    return max(k - shown[pts] for k, pts in enumerate(decode_order))
+def _gop_sizes(info: VideoInfo) -> list[int]:
+    return [gop.frames for gop in info.segments(0)]
+
+
+def _dts(decode_order: list[int]) -> list[int]:
+    return stream_dts(sorted(decode_order), reorder_depth(decode_order))
 
 
 def test_stream_dts_joins_segments_whose_encoders_chose_other_delays() -> None:
     # A 1-frame segment (dts = pts, no room for a delay) between two with B-frames: what the
     # encoders wrote cannot be concatenated; the rebuilt clock must still be valid.
     decode_order = [0, 4, 2, 1, 3, 5, 6, 9, 7, 8]  # a B-pyramid (depth 2), a P frame, one B-frame
-    dts = stream_dts(decode_order)
+    dts = _dts(decode_order)
     assert all(a < b for a, b in itertools.pairwise(dts))  # strictly increasing
     assert all(d <= p for d, p in zip(dts, decode_order))  # never decoded after it is shown
     assert dts == [-2, -1, 0, 1, 2, 3, 4, 5, 6, 7]  # depth 2: the clock starts two frame steps early
@@ -74,16 +78,27 @@ def test_stream_dts_is_valid_for_any_reordering_of_bounded_depth() -> None:
     rng = np.random.default_rng(7)
     for _ in range(200):
         shown = sorted(rng.choice(10_000, size=int(rng.integers(1, 60)), replace=False).tolist())
-        decode_order = list(shown)
-        for _ in range(len(shown) // 3):  # B-frame style swaps: a frame decoded a few places early
-            i = int(rng.integers(0, len(shown)))
-            j = min(len(shown) - 1, i + int(rng.integers(1, 4)))
-            decode_order[i], decode_order[j] = decode_order[j], decode_order[i]
-        dts = stream_dts(decode_order)
+        decode_order = _reordered(shown, rng)
+        dts = _dts(decode_order)
         assert all(a < b for a, b in itertools.pairwise(dts))
         assert all(d <= p for d, p in zip(dts, decode_order))
-        depth = _reorder_depth(decode_order)
+        depth = reorder_depth(decode_order)
         assert dts[depth:] == shown[: len(shown) - depth]  # no more delay than the stream needs
+        # The join takes the stream's depth as the largest of its segments' (cut between pts).
+        cuts = sorted(rng.choice(len(shown), size=min(2, len(shown) - 1), replace=False).tolist()) if len(shown) > 1 else []
+        bounds = [0, *(c + 1 for c in cuts), len(shown)]
+        pieces = [_reordered(shown[a:b], rng) for a, b in itertools.pairwise(bounds)]
+        whole = [pts for piece in pieces for pts in piece]
+        assert reorder_depth(whole) == max(reorder_depth(piece) for piece in pieces)
+
+
+def _reordered(shown: list[int], rng: np.random.Generator) -> list[int]:
+    decode_order = list(shown)
+    for _ in range(len(shown) // 3):  # B-frame style swaps: a frame decoded a few places early
+        i = int(rng.integers(0, len(shown)))
+        j = min(len(shown) - 1, i + int(rng.integers(1, 4)))
+        decode_order[i], decode_order[j] = decode_order[j], decode_order[i]
+    return decode_order
 
 
 def test_variable_frame_rate_timestamps_are_indexed(video: Callable[..., Path]) -> None:
@@ -108,8 +123,7 @@ def test_stream_starting_between_keyframes(video: Callable[..., Path], tmp_path:
     straight, _ = decode_all(cut)
     info = probe(str(cut))
     assert info.frames == len(straight) == 12
-    shares = shares_for(info, partition(info.gop_sizes(), 2))
-    pieces = [frame for share in shares for frame in decode_share(info, share)]
+    pieces = [frame for part in assign(info.segments(0), 2) for segment in part for frame in decode_segment(info, segment)]
     assert all(np.array_equal(a, b) for a, b in zip(pieces, straight, strict=True))
 
 
@@ -145,7 +159,8 @@ _ENCODE_ONCE = """
 import hashlib, sys
 from fractions import Fraction
 import numpy as np
-from mpistyle.video import EncodeSettings, SegmentEncoder, VideoInfo
+from mpistyle.encode import EncodeSettings, SegmentEncoder
+from mpistyle.video import VideoInfo
 frames = np.random.default_rng(7).integers(0, 256, (12, 60, 80, 3), dtype=np.uint8)
 frames = ((frames.astype(np.uint16) + np.roll(frames, 1, axis=0)) // 2).astype(np.uint8)  # some motion to track
 info = VideoInfo(path="x.mp4", container="mp4", codec="h264", width=80, height=60, time_base=Fraction(1, 24),

@@ -2,13 +2,15 @@
 before any work that would be lost if it could not be written."""
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-from .errors import MpistyleError, OutputError
+from .errors import MpistyleError, OutputError, StagingError
 
 
 def partial_path(path: Path) -> Path:
@@ -63,3 +65,19 @@ def same_file(a: Path, b: Path) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return False
+
+
+def fingerprint(path: Path) -> dict[str, Any]:
+    """What identifies a file: its size and the SHA-256 of all its bytes.
+
+    Contents only, never the path or the modification time: a copy of the same input (a
+    watcher's re-download, a file moved to another folder) must find the segments staged for
+    it, and an input edited in place must not. Hashing reads the file once (about 1.4 GB/s
+    from cache on the 2-core dev machine), which the decode reads again anyway.
+    """
+    try:
+        with path.open("rb") as handle:
+            digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    except OSError as err:
+        raise StagingError(f"cannot read {path} to name its staging directory: {err.strerror}") from None
+    return {"size": path.stat().st_size, "sha256": digest}

@@ -19,7 +19,7 @@ _DONE = object()
 _POLL_S = 0.1  # how often a blocked thread looks whether it was closed
 
 
-class Ahead(Generic[T]):
+class ReadAhead(Generic[T]):
     """Runs an iterator in a thread, at most ``depth`` items ahead of whoever iterates over this.
 
     An error raised by the iterator is raised here, by the ``next`` that would have returned
@@ -62,7 +62,7 @@ class Ahead(Generic[T]):
             except queue.Full:
                 continue
 
-    def __iter__(self) -> Ahead[T]:
+    def __iter__(self) -> ReadAhead[T]:
         return self
 
     def __next__(self) -> T:
@@ -82,7 +82,7 @@ class Ahead(Generic[T]):
         self._thread.join()
 
 
-class Behind:
+class RunBehind:
     """Runs calls in order in one thread, at most ``depth`` of them waiting, and hands their
     errors back: the first call that fails is raised by the next :meth:`submit` or
     :meth:`drain`, and the calls after it are skipped."""
@@ -135,8 +135,8 @@ class Behind:
         self._thread.join()
 
 
-class InOrder(Generic[T]):
-    """:class:`Ahead`'s interface, run in the caller's thread: each item is made when asked for."""
+class ReadInline(Generic[T]):
+    """:class:`ReadAhead`'s interface, run in the caller's thread: each item is made when asked for."""
 
     def __init__(self, items: Iterator[T]) -> None:
         self._items = items
@@ -146,7 +146,7 @@ class InOrder(Generic[T]):
     def waited_s(self) -> float:
         return self.busy_s  # the caller waits for every item while it is made
 
-    def __iter__(self) -> InOrder[T]:
+    def __iter__(self) -> ReadInline[T]:
         return self
 
     def __next__(self) -> T:
@@ -160,8 +160,8 @@ class InOrder(Generic[T]):
         _close(self._items)
 
 
-class Now:
-    """:class:`Behind`'s interface, run in the caller's thread: each call runs when submitted."""
+class RunInline:
+    """:class:`RunBehind`'s interface, run in the caller's thread: each call runs when submitted."""
 
     def __init__(self) -> None:
         self.waited_s = 0.0

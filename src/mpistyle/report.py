@@ -1,21 +1,30 @@
-"""What a user sees: the progress display on rank 0, stage timers, the JSON job report and
-the preview image (input frames beside their stylised frames)."""
+"""What a user sees: the progress display on rank 0, stage timers, each rank's summary, the JSON
+job report (and the part of it fit to deliver) and the preview image (input frames beside their
+stylised frames)."""
 from __future__ import annotations
 
 import json
 import logging
-import os
+import resource
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import av
 import numpy as np
 
-from .errors import OutputError
+from . import __version__
+from .files import write_atomic
+from .video import Damage, probe, read_frames
+
+if TYPE_CHECKING:
+    from .flicker import FlickerState
+    from .plan import Plan
 
 log = logging.getLogger(__name__)
 
@@ -104,22 +113,210 @@ def write_png(path: Path, image: np.ndarray) -> None:
     codec.width, codec.height, codec.pix_fmt = image.shape[1], image.shape[0], "rgb24"
     packets = codec.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24"))
     packets += codec.encode(None)
-    atomic_write(path, b"".join(bytes(p) for p in packets))
+    write_atomic(path, b"".join(bytes(p) for p in packets))
 
 
 def write_json(path: Path, report: dict[str, Any]) -> None:
-    atomic_write(path, (json.dumps(report, indent=2, sort_keys=False, default=str) + "\n").encode())
+    write_atomic(path, (json.dumps(report, indent=2, sort_keys=False, default=str) + "\n").encode())
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Readers see the old file or the whole new one, never half of it."""
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    try:
-        partial.write_bytes(data)
-        os.replace(partial, path)
-    except OSError as err:
-        partial.unlink(missing_ok=True)
-        raise OutputError(f"cannot write {path}: {err.strerror}") from None
+def write_preview(plan: Plan, count: int) -> bool:
+    """The preview PNG: ``count`` input frames beside the same frames decoded from the output
+    (the styled side shows what was delivered). False when there is nothing to show."""
+    info = plan.info
+    wanted = preview_indices(info.frames, count)
+    if plan.preview is None or not wanted:
+        return False
+    sources = read_frames(info.path, wanted, info)
+    styled = read_frames(str(plan.output), wanted, probe(str(plan.output)))
+    write_png(plan.preview, preview_grid([(s, o[: s.shape[0], : s.shape[1]]) for s, o in zip(sources, styled)]))
+    return True
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (ru_maxrss is in KiB on Linux)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+@dataclass(frozen=True)
+class RankFlicker:
+    """One rank's warping-error sums: of its output, and of the model's own frames (before any blend)."""
+
+    output: FlickerState
+    unblended: FlickerState
+
+
+@dataclass(frozen=True)
+class RankSummary:
+    """What one rank did, for the job report's ``per_rank``."""
+
+    rank: int
+    host: str
+    device: str
+    threads: int | None  # torch CPU threads (None on a GPU)
+    overlap: bool  # decode and encode in threads beside the model
+    frames: int  # frames of the segments it was given
+    first_frame: int | None  # of its first segment (None: it was given none)
+    segments: int
+    frames_reused: int  # found staged by an earlier attempt
+    damage: Damage
+    seconds: dict[str, float]  # decode, score, temporal, encode, stage, waited
+    seconds_total: float
+    peak_rss_mb: float
+    flicker: RankFlicker | None
+    fps: float | None
+
+
+@dataclass(frozen=True)
+class InputFacts:
+    path: str
+    container: str
+    codec: str
+    width: int
+    height: int
+    frames: int
+    duration_s: float
+    average_fps: float | None
+    gops: int
+    audio_streams: int
+    rotation: float
+    dropped_streams: list[str]
+
+
+@dataclass(frozen=True)
+class OutputFacts:
+    path: str
+    codec: str
+    segments: int
+    width: int
+    height: int
+    frames: int
+    bytes: int
+    audio: list[dict[str, Any]]  # per stream: its number, codec, and whether it was copied or converted
+
+
+@dataclass(frozen=True)
+class JobReport:
+    """The job report, written as JSON beside the output (``report.path``)."""
+
+    mpistyle_version: str
+    finished_utc: str
+    run_id: str
+    input: InputFacts
+    output: OutputFacts
+    model: dict[str, Any]
+    frames: int
+    frames_reused: int
+    damage: dict[str, Any]  # the policy, and Damage's counts over every rank
+    ranks: int
+    devices: list[str]
+    per_rank: list[RankSummary]
+    stages_s: dict[str, float]
+    fps: dict[str, float | None]
+    flicker: dict[str, Any] | None
+    root_peak_rss_mb: float  # the root's peak, joining included (per_rank peaks are taken after scoring)
+    staging: str | None  # kept staging folder
+    preview: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What the report says about the run beyond the plan and the ranks' summaries."""
+
+    run_id: str
+    model: dict[str, Any]
+    on_damage: str
+    stages_s: dict[str, float]
+    total_s: float
+    staging_kept: bool
+    preview_written: bool
+
+
+def job_report(plan: Plan, summaries: Sequence[RankSummary], run: RunFacts) -> JobReport:
+    """Root: the report of a finished job."""
+    info, total = plan.info, run.total_s
+    damage = Damage()
+    for summary in summaries:
+        damage.add(summary.damage)
+    score_s = run.stages_s.get("score")
+    return JobReport(
+        mpistyle_version=__version__,
+        finished_utc=datetime.now(UTC).isoformat(timespec="seconds"),
+        run_id=run.run_id,
+        input=_input_facts(plan),
+        output=_output_facts(plan),
+        model=run.model,
+        frames=info.frames,
+        frames_reused=sum(s.frames_reused for s in summaries),
+        damage={"policy": run.on_damage, **asdict(damage)},
+        ranks=len(summaries),
+        devices=[s.device for s in summaries],
+        per_rank=list(summaries),
+        stages_s={**{k: round(v, 4) for k, v in run.stages_s.items()}, "total": round(total, 4)},
+        fps={
+            "end_to_end": round(info.frames / total, 3) if total else None,
+            "scoring": round(info.frames / score_s, 3) if score_s else None,
+        },
+        flicker=_flicker(summaries),
+        root_peak_rss_mb=peak_rss_mb(),
+        staging=str(plan.staging.dir) if run.staging_kept else None,
+        preview=str(plan.preview) if run.preview_written else None,
+    )
+
+
+def _input_facts(plan: Plan) -> InputFacts:
+    info = plan.info
+    return InputFacts(
+        path=info.path,
+        container=info.container,
+        codec=info.codec,
+        width=info.width,
+        height=info.height,
+        frames=info.frames,
+        duration_s=round(info.duration_s, 6),
+        average_fps=float(info.average_rate) if info.average_rate else None,
+        gops=len(info.keyframe_pts),
+        audio_streams=len(info.audio_streams),
+        rotation=info.rotation,
+        dropped_streams=list(info.dropped_streams),
+    )
+
+
+def _output_facts(plan: Plan) -> OutputFacts:
+    from .encode import output_size
+
+    width, height = output_size(plan.info.width, plan.info.height)
+    return OutputFacts(
+        path=str(plan.output),
+        codec=plan.settings.codec,
+        segments=len(plan.segments),
+        width=width,
+        height=height,
+        frames=plan.info.frames,
+        bytes=plan.output.stat().st_size,
+        audio=[{"stream": t.stream, "codec": t.codec, "action": t.action} for t in plan.audio],
+    )
+
+
+def _flicker(summaries: Sequence[RankSummary]) -> dict[str, Any] | None:
+    """Warping error over every frame pair the ranks scored in this run (pairs across two ranks'
+    segments, and segments reused from staging, are not measured)."""
+    states = [s.flicker for s in summaries if s.flicker]
+    if not states:
+        return None
+    output, unblended = states[0].output, states[0].unblended
+    for state in states[1:]:
+        output, unblended = output + state.output, unblended + state.unblended
+    return {
+        "metric": "warping error (Lai et al. 2018): RGB in [0, 1], mean over frame pairs; flow: OpenCV DIS",
+        "output": output.error_sum / output.pairs if output.pairs else None,
+        "unblended": unblended.error_sum / unblended.pairs if unblended.pairs else None,
+        "pairs": output.pairs,
+        "occluded_fraction": output.masked_sum / output.pairs if output.pairs else None,
+    }
 
 
 # What a report delivered to a user may carry: figures about the video and the run, never where

@@ -1,13 +1,18 @@
-"""Batches of frames in, batches of frames out, on one device. No MPI, no files."""
+"""Batches of frames in, batches of frames out, on one device. No MPI, no files: the model is
+built from its config node, on the device this rank was given."""
 from __future__ import annotations
 
 import logging
 
 import numpy as np
 import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
 from torch import nn
 
-from .errors import ModelError
+from .devices import pick_device, set_threads
+from .errors import ConfigError, ModelError, MpistyleError
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -59,3 +64,22 @@ class Scorer:
             log.warning("torch.compile failed (%s); scoring eagerly instead", str(err).strip().splitlines()[0][:200])
             self.model, self.compiled = self.eager, False
             return self.model(x)
+
+
+def build_scorer(cfg: DictConfig, local_rank: int, ranks_on_node: int) -> Scorer:
+    """The scorer ``cfg`` asks for (``model``, ``device``, ``threads``, ``batch_size``,
+    ``compile``), for the ``local_rank``-th of ``ranks_on_node`` ranks on this node."""
+    device = pick_device(cfg.device, local_rank)
+    if device.type == "cpu":
+        set_threads(cfg.threads, ranks_on_node)
+    try:
+        model = instantiate(cfg.model)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, MpistyleError):
+            raise cause from None
+        reason = (str(cause or err).strip().splitlines() or [type(cause or err).__name__])[0]
+        raise ConfigError(f"cannot build the model {cfg.model.get('_target_')}: {reason}") from None
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"{cfg.model._target_} returned a {type(model).__name__}, not a torch.nn.Module")
+    return Scorer(model, device, cfg.batch_size or default_batch_size(device), cfg.compile)

@@ -1,6 +1,6 @@
 """SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 turn into a cooperative stop: the job checks :func:`check` between batches
 (and between frames while encoding), so every rank leaves the MPI protocol at a safe point,
-finished GOPs stay staged for a re-run, and no partial output is left. A second signal ends
+finished segments stay staged for a re-run, and no partial output is left. A second signal ends
 the process at once, the default way.
 
 Slurm sends SIGTERM on ``scancel`` and before a preemption kill; slurm/style.sbatch forwards
@@ -34,6 +34,6 @@ def check() -> None:
     if _received is not None:
         name = signal.Signals(_received).name
         raise JobInterrupted(
-            f"stopped by {name}: finished GOPs stay staged, run the same command again to resume",
+            f"stopped by {name}: finished segments stay staged, run the same command again to resume",
             exit_code=128 + _received,
         )

@@ -22,33 +22,20 @@ import hashlib
 import json
 import os
 import shutil
-import socket
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
+from .encode import EncodedPacket
 from .errors import StagingError
-from .video import EncodedPacket
+from .files import replacing, writable_dir
+from .segment import Segment
+from .video import Damage
 
 DEFAULT_STAGING = ".mpistyle-staging"
-
-
-def fingerprint(path: Path) -> dict[str, Any]:
-    """What identifies a file: its size and the SHA-256 of all its bytes.
-
-    Contents only, never the path or the modification time: a copy of the same input (a
-    watcher's re-download, a file moved to another folder) must find the segments staged for
-    it, and an input edited in place must not. Hashing reads the file once (about 1.4 GB/s
-    from cache on the 2-core dev machine), which the decode reads again anyway.
-    """
-    try:
-        with path.open("rb") as handle:
-            digest = hashlib.file_digest(handle, "sha256").hexdigest()
-    except OSError as err:
-        raise StagingError(f"cannot read {path} to name its staging directory: {err.strerror}") from None
-    return {"size": path.stat().st_size, "sha256": digest}
 
 
 def job_key(parts: dict[str, Any]) -> str:
@@ -57,63 +44,50 @@ def job_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class Staged:
+    """One finished segment as its file holds it."""
+
+    packets: list[EncodedPacket]  # decode order; pts in the input's time base
+    extradata: bytes  # the codec headers its encoder made
+    damage: Damage  # what decoding its input frames met
+
+
 class Staging:
     def __init__(self, root: Path, key: str) -> None:
         self.dir = root / key
 
     def create(self) -> None:
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise StagingError(f"cannot create staging directory {self.dir}: {err.strerror}") from None
-        if not os.access(self.dir, os.W_OK):
-            raise StagingError(f"staging directory is not writable: {self.dir}")
+        writable_dir(self.dir, "staging directory", StagingError)
 
-    def segment_path(self, start: int, stop: int) -> Path:
-        return self.dir / f"segment-{start:09d}-{stop:09d}.h5"
+    def path(self, segment: Segment) -> Path:
+        return self.dir / f"segment-{segment.start:09d}-{segment.stop:09d}.h5"
 
-    def has(self, start: int, stop: int) -> bool:
-        """Whether frames ``[start, stop)`` are staged completely (partial files never count)."""
-        return self.segment_path(start, stop).is_file()
+    def has(self, segment: Segment) -> bool:
+        """Whether the segment is staged completely (partial files never count)."""
+        return self.path(segment).is_file()
 
-    def writer(self, start: int, stop: int) -> SegmentWriter:
-        return SegmentWriter(self.segment_path(start, stop), stop - start)
+    def writer(self, segment: Segment) -> SegmentWriter:
+        return SegmentWriter(self.path(segment), segment.frames)
 
-    def read(self, start: int, stop: int) -> tuple[list[EncodedPacket], bytes]:
-        """The packets (decode order) and codec headers of one finished segment."""
-        path = self.segment_path(start, stop)
+    def read(self, segment: Segment) -> Staged:
+        """One finished segment's packets, codec headers and damage, in one read."""
+        path = self.path(segment)
         try:
             with h5py.File(path, "r", locking=False) as handle:
                 data = handle["data"][:].tobytes()
                 offsets, pts, keyframe = (handle[name][:] for name in ("offsets", "pts", "keyframe"))
                 extradata = handle["extradata"][:].tobytes()
-        except (OSError, KeyError) as err:
+                damage = Damage(**json.loads(handle.attrs.get("damage", "{}")))
+        except (OSError, KeyError, ValueError, TypeError) as err:
             raise StagingError(f"cannot read staged segment {path}: {err}") from None
-        if len(pts) != stop - start or len(offsets) != len(pts) + 1:
-            raise StagingError(f"staged segment {path} holds {len(pts)} frames, expected {stop - start}")
+        if len(pts) != segment.frames or len(offsets) != len(pts) + 1:
+            raise StagingError(f"staged segment {path} holds {len(pts)} frames, expected {segment.frames}")
         packets = [
             EncodedPacket(data[offsets[i] : offsets[i + 1]], int(pts[i]), bool(keyframe[i]))
             for i in range(len(pts))
         ]
-        return packets, extradata
-
-    def damage(self, start: int, stop: int) -> dict[str, int]:
-        """What decoding one finished segment's frames met (counts of video.Damage)."""
-        path = self.segment_path(start, stop)
-        try:
-            with h5py.File(path, "r", locking=False) as handle:
-                return json.loads(handle.attrs.get("damage", "{}"))
-        except (OSError, ValueError) as err:
-            raise StagingError(f"cannot read staged segment {path}: {err}") from None
-
-    def decode_order_pts(self, start: int, stop: int) -> list[int]:
-        """The pts of one finished segment's packets, in decode order (without the packets)."""
-        path = self.segment_path(start, stop)
-        try:
-            with h5py.File(path, "r", locking=False) as handle:
-                return [int(pts) for pts in handle["pts"][:]]
-        except (OSError, KeyError) as err:
-            raise StagingError(f"cannot read staged segment {path}: {err}") from None
+        return Staged(packets, extradata, damage)
 
     def remove(self, remove_empty_root: bool = False) -> None:
         """Delete this job's staged frames; also the root folder if asked and nothing else is there."""
@@ -135,11 +109,9 @@ class SegmentWriter:
 
     def __init__(self, path: Path, frames: int) -> None:
         self.path = path
-        # Per host and process: two attempts at the same job never write into each other's file.
-        self.partial = path.with_name(f"{path.name}.partial-{socket.gethostname()}-{os.getpid()}")
         self.expected = frames
         self.extradata = b""
-        self.damage: dict[str, int] = {}  # what decoding its frames met (video.Damage's counts)
+        self.damage = Damage()  # what decoding its frames met
         # A segment's packets are kept in memory until it is done (a few MB for seconds of
         # video): the file is then written once, with its size known and reserved up front.
         self._packets: list[EncodedPacket] = []
@@ -156,8 +128,11 @@ class SegmentWriter:
             )
         data = np.frombuffer(b"".join(p.data for p in self._packets), np.uint8)
         offsets = np.cumsum([0] + [len(p.data) for p in self._packets], dtype=np.int64)
+        # Per host and process, and renamed only once on disk (durable): two attempts at the
+        # same job never write into each other's file, and after a crash a finished name holds
+        # every packet.
         try:
-            with h5py.File(self.partial, "w", locking=False) as handle:
+            with replacing(self.path, durable=True) as partial, h5py.File(partial, "w", locking=False) as handle:
                 # Reserve the whole file now: a full disk (or a file-size limit) fails here,
                 # cleanly, instead of inside HDF5's writes, which it does not survive.
                 size = data.nbytes + 17 * len(offsets) + len(self.extradata) + _HDF5_OVERHEAD  # offsets, pts, keyframe
@@ -167,15 +142,9 @@ class SegmentWriter:
                 handle.create_dataset("pts", data=np.array([p.pts for p in self._packets], np.int64))
                 handle.create_dataset("keyframe", data=np.array([p.keyframe for p in self._packets], bool))
                 handle.create_dataset("extradata", data=np.frombuffer(self.extradata, np.uint8))
-                handle.attrs["damage"] = json.dumps(self.damage)
-            # On disk before it is named finished: after a crash a finished name holds every packet.
-            with self.partial.open("rb") as handle:
-                os.fsync(handle.fileno())
-            os.replace(self.partial, self.path)
+                handle.attrs["damage"] = json.dumps(asdict(self.damage))
         except OSError as err:
-            raise _staging_error(self.partial, err) from None
-        finally:
-            self.partial.unlink(missing_ok=True)
+            raise _staging_error(self.path, err) from None
 
     def __enter__(self) -> SegmentWriter:
         return self

@@ -1,0 +1,294 @@
+"""What every rank does with the segments the plan gave it: decode, score, blend, encode, stage.
+
+Memory stays fixed: a few batches of frames, plus the encoder's queue and one segment's packets.
+With ``overlap``, decoding runs ahead of the model and encoding plus staging behind it, each in
+its own thread (:mod:`mpistyle.overlap`), so the model waits for neither; the frames go through
+each stage in the same order as they do one after another, so the same bits come out.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from . import signals
+from .encode import EncodedPacket, SegmentEncoder
+from .errors import JobStopped
+from .mux import reorder_depth
+from .overlap import ReadAhead, ReadInline, RunBehind, RunInline
+from .plan import Plan
+from .report import RankFlicker, RankSummary, StageTimer, peak_rss_mb
+from .scoring import Scorer
+from .segment import Segment
+from .staging import SegmentWriter, Staging
+from .video import Damage, VideoInfo, decode_segment
+
+if TYPE_CHECKING:
+    from .temporal import TemporalStage
+
+log = logging.getLogger(__name__)
+
+# Batches decoded ahead of the model, and scored batches waiting for the encoder: enough to
+# ride out a slow keyframe or a segment's staging write, few enough to keep memory fixed.
+_AHEAD_BATCHES = 2
+_BEHIND_BATCHES = 4
+
+Batches = ReadAhead[tuple[np.ndarray, Damage]] | ReadInline[tuple[np.ndarray, Damage]]
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A segment staged (now, or by an earlier attempt of the same job), on its way to the join."""
+
+    segment: Segment
+    damage: Damage  # what decoding its frames met
+    reorder_depth: int  # of its packets (mux.reorder_depth): the join's decode timestamps need it
+    reused: bool  # staged by an earlier attempt
+
+
+@dataclass(frozen=True)
+class Worker:
+    """One rank's means: the plan, its model, and how it reports progress."""
+
+    plan: Plan
+    scorer: Scorer
+    tick: Callable[[int], bool]  # frames done; False when the job is stopping
+    on_damage: str = "fail"
+    overlap: bool = False
+
+
+def score_segments(
+    worker: Worker, segments: Sequence[Segment], rank: int, host: str
+) -> tuple[RankSummary, list[Finished]]:
+    """Decode, score, encode and stage ``segments`` (this rank's, in order), a batch at a time.
+
+    Segments already staged by an earlier attempt of the same job are reused, whatever the
+    rank count was then.
+    """
+    began = time.perf_counter()
+    plan = worker.plan
+    todo = [s for s in segments if not plan.staging.has(s)]
+    # What an earlier attempt met while decoding a reused segment still counts.
+    finished = [_reused(plan.staging, s) for s in segments if s not in todo]
+    reused = sum(f.segment.frames for f in finished)
+    if reused:
+        _step(worker.tick, reused)
+    temporal = _temporal_stage(plan.temporal)
+    timer = StageTimer()
+    stager = _SegmentStager(plan)
+    batches = _decoded(plan.info, todo, worker.scorer.batch_size, worker.on_damage)
+    decoded: Batches
+    behind: RunBehind | RunInline
+    if worker.overlap:
+        decoded = ReadAhead(batches, _AHEAD_BATCHES, "mpistyle-decode")
+        behind = RunBehind(_BEHIND_BATCHES, "mpistyle-encode")
+    else:
+        decoded, behind = ReadInline(batches), RunInline()
+    try:
+        last_stop = -1
+        for segment in todo:
+            _score_segment(worker, segment, decoded, behind, stager, temporal, timer, contiguous=segment.start == last_stop)
+            last_stop = segment.stop
+        behind.drain()  # raises what failed in the encoder thread
+    finally:
+        decoded.close()
+        # Whatever stopped the loop, the encoder thread first runs what it was given: every
+        # segment scored whole is staged (a resume reuses it); the one cut short never got
+        # its end, so nothing of it is written.
+        behind.close()
+    finished = sorted(finished + stager.finished, key=lambda f: f.segment.number)
+    seconds = {
+        "decode": decoded.busy_s, "score": timer.seconds.get("score", 0.0), "temporal": timer.seconds.get("temporal", 0.0),
+        "encode": stager.timer.seconds.get("encode", 0.0), "stage": stager.timer.seconds.get("stage", 0.0),
+        # How long the model waited for decoded frames, and for room behind it (or for the
+        # last segments to be staged): near 0 when the model is the bottleneck.
+        "waited": decoded.waited_s + behind.waited_s,
+    }
+    summary = _summary(worker, segments, finished, seconds, time.perf_counter() - began, temporal, rank, host)
+    _log_summary(summary)
+    return summary, finished
+
+
+def _score_segment(
+    worker: Worker,
+    segment: Segment,
+    decoded: Batches,
+    behind: RunBehind | RunInline,
+    stager: _SegmentStager,
+    temporal: TemporalStage | None,
+    timer: StageTimer,
+    contiguous: bool,
+) -> None:
+    """Score one segment's batches as they come from the decoder and hand them to the encoder."""
+    if temporal:
+        # The blend restarts with each segment, so a frame's output never depends on where a
+        # rank's segments began; the meters still measure the pair across the cut.
+        temporal.reset(contiguous=contiguous)
+    behind.submit(partial(stager.begin, segment))
+    count = 0
+    met = Damage()
+    for first in range(segment.start, segment.stop, worker.scorer.batch_size):
+        if first > segment.start:
+            _step(worker.tick, count)  # not after the segment's last batch: that waits for the file
+        batch, met = next(decoded)
+        count = len(batch)
+        with timer("score"):
+            styled = worker.scorer(batch)
+        if temporal:
+            with timer("temporal"):
+                styled = temporal(batch, styled)
+        behind.submit(partial(stager.add, styled))
+    # The decoder has counted the segment's damage by the time it handed its last frame.
+    behind.submit(partial(stager.end, replace(met)))
+    # Stopping here keeps the segment: the encoder thread finishes it first.
+    _step(worker.tick, count)
+
+
+def _reused(staging: Staging, segment: Segment) -> Finished:
+    staged = staging.read(segment)
+    return Finished(segment, staged.damage, reorder_depth([p.pts for p in staged.packets]), reused=True)
+
+
+def _summary(
+    worker: Worker,
+    segments: Sequence[Segment],
+    finished: Sequence[Finished],
+    seconds: dict[str, float],
+    total: float,
+    temporal: TemporalStage | None,
+    rank: int,
+    host: str,
+) -> RankSummary:
+    device = worker.scorer.device
+    frames = sum(s.frames for s in segments)
+    scored = frames - sum(f.segment.frames for f in finished if f.reused)
+    damage = Damage()
+    for done in finished:
+        damage.add(done.damage)
+    return RankSummary(
+        rank=rank,
+        host=host,
+        device=str(device),
+        threads=torch.get_num_threads() if device.type == "cpu" else None,
+        overlap=worker.overlap,
+        frames=frames,
+        first_frame=segments[0].start if segments else None,
+        segments=len(segments),
+        frames_reused=frames - scored,
+        damage=damage,
+        seconds=seconds,
+        seconds_total=total,
+        peak_rss_mb=peak_rss_mb(),
+        flicker=_flicker(temporal),
+        fps=scored / total if total > 0 and scored > 0 else None,
+    )
+
+
+def _log_summary(summary: RankSummary) -> None:
+    seconds, damage = summary.seconds, summary.damage
+    reused = summary.frames_reused
+    log.info(
+        "scored %d frames in %.2f s (score %.2f; in other threads: decode %.2f, encode %.2f, stage %.2f; waited %.2f)%s",
+        summary.frames - reused, summary.seconds_total, seconds["score"], seconds["decode"], seconds["encode"],
+        seconds["stage"], seconds["waited"], f", {reused} reused from staging" if reused else "",
+    )
+    if damage.damaged or damage.concealed or damage.packet_errors:
+        log.warning(
+            "damaged input: %d corrupt frame(s) kept as concealed, %d missing frame(s) repeated, %d bad packet(s)",
+            damage.damaged, damage.concealed, damage.packet_errors,
+        )
+
+
+def _decoded(
+    info: VideoInfo, segments: Sequence[Segment], batch_size: int, on_damage: str
+) -> Iterator[tuple[np.ndarray, Damage]]:
+    """The segments' frames in batches of up to ``batch_size`` that never cross a segment,
+    each with its segment's damage count so far.
+
+    Each segment is decoded from its own keyframe, as it would be if it began a rank's work:
+    FFmpeg conceals a damaged frame from the picture decoded before it, so that picture must
+    not depend on the rank count.
+    """
+    for segment in segments:
+        met = Damage()
+        frames = decode_segment(info, segment, on_damage, met)
+        try:
+            for first in range(segment.start, segment.stop, batch_size):
+                batch = np.empty((min(batch_size, segment.stop - first), info.height, info.width, 3), np.uint8)
+                for slot in range(len(batch)):
+                    batch[slot] = next(frames)
+                yield batch, met
+        finally:
+            frames.close()
+
+
+class _SegmentStager:
+    """Encodes one segment at a time and stages its packets; runs in the encoder thread."""
+
+    def __init__(self, plan: Plan) -> None:
+        self._plan = plan
+        self._segment: Segment | None = None
+        self._encoder: SegmentEncoder | None = None
+        self._writer: SegmentWriter | None = None
+        self._pts: list[int] = []
+        self.timer = StageTimer()  # encode, stage: this thread's own
+        self.finished: list[Finished] = []
+
+    def begin(self, segment: Segment) -> None:
+        with self.timer("encode"):
+            plan = self._plan
+            self._encoder = SegmentEncoder(plan.info, plan.settings, segment.start, plan.container_format)
+            self._writer = plan.staging.writer(segment)
+            self._segment, self._pts = segment, []
+
+    def add(self, frames: np.ndarray) -> None:
+        assert self._encoder is not None and self._writer is not None
+        with self.timer("encode"):
+            self._keep(self._encoder.encode(frames))
+
+    def end(self, damage: Damage) -> None:
+        assert self._encoder is not None and self._writer is not None and self._segment is not None
+        with self.timer("encode"):
+            self._keep(self._encoder.finish())
+            self._writer.extradata = self._encoder.extradata
+            self._writer.damage = damage
+        with self.timer("stage"):
+            self._writer.close(complete=True)
+        self.finished.append(Finished(self._segment, damage, reorder_depth(self._pts), reused=False))
+        self._encoder = self._writer = self._segment = None
+
+    def _keep(self, packets: list[EncodedPacket]) -> None:
+        assert self._writer is not None
+        self._writer.add(packets)
+        self._pts += [p.pts for p in packets]
+
+
+def _temporal_stage(settings: dict[str, Any]) -> TemporalStage | None:
+    """The blend and flicker meters when asked for (OpenCV is imported only then)."""
+    if not (settings["alpha"] > 0 or settings["measure"]):
+        return None
+    from .temporal import TemporalStage
+
+    return TemporalStage(settings["alpha"], settings["measure"], settings["flow"])
+
+
+def _flicker(temporal: TemporalStage | None) -> RankFlicker | None:
+    """This rank's warping-error sums (output, and the model's own frames when blending)."""
+    if temporal is None or temporal.meter is None:
+        return None
+    own = temporal.meter_styled or temporal.meter
+    return RankFlicker(temporal.meter.state(), own.state())
+
+
+def _step(tick: Callable[[int], bool], frames: int) -> None:
+    """Report progress; give up at this safe point if the job is stopping."""
+    if not tick(frames):
+        signals.check()
+        raise JobStopped("stopped because another rank failed")
+    signals.check()
