@@ -16,14 +16,17 @@ from omegaconf import DictConfig
 
 from mpistyle.errors import ConfigError
 from mpistyle.sample import make_video
+from mpistyle.watch import config as watch_config
 from mpistyle.watch.areas import open_area
-from mpistyle.watch.runners import JobSpec, JobStatus, Runner, blame
-from mpistyle.watch.watcher import Watcher, check_config, make_runner
+from mpistyle.watch.runners import DEFAULT_SBATCH_SCRIPT, JobSpec, JobStatus, Runner, blame
+from mpistyle.watch.watcher import Watcher, make_runner
 from slurm_cluster import SlurmCluster
 from test_watch import local_overrides, run_watch, starts, states, watch_command
 
 from conftest import MPI_ENV, TESTS
 from media import decode_all
+
+watch_config.register()
 
 # Every kind of credential the watcher's environment may hold, under the names Azure's SDKs use,
 # the project's own and a custom storage.*.credential_env.
@@ -94,7 +97,13 @@ def test_a_sas_inside_a_storage_url_is_refused(tmp_path: Path) -> None:
 )
 def test_settings_that_would_undo_the_limits_are_refused(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        check_config(watch_cfg(override))
+        watch_config.check(watch_cfg(override))
+
+
+def test_the_default_sbatch_script_is_found_in_the_checkout() -> None:
+    """runner=slurm without runner.script submits slurm/style.sbatch of this checkout."""
+    assert DEFAULT_SBATCH_SCRIPT == TESTS.parent / "slurm" / "style.sbatch"
+    assert DEFAULT_SBATCH_SCRIPT.is_file()
 
 
 @pytest.mark.slurm

@@ -25,11 +25,14 @@ from mpistyle.errors import StorageError
 from mpistyle.formats import VIDEO_SUFFIXES
 from mpistyle.report import public_report
 from mpistyle.sample import make_video
+from mpistyle.watch import config as watch_config
 from mpistyle.watch.areas import Area, BlobArea, Entry, LocalArea
 from mpistyle.watch.names import UnsafeName, check_name, job_name
 from mpistyle.watch.runners import JobSpec, JobStatus, Runner
 from mpistyle.watch.watcher import Watcher
 from test_watch import local_overrides, run_watch, states
+
+watch_config.register()
 
 # -- helpers ------------------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from .devices import check_device
+from .encode import EncodeSettings
 from .errors import ConfigError
 from .model.checksums import ARBITRARY_PREDICT_SHA256, ARBITRARY_TRANSFORM_SHA256, MULTISTYLE_SHA256
 
@@ -64,18 +65,7 @@ class TorchScriptModel:
 
 
 @dataclass
-class VideoConfig:
-    codec: str = "libx264"
-    pix_fmt: str = "yuv420p"
-    crf: int | None = 18
-    preset: str | None = "medium"
-    bit_rate: int | None = None
-    options: dict[str, str] = field(default_factory=dict)  # extra encoder options, e.g. {tune: film}
-    # Encoder threads. Fixed, because x264's output depends on its thread count, and an
-    # automatic count follows the CPUs mpirun binds rank 0 to: with a fixed count the output is
-    # the same bits whatever the rank count. 0: let the encoder choose.
-    threads: int = 8
-    format: str | None = None  # container; default: from the output's extension
+class VideoConfig(EncodeSettings):
     # Each rank encodes its frames in segments of whole input GOPs lasting at least this long;
     # the root joins them by stream copy. Each segment starts with a keyframe. Larger: fewer
     # keyframes, coarser load balance and resume; 0: a segment per input GOP.
@@ -149,71 +139,6 @@ class JobConfig:
     report: ReportConfig = field(default_factory=ReportConfig)
 
 
-@dataclass
-class AreaConfig:
-    """One storage area: a blob container (url, prefix, credential_env) or a local folder (root)."""
-
-    kind: str = "local"
-    root: str | None = None
-    url: str | None = None  # the container URL, e.g. https://ACCOUNT.blob.core.windows.net/videos-in
-    prefix: str = ""
-    # Name of the environment variable holding the SAS token or connection string; unset or
-    # empty: DefaultAzureCredential. The secret itself never goes in the config.
-    credential_env: str | None = None
-
-
-@dataclass
-class StorageAreas:
-    input: AreaConfig = field(default_factory=AreaConfig)
-    output: AreaConfig = field(default_factory=AreaConfig)
-    work: AreaConfig = field(default_factory=AreaConfig)  # state records, logs, quarantine
-
-
-@dataclass
-class RunnerConfig:
-    kind: str = "local"  # local: run here, now; slurm: sbatch slurm/style.sbatch
-    ranks: int = 1  # local: mpirun -n ranks
-    python: str | None = None  # local: the Python with mpistyle (default: this one)
-    script: str | None = None  # slurm: the sbatch script (default: slurm/style.sbatch)
-    sbatch_args: list[str] = field(default_factory=list)  # slurm: e.g. [--partition=gpu, --gpus-per-node=1]
-    # A job gets only an allow-listed part of the watcher's environment (PATH, HOME, LANG, LC_*,
-    # PYTHONPATH, OMPI_*, MPISTYLE_* but the credentials, ...: see mpistyle.watch.runners): name any
-    # other variable a job needs here. Credential variables are refused.
-    env_pass: list[str] = field(default_factory=list)
-
-
-@dataclass
-class WatchConfig:
-    storage: StorageAreas = field(default_factory=StorageAreas)
-    runner: RunnerConfig = field(default_factory=RunnerConfig)
-    workdir: str = "mpistyle-watch"  # shared filesystem when the runner is Slurm
-    # Failures that may be the input's fault (a bug, exit 1, or the time limit) before it is
-    # quarantined; exit 3 quarantines at once, and anyone else's fault never counts.
-    max_attempts: int = 3
-    lease_s: float = 600.0
-    # A job running longer is stopped (local: SIGTERM to its process group, SIGKILL after
-    # job_kill_grace_s; Slurm: sbatch --time, and scancel past the limit plus the grace) and
-    # counts as a failed attempt: the input may be why (too long for the limit).
-    job_time_limit_s: float = 6 * 3600.0
-    job_kill_grace_s: float = 60.0
-    # A tick starts no further video after this long, so a backlog cannot hold the tick (and the
-    # tick script's lock) for hours; the rest wait for the next tick.
-    tick_time_limit_s: float = 3600.0
-    # A job failing through no fault of the input (configuration, staging full, storage, a
-    # signal, an out-of-memory kill, a lost or preempted job) is retried on a later tick after
-    # retry_backoff_s, doubling with each such failure up to retry_backoff_max_s.
-    retry_backoff_s: float = 60.0
-    retry_backoff_max_s: float = 3600.0
-    # After this many such failures in a row the video is still retried (never quarantined for
-    # someone else's fault), but each tick logs an error and exits 9, so monitoring sees it.
-    retry_alert: int = 5
-    job_overrides: list[str] = field(default_factory=list)  # Hydra overrides for every job
-    delete_inputs: bool = False  # delete an input once done or quarantined (needs delete rights)
-    # A state record whose input version is no longer listed (deleted, or replaced by a new
-    # upload) and that nobody changed for this long is ended: its local files removed, then it goes.
-    sweep_after_s: float = 86400.0
-
-
 def plain(node: Any) -> dict[str, Any]:
     """A config node as plain Python dicts and lists, interpolations resolved."""
     return cast(dict[str, Any], OmegaConf.to_container(node, resolve=True))
@@ -229,9 +154,6 @@ def register() -> None:
     store.store(group="schema", name="video", node=VideoConfig)
     store.store(group="schema", name="staging", node=StagingConfig)
     store.store(group="schema", name="report", node=ReportConfig)
-    store.store(group="schema", name="watch", node=WatchConfig)
-    store.store(group="schema", name="storage", node=StorageAreas)
-    store.store(group="schema", name="runner", node=RunnerConfig)
 
 
 def check(cfg: DictConfig) -> None:

@@ -24,10 +24,11 @@ from typing import Any, BinaryIO, Protocol, TypeVar
 from urllib.parse import urlparse
 
 from ..errors import StorageError, first_line
+from ..files import replacing
 from ..secrets import from_env, redact
 from .names import check_name, shown
 
-log = logging.getLogger("mpistyle.storage")
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -46,7 +47,7 @@ class Entry:
 
 class Area(Protocol):
     """Every name-taking call checks the name, with the area's prefix, by
-    :func:`~mpistyle.storage.names.check_name` and raises its UnsafeName (a StorageError)."""
+    :func:`~mpistyle.watch.names.check_name` and raises its UnsafeName (a StorageError)."""
 
     label: str
 
@@ -138,8 +139,7 @@ class BlobArea:
 
     def download(self, name: str, dest: Path) -> None:
         full = self._full(name)
-        partial = dest.with_name(dest.name + ".partial")
-        with partial.open("wb") as handle:
+        with replacing(dest) as partial, partial.open("wb") as handle:
 
             def fetch() -> None:
                 handle.seek(0)
@@ -147,7 +147,6 @@ class BlobArea:
                 self.client.download_blob(full).readinto(handle)
 
             self._call(f"download {name}", fetch)
-        os.replace(partial, dest)
 
     def upload(self, name: str, src: Path) -> None:
         full = self._full(name)
@@ -265,12 +264,7 @@ class LocalArea:
                 if create:
                     with suppress(FileExistsError):
                         os.mkdir(part, dir_fd=fd)
-                try:
-                    child = os.open(part, _FOLDER_FLAGS, dir_fd=fd)
-                except FileNotFoundError:
-                    raise
-                except OSError as err:
-                    raise self._refused(err, name) from None
+                child = self._open_at(fd, part, _FOLDER_FLAGS, name)
                 os.close(fd)
                 fd = child
             yield fd
@@ -285,24 +279,34 @@ class LocalArea:
             )
         return StorageError(f"cannot {what} {redact(shown(self.prefix + name))} in the local {self.label} folder: {err.strerror}")
 
-    def _open_file(self, folder: int, part: str, name: str) -> int:
-        """A descriptor of the regular file ``part`` in ``folder`` (FileNotFoundError if none)."""
+    def _open_at(self, folder: int, part: str, flags: int, name: str, what: str = "use") -> int:
+        """``os.open`` of ``part`` in ``folder``: FileNotFoundError passes, any other error (a
+        link met with O_NOFOLLOW among them) is refused."""
         try:
-            fd = os.open(part, _READ_FLAGS, dir_fd=folder)
+            return os.open(part, flags, dir_fd=folder)
         except FileNotFoundError:
             raise
         except OSError as err:
-            raise self._refused(err, name, "read") from None
+            raise self._refused(err, name, what) from None
+
+    def _open_file(self, folder: int, part: str, name: str) -> int:
+        """A descriptor of the regular file ``part`` in ``folder`` (FileNotFoundError if none)."""
+        fd = self._open_at(folder, part, _READ_FLAGS, name, "read")
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
             raise StorageError(f"local {self.label} folder: {redact(shown(self.prefix + name))} is not a regular file")
         return fd
 
-    def _read(self, name: str) -> bytes | None:
+    def _open(self, name: str) -> int:
+        """A descriptor of the regular file ``name``, reached without following links
+        (FileNotFoundError if there is none)."""
         parts = self._parts(name)
+        with self._folder(parts, name) as folder:
+            return self._open_file(folder, parts[-1], name)
+
+    def _read(self, name: str) -> bytes | None:
         try:
-            with self._folder(parts, name) as folder:
-                fd = self._open_file(folder, parts[-1], name)
+            fd = self._open(name)
         except FileNotFoundError:
             return None
         with os.fdopen(fd, "rb") as handle:
@@ -360,16 +364,12 @@ class LocalArea:
         return Entry(name, _local_etag(info), info.st_size, info.st_mtime_ns)
 
     def download(self, name: str, dest: Path) -> None:
-        parts = self._parts(name)
         try:
-            with self._folder(parts, name) as folder:
-                fd = self._open_file(folder, parts[-1], name)
+            fd = self._open(name)
         except FileNotFoundError:
             raise StorageError(f"{redact(shown(self.prefix + name))} is gone from the local {self.label} folder") from None
-        partial = dest.with_name(dest.name + ".partial")
-        with os.fdopen(fd, "rb") as source, partial.open("wb") as copy:
+        with os.fdopen(fd, "rb") as source, replacing(dest) as partial, partial.open("wb") as copy:
             shutil.copyfileobj(source, copy, 1 << 20)
-        os.replace(partial, dest)
 
     def upload(self, name: str, src: Path) -> None:
         parts = self._parts(name)
@@ -395,7 +395,7 @@ class LocalArea:
         raw = self._read(name)
         if raw is None:
             return None
-        return json.loads(raw), hashlib.sha256(raw).hexdigest()
+        return json.loads(raw), _digest(raw)
 
     def create_json(self, name: str, data: dict[str, Any]) -> str | None:
         parts = self._parts(name)
@@ -407,7 +407,7 @@ class LocalArea:
             except FileNotFoundError:
                 pass
             self._write(folder, parts[-1], name, lambda handle: handle.write(raw))
-        return hashlib.sha256(raw).hexdigest()
+        return _digest(raw)
 
     def replace_json(self, name: str, data: dict[str, Any], etag: str) -> str:
         parts = self._parts(name)
@@ -416,17 +416,19 @@ class LocalArea:
             with self._folder(parts, name) as folder, self._locked(folder, parts[-1]):
                 fd = self._open_file(folder, parts[-1], name)
                 with os.fdopen(fd, "rb") as handle:
-                    if hashlib.sha256(handle.read()).hexdigest() != etag:
+                    if _digest(handle.read()) != etag:
                         raise StateConflict(name)
                 self._write(folder, parts[-1], name, lambda handle: handle.write(raw))
         except FileNotFoundError:
             raise StateConflict(name) from None
-        return hashlib.sha256(raw).hexdigest()
+        return _digest(raw)
 
     def _write(self, folder: int, part: str, name: str, fill: Callable[[BinaryIO], object]) -> None:
         """Readers see the old file or the whole new one. The partial file's name is short (a
-        255-byte name plus a suffix would not fit) and hidden from :meth:`list`."""
-        partial = f".{hashlib.sha256(part.encode()).hexdigest()[:16]}.partial-{os.getpid()}"
+        255-byte name plus a suffix would not fit) and hidden from :meth:`list`. Not
+        :func:`mpistyle.files.replacing`: that works on paths, and this must stay relative to
+        ``folder``, reached without following links."""
+        partial = f".{_short(part)}.partial-{os.getpid()}"
         try:
             fd = os.open(partial, _WRITE_FLAGS, 0o666, dir_fd=folder)
             with os.fdopen(fd, "wb") as handle:
@@ -442,13 +444,24 @@ class LocalArea:
     @contextmanager
     def _locked(folder: int, part: str) -> Iterator[None]:
         """An exclusive lock beside the record, held while it is compared and replaced."""
-        lock = f".{hashlib.sha256(part.encode()).hexdigest()[:16]}.lock"  # short, like the partial files
+        lock = f".{_short(part)}.lock"  # short, like the partial files
         fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=folder)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
         finally:
             os.close(fd)  # closing releases the lock
+
+
+def _digest(raw: bytes) -> str:
+    """A local record's version: the SHA-256 of its bytes."""
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _short(part: str) -> str:
+    """A short stand-in for a file name, for the hidden files beside it (a 255-byte name plus
+    a suffix would not fit)."""
+    return hashlib.sha256(part.encode()).hexdigest()[:16]
 
 
 def _local_etag(stat: os.stat_result) -> str:

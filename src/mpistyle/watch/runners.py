@@ -25,8 +25,9 @@ from typing import ClassVar
 
 from ..errors import InputError, InternalError, StorageError
 
-# Where the sbatch script lives when running from a checkout; the config can point elsewhere.
-DEFAULT_SBATCH_SCRIPT = Path(__file__).resolve().parents[2] / "slurm" / "style.sbatch"
+# Where the sbatch script lives when running from a checkout (src/mpistyle/watch/ -> slurm/);
+# the config can point elsewhere.
+DEFAULT_SBATCH_SCRIPT = Path(__file__).resolve().parents[3] / "slurm" / "style.sbatch"
 # Every Slurm job state that means "not over yet" (held ones too: a person may release them).
 _RUNNING = {
     "PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED",
@@ -46,11 +47,21 @@ _JOB_ENV = frozenset({
 # SBATCH_*: sbatch's own defaults (partition, account); UCX_/NCCL_/FI_: the interconnect's tuning.
 _JOB_ENV_PREFIXES = ("LC_", "OMPI_", "PMIX_", "TORCHINDUCTOR_", "MPISTYLE_", "SBATCH_", "UCX_", "NCCL_", "FI_")
 _CREDENTIAL_NAME = re.compile(r"MPISTYLE_\w*_CREDENTIAL")  # the storage areas' default credential variables
+# Never handed to a job, whatever the area configs name: the jobs only need local paths.
+# Credentials of the Azure SDK and of Azure's managed identity. The job environment is an
+# allow-list that keeps them (and any other) out anyway; these names are also refused in
+# runner.env_pass, with every storage.*.credential_env.
+SECRET_VARIABLES = (
+    "AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_KEY", "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_SAS_TOKEN",
+    "AZURE_CLIENT_SECRET", "AZURE_CLIENT_CERTIFICATE_PASSWORD", "AZURE_CLIENT_CERTIFICATE_PATH", "AZURE_PASSWORD",
+    "AZURE_FEDERATED_TOKEN_FILE", "IDENTITY_HEADER", "IDENTITY_ENDPOINT", "MSI_SECRET", "MSI_ENDPOINT",
+)
 
 
 def is_credential_name(name: str) -> bool:
     """Whether ``name`` is one of the storage areas' default credential variables."""
     return _CREDENTIAL_NAME.fullmatch(name) is not None
+
 
 # The local job's wrapper: it records the job's exit code in a file (written whole, then renamed)
 # and outlives the watcher, so a later watcher learns how a job it did not start ended.

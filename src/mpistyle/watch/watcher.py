@@ -17,7 +17,7 @@ everywhere, at once and without downloading it; an input the job finds unusable,
 ``quarantine/<job>/`` with ``error.json`` a person can read; ``superseded`` (a newer upload of
 the same name came first); ``abandoned`` (the input went before its job ended). A failure that
 is not the input's fault (staging full, a failed node, ...) is retried on a later tick with
-backoff (:func:`mpistyle.runners.blame`), and the others carry on.
+backoff (:func:`mpistyle.watch.runners.blame`), and the others carry on.
 """
 from __future__ import annotations
 
@@ -40,11 +40,11 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from .. import config
 from ..errors import ConfigError, MpistyleError, StorageError, first_line
 from ..formats import VIDEO_SUFFIXES
 from ..report import public_report
 from ..secrets import redact
+from . import config as watch_config
 from .areas import Area, Entry, StateConflict, open_area
 from .names import UnsafeName, is_job_key, job_name, output_name, shown, suffix_of
 from .runners import (
@@ -55,7 +55,6 @@ from .runners import (
     Runner,
     SlurmRunner,
     blame,
-    is_credential_name,
     meaning,
 )
 
@@ -189,74 +188,95 @@ class Watcher:
         return self.workdir / key / f"input{suffix_of(name)}"
 
     def _run_steps(self, claim: Claim, entry: Entry, key: str) -> str:
-        local = self.workdir / key
-        copy = self._input_copy(key, entry.name)
+        """Move the video on, step by step, to a final state or to one that waits for a later
+        tick (returned: "waiting", "running", "failed", "retrying", "stuck")."""
         while claim.data["step"] not in FINAL:
             step = claim.data["step"]
-            if step == "staged" and not copy.is_file():
+            if step == "staged" and not self._input_copy(key, entry.name).is_file():
                 claim.update(step="claimed")  # the local copy is gone (another host, a wiped workdir)
                 continue
             if step == "finished" and not (self.workdir / key / "output.mp4").is_file():
                 claim.update(step="staged")  # the finished video is gone from this host: score it again
                 continue
+            paused: str | None = None
             if step == "claimed":
-                local.mkdir(parents=True, exist_ok=True)
-                self.input.download(entry.name, copy)
-                claim.update(step="staged")
+                self._stage(claim, entry, key)
             elif step == "staged":
-                attempts = claim.data["attempts"]  # failures that may be the input's fault
-                if attempts >= self.cfg.max_attempts:
-                    reason = f"failed {attempts} times, the last: {claim.data.get('failure', 'unknown')}"
-                    self._quarantine(claim, entry, key, reason, claim.data.get("exit_code"))
-                    continue
-                if claim.data.get("retry_after", 0) > time.time():
-                    return "waiting"  # backing off after a failure that was not the input's
-                job = self._job(key, entry)
-                claim.update(step="submitted", job=None, submitted_at=time.time(), started_by=self.owner)
-                handle = self.runner.start(job)
-                claim.update(job=handle)
-                log.info("%s: attempt %d started as %s", redact(shown(entry.name)), attempts + 1, handle)
+                paused = self._start(claim, entry, key)
             elif step == "submitted":
-                job = self._job(key, entry)
-                found: str | None = claim.data["job"] or self.runner.find(job)
-                if found is None:
-                    # Crashed between recording the start and starting the job, which never ran.
-                    claim.update(step="staged")
-                    continue
-                handle = found
-                if handle != claim.data["job"]:
-                    claim.update(job=handle)
-                if self.runner.waits and claim.data.get("started_by") != self.owner:
-                    # A killed watcher's job runs on in its own session: wait for it, never start a second.
-                    log.info("%s: following %s, started by %s", redact(shown(entry.name)), handle, claim.data.get("started_by"))
-                status = self.runner.wait(handle, job, claim.data.get("submitted_at"))
-                if status.state == "lost" and (self.workdir / key / "output.mp4.report.json").is_file():
-                    # The scheduler forgot the job (aged out), but it finished: its report is there.
-                    status = JobStatus("done", 0)
-                if status.state == "running":
-                    claim.update(lease_until=0)  # anyone may follow the job from here
-                    return "running"
-                if status.state == "done":
-                    claim.update(step="finished", exit_code=0)
-                elif blame(status) == "input":
-                    self._quarantine(claim, entry, key, "the input is not a usable video", status.exit_code)
-                elif blame(status) == "attempt":
-                    log.warning("%s: attempt %d failed, exit %s: %s", redact(shown(entry.name)), claim.data["attempts"] + 1,
-                                status.exit_code, redact(meaning(status)))
-                    attempts = claim.data["attempts"] + 1
-                    claim.update(step="staged", attempts=attempts, exit_code=status.exit_code, failure=meaning(status))
-                    if attempts < self.cfg.max_attempts:
-                        # The next attempt waits for a later tick: one job per video per tick keeps
-                        # the tick within tick_time_limit_s + job_time_limit_s.
-                        return "failed"
-                else:
-                    return self._retry_later(claim, entry, status)
+                paused = self._follow(claim, entry, key)
             elif step == "finished":
                 self._deliver(claim, entry, key)
             else:
                 raise StorageError(f"state record {claim.name} has an unknown step {step!r}")
+            if paused is not None:
+                return paused
         self._clean_local(key)
         return claim.data["step"]
+
+    def _stage(self, claim: Claim, entry: Entry, key: str) -> None:
+        """Download the input to this host."""
+        (self.workdir / key).mkdir(parents=True, exist_ok=True)
+        self.input.download(entry.name, self._input_copy(key, entry.name))
+        claim.update(step="staged")
+
+    def _start(self, claim: Claim, entry: Entry, key: str) -> str | None:
+        """Start the video's next attempt (or quarantine it, past ``max_attempts``); "waiting"
+        while it backs off after a failure that was not the input's."""
+        attempts = claim.data["attempts"]  # failures that may be the input's fault
+        if attempts >= self.cfg.max_attempts:
+            reason = f"failed {attempts} times, the last: {claim.data.get('failure', 'unknown')}"
+            self._quarantine(claim, entry, key, reason, claim.data.get("exit_code"))
+            return None
+        if claim.data.get("retry_after", 0) > time.time():
+            return "waiting"
+        job = self._job(key, entry)
+        claim.update(step="submitted", job=None, submitted_at=time.time(), started_by=self.owner)
+        handle = self.runner.start(job)
+        claim.update(job=handle)
+        log.info("%s: attempt %d started as %s", redact(shown(entry.name)), attempts + 1, handle)
+        return None
+
+    def _follow(self, claim: Claim, entry: Entry, key: str) -> str | None:
+        """Wait for the video's job as long as the runner waits; "running" if it still runs."""
+        job = self._job(key, entry)
+        handle: str | None = claim.data["job"] or self.runner.find(job)
+        if handle is None:
+            # Crashed between recording the start and starting the job, which never ran.
+            claim.update(step="staged")
+            return None
+        if handle != claim.data["job"]:
+            claim.update(job=handle)
+        if self.runner.waits and claim.data.get("started_by") != self.owner:
+            # A killed watcher's job runs on in its own session: wait for it, never start a second.
+            log.info("%s: following %s, started by %s", redact(shown(entry.name)), handle, claim.data.get("started_by"))
+        status = self.runner.wait(handle, job, claim.data.get("submitted_at"))
+        if status.state == "lost" and (self.workdir / key / "output.mp4.report.json").is_file():
+            # The scheduler forgot the job (aged out), but it finished: its report is there.
+            status = JobStatus("done", 0)
+        if status.state == "running":
+            claim.update(lease_until=0)  # anyone may follow the job from here
+            return "running"
+        return self._ended(claim, entry, key, status)
+
+    def _ended(self, claim: Claim, entry: Entry, key: str, status: JobStatus) -> str | None:
+        """The next step after a job ended, by whose fault it failed (:func:`blame`)."""
+        if status.state == "done":
+            claim.update(step="finished", exit_code=0)
+            return None
+        fault = blame(status)
+        if fault == "input":
+            self._quarantine(claim, entry, key, "the input is not a usable video", status.exit_code)
+            return None
+        if fault == "attempt":
+            attempts = claim.data["attempts"] + 1
+            log.warning("%s: attempt %d failed, exit %s: %s", redact(shown(entry.name)), attempts,
+                        status.exit_code, redact(meaning(status)))
+            claim.update(step="staged", attempts=attempts, exit_code=status.exit_code, failure=meaning(status))
+            # The next attempt waits for a later tick: one job per video per tick keeps the tick
+            # within tick_time_limit_s + job_time_limit_s. The last one goes on to quarantine.
+            return "failed" if attempts < self.cfg.max_attempts else None
+        return self._retry_later(claim, entry, status)
 
     def _job(self, key: str, entry: Entry) -> JobSpec:
         local = self.workdir / key
@@ -502,53 +522,10 @@ class Watcher:
             thread.join()
 
 
-# Never handed to a job, whatever the area configs name: the jobs only need local paths.
-# Credentials of the Azure SDK and of Azure's managed identity. The job environment is an
-# allow-list that keeps them (and any other) out anyway; these names are also refused in
-# runner.env_pass, with every storage.*.credential_env.
-_SECRET_VARIABLES = (
-    "AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_KEY", "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_SAS_TOKEN",
-    "AZURE_CLIENT_SECRET", "AZURE_CLIENT_CERTIFICATE_PASSWORD", "AZURE_CLIENT_CERTIFICATE_PATH", "AZURE_PASSWORD",
-    "AZURE_FEDERATED_TOKEN_FILE", "IDENTITY_HEADER", "IDENTITY_ENDPOINT", "MSI_SECRET", "MSI_ENDPOINT",
-)
-_AREAS = ("input", "output", "work")
-
-
-def _credential_names(storage: DictConfig) -> set[str]:
-    return {*_SECRET_VARIABLES, *(storage[area].credential_env for area in _AREAS if storage[area].credential_env)}
-
-
-def check_config(cfg: DictConfig) -> None:
-    """Checks on the watch config beyond types, each naming the override to fix."""
-    for area in _AREAS:
-        if "sig=" in (cfg.storage[area].url or "").lower():
-            variable = cfg.storage[area].credential_env or f"MPISTYLE_{area.upper()}_CREDENTIAL"
-            also = "" if cfg.storage[area].credential_env else f" and set storage.{area}.credential_env={variable}"
-            raise ConfigError(
-                f"storage.{area}.url carries a SAS token, and a command line shows in ps and in systemd's unit status: "
-                f"give the container URL alone, put the SAS in the environment variable {variable}{also}"
-            )
-    for key in ("job_time_limit_s", "tick_time_limit_s", "retry_backoff_s", "retry_backoff_max_s", "retry_alert"):
-        if not cfg[key] > 0:  # also refuses nan
-            raise ConfigError(f"{key} must be positive, got {cfg[key]}")
-    if not cfg.job_kill_grace_s >= 0:
-        raise ConfigError(f"job_kill_grace_s must be 0 or more, got {cfg.job_kill_grace_s}")
-    credentials = _credential_names(cfg.storage)
-    for name in cfg.runner.env_pass:
-        if name in credentials or is_credential_name(name):
-            raise ConfigError(f"runner.env_pass names {name}, a credential: jobs never get one (they work on local files)")
-    for arg in cfg.runner.sbatch_args:
-        if str(arg).startswith(("--export", "--time", "-t")):
-            raise ConfigError(
-                f"runner.sbatch_args sets {str(arg).split('=')[0]}, which the watcher sets itself: "
-                "use job_time_limit_s for the time limit, runner.env_pass for the environment"
-            )
-
-
 def make_runner(cfg: DictConfig) -> Runner:
     """The runner ``cfg`` (the whole watch config) asks for."""
     runner = cfg.runner
-    hidden, passed = frozenset(_credential_names(cfg.storage)), frozenset(runner.env_pass)
+    hidden, passed = frozenset(watch_config.credential_names(cfg.storage)), frozenset(runner.env_pass)
     if runner.kind == "local":
         return LocalRunner(ranks=runner.ranks, python=runner.python or sys.executable, env_pass=passed, hidden_env=hidden,
                            kill_grace_s=cfg.job_kill_grace_s)
@@ -567,8 +544,8 @@ def _hydra_main(cfg: DictConfig) -> None:
     # The Azure SDK logs request URLs; keep it to warnings (and our messages are redacted).
     logging.getLogger("azure").setLevel(logging.WARNING)
     try:
-        check_config(cfg)
-        areas = {label: open_area(label, cfg.storage[label]) for label in _AREAS}
+        watch_config.check(cfg)
+        areas = {label: open_area(label, cfg.storage[label]) for label in watch_config.AREAS}
         counts = Watcher(cfg, areas, make_runner(cfg)).tick()
     except MpistyleError as err:
         log.error("error: %s", redact(str(err).splitlines()[0]))
@@ -581,6 +558,6 @@ def _hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     from ..cli import check_overrides
 
-    config.register()
+    watch_config.register()
     check_overrides(sys.argv[1:], "watch")
     _hydra_main()

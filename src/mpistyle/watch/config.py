@@ -1,0 +1,119 @@
+"""The typed schema of ``mpistyle-watch`` (configs/watch.yaml, and the ``storage/`` and
+``runner/`` groups, build on it), and :func:`check` for what a type cannot express. Kept apart
+from :mod:`mpistyle.config` so the restyling schema and the watcher's change independently.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
+
+from ..errors import ConfigError
+from .runners import SECRET_VARIABLES, is_credential_name
+
+AREAS = ("input", "output", "work")
+
+
+@dataclass
+class AreaConfig:
+    """One storage area: a blob container (url, prefix, credential_env) or a local folder (root)."""
+
+    kind: str = "local"
+    root: str | None = None
+    url: str | None = None  # the container URL, e.g. https://ACCOUNT.blob.core.windows.net/videos-in
+    prefix: str = ""
+    # Name of the environment variable holding the SAS token or connection string; unset or
+    # empty: DefaultAzureCredential. The secret itself never goes in the config.
+    credential_env: str | None = None
+
+
+@dataclass
+class StorageAreas:
+    input: AreaConfig = field(default_factory=AreaConfig)
+    output: AreaConfig = field(default_factory=AreaConfig)
+    work: AreaConfig = field(default_factory=AreaConfig)  # state records, logs, quarantine
+
+
+@dataclass
+class RunnerConfig:
+    kind: str = "local"  # local: run here, now; slurm: sbatch slurm/style.sbatch
+    ranks: int = 1  # local: mpirun -n ranks
+    python: str | None = None  # local: the Python with mpistyle (default: this one)
+    script: str | None = None  # slurm: the sbatch script (default: slurm/style.sbatch)
+    sbatch_args: list[str] = field(default_factory=list)  # slurm: e.g. [--partition=gpu, --gpus-per-node=1]
+    # A job gets only an allow-listed part of the watcher's environment (PATH, HOME, LANG, LC_*,
+    # PYTHONPATH, OMPI_*, MPISTYLE_* but the credentials, ...: see mpistyle.watch.runners): name any
+    # other variable a job needs here. Credential variables are refused.
+    env_pass: list[str] = field(default_factory=list)
+
+
+@dataclass
+class WatchConfig:
+    storage: StorageAreas = field(default_factory=StorageAreas)
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
+    workdir: str = "mpistyle-watch"  # shared filesystem when the runner is Slurm
+    # Failures that may be the input's fault (a bug, exit 1, or the time limit) before it is
+    # quarantined; exit 3 quarantines at once, and anyone else's fault never counts.
+    max_attempts: int = 3
+    lease_s: float = 600.0
+    # A job running longer is stopped (local: SIGTERM to its process group, SIGKILL after
+    # job_kill_grace_s; Slurm: sbatch --time, and scancel past the limit plus the grace) and
+    # counts as a failed attempt: the input may be why (too long for the limit).
+    job_time_limit_s: float = 6 * 3600.0
+    job_kill_grace_s: float = 60.0
+    # A tick starts no further video after this long, so a backlog cannot hold the tick (and the
+    # tick script's lock) for hours; the rest wait for the next tick.
+    tick_time_limit_s: float = 3600.0
+    # A job failing through no fault of the input (configuration, staging full, storage, a
+    # signal, an out-of-memory kill, a lost or preempted job) is retried on a later tick after
+    # retry_backoff_s, doubling with each such failure up to retry_backoff_max_s.
+    retry_backoff_s: float = 60.0
+    retry_backoff_max_s: float = 3600.0
+    # After this many such failures in a row the video is still retried (never quarantined for
+    # someone else's fault), but each tick logs an error and exits 9, so monitoring sees it.
+    retry_alert: int = 5
+    job_overrides: list[str] = field(default_factory=list)  # Hydra overrides for every job
+    delete_inputs: bool = False  # delete an input once done or quarantined (needs delete rights)
+    # A state record whose input version is no longer listed (deleted, or replaced by a new
+    # upload) and that nobody changed for this long is ended: its local files removed, then it goes.
+    sweep_after_s: float = 86400.0
+
+
+def register() -> None:
+    store = ConfigStore.instance()
+    store.store(group="schema", name="watch", node=WatchConfig)
+    store.store(group="schema", name="storage", node=StorageAreas)
+    store.store(group="schema", name="runner", node=RunnerConfig)
+
+
+def credential_names(storage: DictConfig) -> set[str]:
+    """Every variable that may hold a credential: never handed to a job, never in env_pass."""
+    return {*SECRET_VARIABLES, *(storage[area].credential_env for area in AREAS if storage[area].credential_env)}
+
+
+def check(cfg: DictConfig) -> None:
+    """Checks on the watch config beyond types, each naming the override to fix."""
+    for area in AREAS:
+        if "sig=" in (cfg.storage[area].url or "").lower():
+            variable = cfg.storage[area].credential_env or f"MPISTYLE_{area.upper()}_CREDENTIAL"
+            also = "" if cfg.storage[area].credential_env else f" and set storage.{area}.credential_env={variable}"
+            raise ConfigError(
+                f"storage.{area}.url carries a SAS token, and a command line shows in ps and in systemd's unit status: "
+                f"give the container URL alone, put the SAS in the environment variable {variable}{also}"
+            )
+    for key in ("job_time_limit_s", "tick_time_limit_s", "retry_backoff_s", "retry_backoff_max_s", "retry_alert"):
+        if not cfg[key] > 0:  # also refuses nan
+            raise ConfigError(f"{key} must be positive, got {cfg[key]}")
+    if not cfg.job_kill_grace_s >= 0:
+        raise ConfigError(f"job_kill_grace_s must be 0 or more, got {cfg.job_kill_grace_s}")
+    credentials = credential_names(cfg.storage)
+    for name in cfg.runner.env_pass:
+        if name in credentials or is_credential_name(name):
+            raise ConfigError(f"runner.env_pass names {name}, a credential: jobs never get one (they work on local files)")
+    for arg in cfg.runner.sbatch_args:
+        if str(arg).startswith(("--export", "--time", "-t")):
+            raise ConfigError(
+                f"runner.sbatch_args sets {str(arg).split('=')[0]}, which the watcher sets itself: "
+                "use job_time_limit_s for the time limit, runner.env_pass for the environment"
+            )
