@@ -60,11 +60,12 @@ def writable_dir(directory: Path, what: str, error: type[MpistyleError] = Output
 
 
 def same_file(a: Path, b: Path) -> bool:
-    """Whether two paths name one file (links and other spellings included)."""
+    """Whether writing ``a`` would write over ``b``: one file under two names (links and other
+    spellings included), or, where either does not exist yet, the same resolved path."""
     try:
         return os.path.samefile(a, b)
     except OSError:
-        return False
+        return a.expanduser().resolve() == b.expanduser().resolve()
 
 
 def fingerprint(path: Path) -> dict[str, Any]:

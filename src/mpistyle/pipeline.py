@@ -24,6 +24,7 @@ from .parallel import RankContext, attempt, unwrap
 from .plan import Plan, make_plan
 from .report import Progress, RankSummary, RunFacts, StageTimer, job_report, write_json, write_preview
 from .scoring import Scorer, build_scorer
+from .segment import Segment
 from .worker import Finished, Worker, score_segments
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def run(cfg: DictConfig, ctx: RankContext | None = None, run_id: str | None = No
     return ctx.from_root(lambda: finish(job, plan, unwrap(scored)))
 
 
-def _score(job: Job, plan: Plan, scorer: Scorer, ctx: RankContext) -> Any:
+def _score(job: Job, plan: Plan, scorer: Scorer, ctx: RankContext) -> tuple[bool, Any]:
     """Every rank scores its segments, progress going to the root; what each returned, or failed with."""
     cfg = job.cfg
     progress = Progress(plan.info.frames, cfg.report.progress, cfg.report.progress_interval_s) if ctx.is_root else None
@@ -105,7 +106,7 @@ def finish(job: Job, plan: Plan, results: list[tuple[RankSummary, list[Finished]
     return report
 
 
-def _frames_of(segments: tuple[Any, ...]) -> str:
+def _frames_of(segments: tuple[Segment, ...]) -> str:
     if not segments:
         return "no segments"
     return f"frames {segments[0].start}-{segments[-1].stop - 1} in {len(segments)} segment(s)"

@@ -123,7 +123,7 @@ def _outputs(cfg: DictConfig, output: Path, container_format: str) -> Outputs:
     """The output, report and preview paths, their folders created and checked writable."""
     if output.is_dir():
         raise OutputError(f"output is a directory: {output}")
-    if output.exists() and same_file(output, Path(cfg.input)):
+    if same_file(output, Path(cfg.input).expanduser()):
         raise ConfigError(f"output is the input ({cfg.input}): choose another output path")
     report = Path(cfg.report.path).expanduser() if cfg.report.path else output.with_name(f"{output.name}.report.json")
     preview = None

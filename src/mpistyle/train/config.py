@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from ..devices import check_device
 from ..errors import ConfigError
+from ..files import same_file
 from ..model.checksums import VGG19_SHA256
 from ..model.vgg import JOHNSON_CONTENT_LAYER, JOHNSON_STYLE_LAYERS, RELU_NAMES
 
@@ -101,7 +102,7 @@ def _check_output_is_not_an_input(cfg: DictConfig) -> None:
     content = Path(cfg.content).expanduser().resolve()
     reads = {"style_image": cfg.style_image, "sample_image": cfg.sample_image, "content": cfg.content}
     for key, value in reads.items():
-        if value and Path(value).expanduser().resolve() == output:
+        if value and same_file(output, Path(value)):
             raise ConfigError(f"output would overwrite {key} ({value}): choose another output")
     if content.is_dir() and content in output.parents:
         raise ConfigError(f"output {cfg.output} is inside the content folder {cfg.content}: choose another output")
