@@ -22,7 +22,8 @@ import cv2
 import numpy as np
 import torch
 
-from mpistyle.flicker import FLOW_PRESETS, FlickerMeter, FlowEstimator, PairFlow, to_gray
+from mpistyle.flicker import FlickerMeter
+from mpistyle.flow import FLOW_PRESETS, FlowEstimator, PairFlows, to_gray
 from mpistyle.model.loading import load_multistyle
 from mpistyle.sample import landscape
 from mpistyle.temporal import TemporalStage
@@ -116,8 +117,8 @@ def flow_costs(inputs: np.ndarray, repeats: int) -> list[dict[str, Any]]:
         per_flow = (time.perf_counter() - began) / repeats
         began = time.perf_counter()
         for _ in range(repeats):
-            pair = PairFlow(flow(gray[0], gray[1]), flow(gray[1], gray[0]))
-            pair.valid_first, pair.valid_second  # noqa: B018 - computing the masks is the point
+            pair = PairFlows(flow(gray[0], gray[1]), flow(gray[1], gray[0]))
+            pair.forward_valid, pair.backward_valid  # noqa: B018 - computing the masks is the point
         per_pair = (time.perf_counter() - began) / repeats
         rows.append({"flow": name, "ms_per_flow": 1000 * per_flow, "ms_per_pair": 1000 * per_pair})
     print(f"\noptical flow at {inputs.shape[2]}x{inputs.shape[1]}, one OpenCV thread ({repeats} repeats)")

@@ -2,13 +2,17 @@
 by the real default model."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import cv2
 import numpy as np
 import pytest
 import torch
 
 from mpistyle.errors import ConfigError, InternalError
-from mpistyle.flicker import FlickerMeter, FlickerState, FlowCache, FlowEstimator, non_occluded, warp
+from mpistyle.flicker import FlickerMeter, FlickerState
+from mpistyle.flow import FLOW_PRESETS, FlowCache, FlowEstimator, non_occluded, warp
 from mpistyle.model.loading import load_multistyle
 from mpistyle.temporal import TemporalBlender, TemporalStage
 
@@ -50,18 +54,24 @@ def warping_error(inputs: np.ndarray, outputs: np.ndarray, flows: FlowCache | No
     return meter
 
 
+def blend(blender: TemporalBlender, inputs: np.ndarray, styled: np.ndarray) -> np.ndarray:
+    """Consecutive frames through one blend chain, in order (TemporalStage without the meters),
+    so that a test can share its FlowCache with a meter."""
+    return np.stack([blender(frame, own) for frame, own in zip(inputs, styled)])
+
+
 def mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).mean())
 
 
 def test_flow_and_warp_follow_the_pan(clip: np.ndarray) -> None:
-    flows = FlowCache().pair(clip[0], clip[1])
+    flows = FlowCache().for_pair(clip[0], clip[1])
     # Content of frame 0 sits STEP further left and up in frame 1: the flow 0 -> 1 is -STEP.
     inner = (slice(8, -8), slice(8, -8))
     assert np.allclose(np.median(flows.forward[inner].reshape(-1, 2), axis=0), [-STEP[0], -STEP[1]], atol=0.2)
     assert np.allclose(np.median(flows.backward[inner].reshape(-1, 2), axis=0), STEP, atol=0.2)
     aligned = warp(clip[1], flows.forward)
-    mask = flows.valid_first
+    mask = flows.forward_valid
     assert mask.mean() > 0.9
     assert np.abs(aligned[mask] - clip[0][mask]).mean() < 2.0
     # Unaligned, the frames differ far more: the warp is doing the work.
@@ -117,7 +127,7 @@ def test_warping_error_scale_and_extremes(clip: np.ndarray) -> None:
 def test_blending_reduces_flicker_and_keeps_the_style(clip: np.ndarray, styled: np.ndarray) -> None:
     flows = FlowCache()
     before = warping_error(clip, styled, flows).value()
-    blended = TemporalBlender(0.5, flows).blend_batch(clip, styled)
+    blended = blend(TemporalBlender(0.5, flows), clip, styled)
     after = warping_error(clip, blended, flows).value()
     # The network's per-frame output flickers: far more than the input does.
     assert before > 50 * warping_error(clip, clip).value()
@@ -135,22 +145,22 @@ def test_blending_reduces_flicker_and_keeps_the_style(clip: np.ndarray, styled: 
 
 
 def test_stronger_blend_means_less_flicker(clip: np.ndarray, styled: np.ndarray) -> None:
-    flows = FlowCache(size=FRAMES)
-    errors = [warping_error(clip, TemporalBlender(a, flows).blend_batch(clip, styled), flows).value() for a in (0.0, 0.3, 0.7)]
+    flows = FlowCache(capacity=FRAMES)
+    errors = [warping_error(clip, blend(TemporalBlender(a, flows), clip, styled), flows).value() for a in (0.0, 0.3, 0.7)]
     assert errors[0] > errors[1] > errors[2]
-    assert np.array_equal(TemporalBlender(0.0, flows).blend_batch(clip, styled), styled)
+    assert np.array_equal(blend(TemporalBlender(0.0, flows), clip, styled), styled)
 
 
 def test_reset_makes_a_chunk_independent_of_what_came_before(clip: np.ndarray, styled: np.ndarray) -> None:
     half = FRAMES // 2
-    blender = TemporalBlender(0.6)
-    first = blender.blend_batch(clip[:half], styled[:half])
-    blender.reset()
-    second = blender.blend_batch(clip[half:], styled[half:])
-    fresh = TemporalBlender(0.6).blend_batch(clip[half:], styled[half:])
+    stage = TemporalStage(alpha=0.6)
+    first = stage(clip[:half], styled[:half])
+    stage.reset()
+    second = stage(clip[half:], styled[half:])
+    fresh = TemporalStage(alpha=0.6)(clip[half:], styled[half:])
     assert np.array_equal(second, fresh)
     # Without the reset the chain carries on from the first chunk, and the frames differ.
-    continued = TemporalBlender(0.6).blend_batch(clip, styled)
+    continued = TemporalStage(alpha=0.6)(clip, styled)
     assert np.array_equal(continued[:half], first)
     assert not np.array_equal(continued[half + 1], second[1])
 
@@ -187,11 +197,11 @@ def run_stage(stage: TemporalStage, clip: np.ndarray, styled: np.ndarray, chunk:
 def test_stage_blends_and_measures_with_one_flow_per_pair(clip: np.ndarray, styled: np.ndarray) -> None:
     stage = TemporalStage(alpha=0.5, measure=True)
     blended = run_stage(stage, clip, styled, chunk=6, contiguous=True)
-    assert stage.flows.computed == FRAMES - 1  # blender and both meters shared every pair's flows
+    assert stage.flows.pairs_computed == FRAMES - 1  # blender and both meters shared every pair's flows
     blender = TemporalBlender(0.5)
-    expected = [blender.blend_batch(clip[:6], styled[:6])]
+    expected = [blend(blender, clip[:6], styled[:6])]
     blender.reset()
-    expected.append(blender.blend_batch(clip[6:], styled[6:]))
+    expected.append(blend(blender, clip[6:], styled[6:]))
     assert np.array_equal(blended, np.concatenate(expected))
     assert stage.meter is not None and stage.meter_styled is not None
     # Contiguous chunks: the pair across the restart is measured too, by both meters.
@@ -216,7 +226,7 @@ def test_results_do_not_depend_on_opencv_threads(clip: np.ndarray, styled: np.nd
         results = []
         for count in (1, 3):
             cv2.setNumThreads(count)
-            results.append(TemporalBlender(0.5).blend_batch(clip[:5], styled[:5]))
+            results.append(TemporalStage(alpha=0.5)(clip[:5], styled[:5]))
     finally:
         cv2.setNumThreads(threads)
     assert np.array_equal(results[0], results[1])
@@ -246,8 +256,14 @@ def test_a_pairs_flow_does_not_depend_on_the_pairs_before_it() -> None:
     assert np.array_equal(after_others, FlowEstimator("fast")(frames[6], frames[7]))
 
 
-def test_the_config_offers_exactly_the_flow_presets_there_are() -> None:
-    # config.py names them without importing OpenCV (start-up stays lean): keep the two in step.
-    from mpistyle import config, flicker
+def test_every_flow_preset_is_an_opencv_one(clip: np.ndarray) -> None:
+    gray = [cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY) for frame in clip[:2]]
+    for preset in FLOW_PRESETS:
+        assert FlowEstimator(preset)(*gray).shape == (HEIGHT, WIDTH, 2)
 
-    assert config.FLOW_PRESETS == tuple(flicker.FLOW_PRESETS)
+
+def test_the_config_and_the_meter_load_without_opencv() -> None:
+    # config.py takes FLOW_PRESETS from mpistyle.flow: a job without temporal.* must still
+    # start without importing OpenCV (the pipeline imports temporal.py only when asked).
+    code = "import sys, mpistyle.config, mpistyle.flicker; sys.exit('cv2' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

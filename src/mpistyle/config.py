@@ -14,10 +14,10 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from .devices import check_device
 from .encode import EncodeSettings
 from .errors import ConfigError
+from .flow import FLOW_PRESETS
 from .model.checksums import ARBITRARY_PREDICT_SHA256, ARBITRARY_TRANSFORM_SHA256, MULTISTYLE_SHA256
 
 PROGRESS_MODES = ("auto", "bar", "log", "off")
-FLOW_PRESETS = ("ultrafast", "fast", "medium")  # OpenCV DIS presets (mpistyle.flicker)
 
 
 @dataclass

@@ -23,7 +23,8 @@ import cv2
 import numpy as np
 
 from .errors import ConfigError, InternalError
-from .flicker import FlickerMeter, FlowCache, check_frames, warp
+from .flicker import FlickerMeter
+from .flow import FlowCache, check_frames, warp
 
 
 class TemporalBlender:
@@ -51,21 +52,15 @@ class TemporalBlender:
         check_frames(input_frame, styled)
         out = styled.astype(np.float32)
         if self._prev_input is not None and self._prev_output is not None and self.alpha > 0.0:
-            flows = self.flows.pair(self._prev_input, input_frame)
+            flows = self.flows.for_pair(self._prev_input, input_frame)
             carried = warp(self._prev_output, flows.backward)
             blend = cv2.addWeighted(out, 1.0 - self.alpha, carried, self.alpha, 0.0)
-            out = np.where(flows.valid_second[..., None], blend, out)
+            out = np.where(flows.backward_valid[..., None], blend, out)
         # Copies: callers refill their batch buffers, and the chain must keep what it saw.
         self._prev_input = input_frame.copy()
         # The chain carries the unrounded blend so rounding errors do not build up along it.
         self._prev_output = out
         return np.clip(np.rint(out), 0, 255).astype(np.uint8)
-
-    def blend_batch(self, inputs: np.ndarray, styled: np.ndarray) -> np.ndarray:
-        """A batch ``(n, H, W, 3)`` of consecutive frames of the current chunk, in order."""
-        if len(inputs) != len(styled):
-            raise InternalError(f"{len(inputs)} input frames but {len(styled)} stylised frames")
-        return np.stack([self(frame, out) for frame, out in zip(inputs, styled)]) if len(inputs) else styled.copy()
 
 
 class TemporalStage:
