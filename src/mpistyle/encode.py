@@ -184,4 +184,4 @@ def _plain(value: Any) -> Any:
     """A config value as a plain Python one (``options`` is a config node)."""
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value

@@ -30,4 +30,4 @@ def join(plan: Plan, finished: Sequence[Finished]) -> None:
                     signals.check()
                 muxer.finish()
     except OSError as err:
-        raise OutputError(f"cannot write {plan.output}: {err.strerror}") from None
+        raise OutputError(f"cannot write {plan.output}: {err.strerror or err}") from None

@@ -92,7 +92,7 @@ def finish(job: Job, plan: Plan, results: list[tuple[RankSummary, list[Finished]
         job.run_id, config.plain(cfg.model), cfg.on_damage, dict(job.timer.seconds), total, cfg.staging.keep, previewed
     )
     report = job_report(plan, [summary for summary, _ in results], facts).as_dict()
-    write_json(plan.outputs.report, report)
+    write_json(plan.report, report)
     if not cfg.staging.keep:
         plan.staging.remove(remove_empty_root=not cfg.staging.root)
     frames = plan.info.frames
@@ -100,7 +100,7 @@ def finish(job: Job, plan: Plan, results: list[tuple[RankSummary, list[Finished]
         "wrote %s: %d frames in %.1f s (%.2f fps end to end) on %d rank(s)",
         plan.output, frames, total, frames / total if total else 0.0, len(results),
     )
-    log.info("report: %s", plan.outputs.report)
+    log.info("report: %s", plan.report)
     if previewed:
         log.info("preview: %s", plan.preview)
     return report

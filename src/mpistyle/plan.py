@@ -33,16 +33,6 @@ _OUTPUT_SUFFIXES = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matros
 
 
 @dataclass(frozen=True)
-class Outputs:
-    """Where the job writes, checked writable."""
-
-    video: Path
-    container_format: str
-    report: Path
-    preview: Path | None
-
-
-@dataclass(frozen=True)
 class Plan:
     """Every rank receives a copy."""
 
@@ -50,22 +40,13 @@ class Plan:
     audio: tuple[AudioTrack, ...]  # each input audio stream: copied, or converted for this container
     segments: tuple[Segment, ...]  # the whole video, in order, whatever the rank count
     assigned: tuple[tuple[Segment, ...], ...]  # each rank's segments (a contiguous run; may be empty)
-    outputs: Outputs
+    output: Path
+    container_format: str
+    report: Path
+    preview: Path | None
     settings: EncodeSettings
     staging: Staging
     temporal: dict[str, Any]  # cfg.temporal: alpha, flow, measure
-
-    @property
-    def output(self) -> Path:
-        return self.outputs.video
-
-    @property
-    def container_format(self) -> str:
-        return self.outputs.container_format
-
-    @property
-    def preview(self) -> Path | None:
-        return self.outputs.preview
 
 
 def make_plan(cfg: DictConfig, ranks: int) -> Plan:
@@ -79,7 +60,7 @@ def make_plan(cfg: DictConfig, ranks: int) -> Plan:
             f"temporal.* needs frames of at least {MIN_FLOW_SIDE} pixels a side (optical flow); "
             f"this video is {info.width}x{info.height}: leave temporal.alpha and temporal.measure off"
         )
-    outputs = _outputs(cfg, output, container_format)
+    report, preview = _outputs(cfg, output)
     settings = EncodeSettings.of(cfg.video)
     check_encoder(settings, info, container_format)
     # The audio plan changes the output's audio, never the staged video: not in the staging key.
@@ -91,7 +72,10 @@ def make_plan(cfg: DictConfig, ranks: int) -> Plan:
         audio=audio,
         segments=segments,
         assigned=assign(segments, ranks),
-        outputs=outputs,
+        output=output,
+        container_format=container_format,
+        report=report,
+        preview=preview,
         settings=settings,
         staging=Staging(_staging_root(cfg, output), _staging_key(cfg, info, settings, container_format)),
         temporal=config.plain(cfg.temporal),
@@ -119,8 +103,9 @@ def _container_format(cfg: DictConfig, output: Path) -> str:
     return str(container_format)
 
 
-def _outputs(cfg: DictConfig, output: Path, container_format: str) -> Outputs:
-    """The output, report and preview paths, their folders created and checked writable."""
+def _outputs(cfg: DictConfig, output: Path) -> tuple[Path, Path | None]:
+    """The report and preview paths; the output's, report's and preview's folders created and
+    checked writable."""
     if output.is_dir():
         raise OutputError(f"output is a directory: {output}")
     if same_file(output, Path(cfg.input).expanduser()):
@@ -132,7 +117,7 @@ def _outputs(cfg: DictConfig, output: Path, container_format: str) -> Outputs:
     for what, path in (("output", output), ("report", report), ("preview", preview)):
         if path is not None:
             writable_dir(path.parent, f"{what} directory")
-    return Outputs(output, container_format, report, preview)
+    return report, preview
 
 
 def _staging_root(cfg: DictConfig, output: Path) -> Path:

@@ -19,6 +19,7 @@ import av
 import numpy as np
 
 from . import __version__
+from .encode import output_size
 from .files import write_atomic
 from .video import Damage, probe, read_frames
 
@@ -286,8 +287,6 @@ def _input_facts(plan: Plan) -> InputFacts:
 
 
 def _output_facts(plan: Plan) -> OutputFacts:
-    from .encode import output_size
-
     width, height = output_size(plan.info.width, plan.info.height)
     return OutputFacts(
         path=str(plan.output),

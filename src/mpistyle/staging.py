@@ -48,7 +48,8 @@ def job_key(parts: dict[str, Any]) -> str:
 class Staged:
     """One finished segment as its file holds it."""
 
-    packets: list[EncodedPacket]  # decode order; pts in the input's time base
+    pts: list[int]  # each packet's, in decode order (the input's time base)
+    packets: list[EncodedPacket]  # decode order; empty when read without them
     extradata: bytes  # the codec headers its encoder made
     damage: Damage  # what decoding its input frames met
 
@@ -70,24 +71,25 @@ class Staging:
     def writer(self, segment: Segment) -> SegmentWriter:
         return SegmentWriter(self.path(segment), segment.frames)
 
-    def read(self, segment: Segment) -> Staged:
-        """One finished segment's packets, codec headers and damage, in one read."""
+    def read(self, segment: Segment, packets: bool = True) -> Staged:
+        """One finished segment's packet timestamps, codec headers, damage and (unless
+        ``packets`` is False: a resumed rank needs only the rest) its packets, in one read."""
         path = self.path(segment)
         try:
             with h5py.File(path, "r", locking=False) as handle:
-                data = handle["data"][:].tobytes()
                 offsets, pts, keyframe = (handle[name][:] for name in ("offsets", "pts", "keyframe"))
+                data = handle["data"][:].tobytes() if packets else b""
                 extradata = handle["extradata"][:].tobytes()
                 damage = Damage(**json.loads(handle.attrs.get("damage", "{}")))
         except (OSError, KeyError, ValueError, TypeError) as err:
             raise StagingError(f"cannot read staged segment {path}: {err}") from None
         if len(pts) != segment.frames or len(offsets) != len(pts) + 1:
             raise StagingError(f"staged segment {path} holds {len(pts)} frames, expected {segment.frames}")
-        packets = [
+        encoded = [
             EncodedPacket(data[offsets[i] : offsets[i + 1]], int(pts[i]), bool(keyframe[i]))
-            for i in range(len(pts))
+            for i in range(len(pts) if packets else 0)
         ]
-        return Staged(packets, extradata, damage)
+        return Staged([int(p) for p in pts], encoded, extradata, damage)
 
     def remove(self, remove_empty_root: bool = False) -> None:
         """Delete this job's staged frames; also the root folder if asked and nothing else is there."""

@@ -151,8 +151,8 @@ def _score_segment(
 
 
 def _reused(staging: Staging, segment: Segment) -> Finished:
-    staged = staging.read(segment)
-    return Finished(segment, staged.damage, reorder_depth([p.pts for p in staged.packets]), reused=True)
+    staged = staging.read(segment, packets=False)
+    return Finished(segment, staged.damage, reorder_depth(staged.pts), reused=True)
 
 
 def _summary(
