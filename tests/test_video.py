@@ -12,6 +12,7 @@ import av
 import numpy as np
 import pytest
 
+from mpistyle.encode import EncodeSettings
 from mpistyle.errors import InputError
 from mpistyle.mux import reorder_depth, stream_dts
 from mpistyle.plan import assign
@@ -184,3 +185,14 @@ def test_x264_output_does_not_depend_on_what_memory_held_before() -> None:
         done = subprocess.run([sys.executable, "-c", _ENCODE_ONCE], capture_output=True, text=True, env=env, check=True)
         digests.add(done.stdout.strip())
     assert len(digests) == 1
+
+
+def test_encode_settings_take_the_video_node_with_its_interpolations_resolved() -> None:
+    from omegaconf import OmegaConf
+
+    from mpistyle.config import VideoConfig
+
+    node = OmegaConf.structured(VideoConfig)
+    node.options = {"tune": "${preset}"}
+    settings = EncodeSettings.of(node)
+    assert settings.options == {"tune": "medium"} and settings.crf == 18  # segment_seconds is not the encoder's
