@@ -83,6 +83,11 @@ def slow(seconds: float) -> nn.Module:
     return Slow(seconds)
 
 
+def slow_on_rank(rank: int, seconds: float) -> nn.Module:
+    """Inverts; on ``rank`` it takes ``seconds`` per batch: a slower GPU, or a busy node."""
+    return Slow(seconds) if _rank() == rank else Invert()
+
+
 def hang() -> nn.Module:
     """Never returns from its first batch: a hung job (a wedged GPU, a deadlock)."""
     return Slow(10**6)

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 from mpistyle.errors import ModelError
-from mpistyle.parallel import RankContext, attempt
+from mpistyle.parallel import RankContext, Shift, attempt
 
 
 def main(case: str, out_dir: Path) -> None:
@@ -24,8 +25,11 @@ def main(case: str, out_dir: Path) -> None:
         result = [outcome[0], str(outcome[1])]
     elif case == "progress":
         seen: list[int] = []
-        summaries = ctx.run_everywhere(lambda tick: {"ticks": [tick(ctx.rank + 1) for _ in range(3)]}, seen.append)
+        summaries = ctx.run_everywhere(lambda shift: {"ticks": [shift.tick(ctx.rank + 1) for _ in range(3)]}, seen.append)
         result = {"summaries": summaries, "frames": sum(seen)}
+    elif case == "handout":
+        slow = ctx.size > 1 and ctx.rank == ctx.size - 1  # four times slower than the others
+        result = {"taken": ctx.run_everywhere(lambda shift: _take_all(shift, 0.04 if slow else 0.01), lambda n: None, 40)}
     elif case == "training":
         result = _training_collectives(ctx)
     else:
@@ -49,6 +53,16 @@ def _training_collectives(ctx: RankContext) -> dict[str, object]:
         "matrix": matrix.tolist(),
         "gathered": ctx.gather_all(f"rank {ctx.rank}"),
     }
+
+
+def _take_all(shift: Shift, seconds_per_item: float) -> list[int]:
+    """Take items until none are left, each taking ``seconds_per_item``."""
+    taken = []
+    while (item := shift.take()) is not None:
+        taken.append(item)
+        time.sleep(seconds_per_item)
+        shift.tick(1)
+    return taken
 
 
 def _fail() -> int:

@@ -218,10 +218,10 @@ def test_the_painting_contents_change_the_staging_key(video: Callable[..., Path]
     source = video(frames=6, width=32, height=24)
     painting = write_png(tmp_path / "painting.png", picture(64, 64, seed=15))
     overrides = [f"input={source}", f"output={tmp_path / 'out.mp4'}", "model=arbitrary", f"model.style_image={painting}"]
-    first = make_plan(make_cfg(overrides), 1).staging.dir
-    assert make_plan(make_cfg(overrides), 1).staging.dir == first
+    first = make_plan(make_cfg(overrides)).staging.dir
+    assert make_plan(make_cfg(overrides)).staging.dir == first
     write_png(painting, picture(64, 64, seed=16))  # a different painting under the same name
-    assert make_plan(make_cfg(overrides), 1).staging.dir != first
+    assert make_plan(make_cfg(overrides)).staging.dir != first
 
 
 def test_cli_end_to_end(video: Callable[..., Path], tmp_path: Path) -> None:

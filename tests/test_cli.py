@@ -119,6 +119,25 @@ def test_output_is_the_same_file_for_one_two_and_three_ranks(video: Callable[...
 
 
 @pytest.mark.mpi
+def test_a_slow_rank_takes_fewer_segments_and_the_file_is_the_same(video: Callable[..., Path], tmp_path: Path) -> None:
+    source = video(frames=24, gop=2, audio=0)  # 12 segments of one GOP each
+    common = [f"input={source}", "video.segment_seconds=0", "report.preview_frames=0", "~model"]
+    alone = run_mpistyle(*common, f"output={tmp_path / 'alone.mp4'}", "+model._target_=frame_models.invert", cwd=tmp_path)
+    assert alone.returncode == 0, alone.stderr
+    output = tmp_path / "out.mp4"
+    done = run_mpistyle(
+        *common, f"output={output}", "+model._target_=frame_models.slow_on_rank", "+model.rank=1", "+model.seconds=0.25",
+        ranks=2, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    per_rank = json.loads(Path(f"{output}.report.json").read_text())["per_rank"]
+    taken = [rank["segments"] for rank in per_rank]
+    assert sorted(number for numbers in taken for number in numbers) == list(range(12))  # each once
+    assert len(taken[1]) < len(taken[0])  # handed out on demand: the fast rank did more
+    assert output.read_bytes() == (tmp_path / "alone.mp4").read_bytes()  # whoever did which
+
+
+@pytest.mark.mpi
 def test_a_rank_failing_mid_job_stops_every_rank(video: Callable[..., Path], tmp_path: Path) -> None:
     source = video(frames=24, gop=4)
     output = tmp_path / "out.mp4"

@@ -68,6 +68,19 @@ def test_progress_and_summaries_reach_the_root(ranks_run: Callable[[str, int], l
 
 
 @pytest.mark.parametrize("ranks", [1, 2, 3])
+def test_items_are_handed_out_on_demand_each_to_exactly_one_rank(
+    ranks_run: Callable[[str, int], list[dict]], ranks: int
+) -> None:
+    lines = ranks_run("handout", ranks)
+    taken = lines[0]["result"]["taken"]
+    assert sorted(item for items in taken for item in items) == list(range(40))
+    assert all(items == sorted(items) for items in taken)  # in order, to whoever asks next
+    assert all(line["result"]["taken"] == [] for line in lines[1:])  # only the root gets them all
+    if ranks > 1:  # the slow rank (4x the time per item) did fewer than any other
+        assert len(taken[-1]) < min(len(items) for items in taken[:-1])
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3])
 def test_training_collectives(ranks_run: Callable[[str, int], list[dict]], ranks: int) -> None:
     lines = ranks_run("training", ranks)
     # Each rank its own two items of the global batch, in rank order, none twice.

@@ -5,7 +5,7 @@ import hashlib
 import itertools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from mpistyle.pipeline import run
 from mpistyle.plan import make_plan
 from mpistyle.report import StageTimer
 from mpistyle.scoring import build_scorer
+from mpistyle.segment import Segment
 from mpistyle.worker import Worker, score_segments
 
 from media import audio_packets, decode_all, keyframe_flags, stream_summary
@@ -320,16 +321,25 @@ def test_temporal_blend_gives_the_same_bits_after_a_resume(video: Callable[..., 
 
 
 def run_split(config: DictConfig, ranks: int) -> dict:
-    """The pipeline's steps as ``ranks`` ranks would run them (plan, each rank's segments, the
-    join), in this one process: the split logic without mpirun (tests/test_cli.py runs the real thing)."""
-    plan = make_plan(config, ranks)
+    """The pipeline's steps as ``ranks`` ranks could run them (plan, each rank's segments, the
+    join), in this one process: rank ``r`` does segments ``r``, ``r + ranks``, ... (one of the
+    ways an on-demand handout can fall). The split logic without mpirun (tests/test_cli.py runs
+    the real thing)."""
+    plan = make_plan(config)
     plan.staging.create()
     scorer = build_scorer(config, 0, 1)
-    results = [
-        score_segments(Worker(plan, scorer, lambda frames: True, config.on_damage, bool(config.overlap)), mine, rank, "here")
-        for rank, mine in enumerate(plan.assigned)
-    ]
+    results = []
+    for rank in range(ranks):
+        take = _handing_out(plan.segments[rank::ranks])
+        worker = Worker(plan, scorer, lambda frames: True, take, config.on_damage, bool(config.overlap))
+        results.append(score_segments(worker, rank, "here"))
     return pipeline.finish(pipeline.Job(config, "split", StageTimer(), time.perf_counter()), plan, results)
+
+
+def _handing_out(segments: Sequence[Segment]) -> Callable[[], Segment | None]:
+    """A rank's take: these segments, then None."""
+    remaining = iter(segments)
+    return lambda: next(remaining, None)
 
 
 def test_segments_with_other_b_frame_delays_join_into_a_valid_stream(
@@ -429,7 +439,7 @@ def test_a_stop_with_overlap_keeps_the_segments_scored_whole(
     source = video(frames=24, gop=6)
     common = [f"input={source}", "video.segment_seconds=0", "report.preview_frames=0"]
     config = cfg(*common, f"output={tmp_path / 'a.mp4'}", "overlap=true")
-    plan = make_plan(config, 1)
+    plan = make_plan(config)
     plan.staging.create()
     scorer = build_scorer(config, 0, 1)
     seen = 0
@@ -440,7 +450,7 @@ def test_a_stop_with_overlap_keeps_the_segments_scored_whole(
         return seen < stop_after
 
     with pytest.raises(JobStopped):
-        score_segments(Worker(plan, scorer, tick, config.on_damage, overlap=True), plan.assigned[0], 0, "here")
+        score_segments(Worker(plan, scorer, tick, _handing_out(plan.segments), config.on_damage, overlap=True), 0, "here")
     # Stopped inside the second segment (frame 9) or right after it (frame 12): every segment
     # scored whole is staged, the one cut short is not, and no partial file is left.
     staged = sorted(p.name for p in plan.staging.dir.iterdir())

@@ -1,4 +1,4 @@
-"""The only module that knows about ranks: who we are, how work is split, how ranks agree on
+"""The only module that knows about ranks: who we are, how work is handed out, how ranks agree on
 setup results, how progress reaches the root, how data-parallel training splits a batch and
 averages gradients, and how one failure stops the whole job.
 
@@ -6,9 +6,7 @@ Works the same under ``mpirun``/``srun`` and as a plain process (an MPI singleto
 """
 from __future__ import annotations
 
-import bisect
 import copy as copy_module
-import itertools
 import logging
 import socket
 import sys
@@ -30,30 +28,38 @@ _TAG_PROGRESS = 11
 _TAG_DONE = 12
 _TAG_STOP = 13
 _TAG_FROM_ROOT = 14
+_TAG_WANT = 15  # a rank asks the root for its next item
+_TAG_ITEM = 16  # the root's answer: an item's number, or None
 # How often a waiting rank checks for its message: short next to any stage, long for a CPU.
 _POLL_S = 0.02
 
 
-def partition(sizes: Sequence[int], parts: int) -> list[range]:
-    """Split consecutive units (GOPs, with ``sizes`` frames each) into ``parts`` contiguous
-    ranges of units with frame counts as even as whole units allow. Pure; no MPI.
+class Shift:
+    """What one rank's work gets during the scoring phase: ``tick(n)`` reports ``n`` more
+    frames done and is False once the job is stopping (the work should then give up), and
+    ``take()`` is the number of the next item to do, or None once every item is handed out.
 
-    Part ``r`` ends at the unit boundary closest to ``(r + 1) / parts`` of all frames, so
-    every unit lands in exactly one part and no frame is dropped, whatever the remainder.
+    Items are handed out on demand, in order, to whichever rank asks next, so a faster rank
+    does more of them and a slower one fewer; every item goes to exactly one rank.
     """
-    if parts < 1:
-        raise ValueError("parts must be at least 1")
-    cumulative = [0, *itertools.accumulate(sizes)]
-    total = cumulative[-1]
-    bounds = [0]
-    for part in range(1, parts):
-        target = total * part / parts
-        # The unit boundary whose cumulative frame count is nearest the target (ties: earlier).
-        after = bisect.bisect_left(cumulative, target, lo=bounds[-1])
-        candidates = [b for b in (after - 1, after) if bounds[-1] <= b <= len(sizes)]
-        bounds.append(min(candidates, key=lambda b: (abs(cumulative[b] - target), b)))
-    bounds.append(len(sizes))
-    return [range(a, b) for a, b in itertools.pairwise(bounds)]
+
+    def __init__(self, tick: Callable[[int], bool], take: Callable[[], int | None]) -> None:
+        self.tick = tick
+        self.take = take
+
+
+class _Counter:
+    """The root's next item to hand out."""
+
+    def __init__(self, items: int) -> None:
+        self._next = 0
+        self._items = items
+
+    def take(self) -> int | None:
+        if self._next >= self._items:
+            return None
+        self._next += 1
+        return self._next - 1
 
 
 @dataclass
@@ -154,24 +160,19 @@ class RankContext:
 
     # -- the scoring phase: every rank works, progress flows to the root -----------------------
 
-    def run_everywhere(
-        self, work: Callable[[Callable[[int], bool]], T], on_frames: Callable[[int], None]
-    ) -> list[T]:
-        """Every rank runs ``work(tick)``. ``tick(n)`` reports ``n`` more frames done and returns
-        False once the job is stopping because some rank failed; ``work`` should then give up.
+    def run_everywhere(self, work: Callable[[Shift], T], on_frames: Callable[[int], None], items: int = 0) -> list[T]:
+        """Every rank runs ``work(shift)`` (:class:`Shift`), taking items ``0 .. items - 1``
+        from the root as it goes; progress reaches the root through ``on_frames``.
 
-        The root returns every rank's summary in rank order, or raises the first real error
+        The root returns every rank's result in rank order, or raises the first real error
         once every rank has stopped (no rank is left waiting). Other ranks return ``[]``.
         """
         if not self.is_root:
-            def report(frames: int) -> bool:
-                self.comm.send(frames, dest=0, tag=_TAG_PROGRESS)
-                return not self.comm.iprobe(source=0, tag=_TAG_STOP)
-
-            outcome = attempt(lambda: work(report))
+            outcome = attempt(lambda: work(Shift(self._report, self._ask)))
             self.comm.send(outcome[1], dest=0, tag=_TAG_DONE)
             return []
 
+        counter = _Counter(items)
         results: dict[int, Any] = {}
         stopped: set[int] = set()
 
@@ -186,18 +187,18 @@ class RankContext:
 
         def tick(frames: int) -> bool:
             on_frames(frames)
-            self._take_messages(on_frames, results)
+            self._take_messages(on_frames, results, counter)
             if failed():
                 stop_others()
                 return False
             return True
 
-        outcome = attempt(lambda: work(tick))
+        outcome = attempt(lambda: work(Shift(tick, counter.take)))
         results[0] = outcome[1]
         while len(results) < self.size:
             if failed():
                 stop_others()
-            if not self._take_messages(on_frames, results):
+            if not self._take_messages(on_frames, results, counter):
                 time.sleep(_POLL_S)
         errors = [(r, e) for r, e in sorted(results.items()) if isinstance(e, MpistyleError)]
         if errors:
@@ -206,8 +207,24 @@ class RankContext:
             raise _from_rank(error, rank) if rank else error
         return [results[rank] for rank in range(self.size)]
 
-    def _take_messages(self, on_frames: Callable[[int], None], results: dict[int, Any]) -> bool:
-        """Root: handle every progress or summary message that has arrived; False if none had."""
+    def _report(self, frames: int) -> bool:
+        """Another rank's tick: progress to the root; False once the root said stop."""
+        self.comm.send(frames, dest=0, tag=_TAG_PROGRESS)
+        return not self.comm.iprobe(source=0, tag=_TAG_STOP)
+
+    def _ask(self) -> int | None:
+        """Another rank's take: ask the root, and wait for its answer (or for a stop)."""
+        self.comm.send(None, dest=0, tag=_TAG_WANT)
+        while True:
+            if self.comm.iprobe(source=0, tag=_TAG_ITEM):
+                item: int | None = self.comm.recv(source=0, tag=_TAG_ITEM)
+                return item
+            if self.comm.iprobe(source=0, tag=_TAG_STOP):
+                raise JobStopped("stopped because another rank failed")
+            time.sleep(_POLL_S)
+
+    def _take_messages(self, on_frames: Callable[[int], None], results: dict[int, Any], counter: _Counter) -> bool:
+        """Root: handle every progress, request or result message that has arrived; False if none had."""
         from mpi4py import MPI
 
         status = MPI.Status()
@@ -218,6 +235,8 @@ class RankContext:
             took = True
             if tag == _TAG_PROGRESS:
                 on_frames(message)
+            elif tag == _TAG_WANT:
+                self.comm.send(counter.take(), dest=source, tag=_TAG_ITEM)
             elif tag == _TAG_DONE:
                 results[source] = message
         return took

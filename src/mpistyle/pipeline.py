@@ -2,7 +2,7 @@
 of the steps lives here; each step is owned by one module:
 
   plan (root: plan.py)  ->  load the model (all: scoring.py)
-    ->  decode, score, encode, stage own segments (all: worker.py)
+    ->  decode, score, encode, stage segments, each rank taking the next as it goes (all: worker.py)
     ->  join the staged segments with the audio (root: join.py)  ->  report, preview (root: report.py)
 
 :mod:`mpistyle.parallel` is the only place ranks are handled.
@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +19,7 @@ from omegaconf import DictConfig
 
 from . import config, signals
 from .join import join
-from .parallel import RankContext, attempt, unwrap
+from .parallel import RankContext, Shift, attempt, unwrap
 from .plan import Plan, make_plan
 from .report import Progress, RankSummary, RunFacts, StageTimer, job_report, write_json, write_preview
 from .scoring import Scorer, build_scorer
@@ -50,31 +49,32 @@ def run(cfg: DictConfig, ctx: RankContext | None = None, run_id: str | None = No
     ctx = ctx or RankContext.world()
     job = Job(cfg, run_id or f"{os.getpid()}", StageTimer(), time.perf_counter())
     with job.timer("probe"):
-        plan = ctx.from_root(lambda: make_plan(cfg, ctx.size))
+        plan = ctx.from_root(lambda: make_plan(cfg))
     with job.timer("load_model"):
         scorer = ctx.check_all(lambda: _then_check(build_scorer(cfg, ctx.local_rank, ctx.local_size)))
     ctx.check_all(plan.staging.create)
-    mine = plan.assigned[ctx.rank]
-    log.info(
-        "rank %d/%d on %s (%s): %s (%d of %d frames)",
-        ctx.rank, ctx.size, ctx.host, scorer.device, _frames_of(mine), sum(s.frames for s in mine), plan.info.frames,
-    )
+    log.info("rank %d/%d on %s (%s)", ctx.rank, ctx.size, ctx.host, scorer.device)
     scored = _score(job, plan, scorer, ctx)
     return ctx.from_root(lambda: finish(job, plan, unwrap(scored)))
 
 
 def _score(job: Job, plan: Plan, scorer: Scorer, ctx: RankContext) -> tuple[bool, Any]:
-    """Every rank scores its segments, progress going to the root; what each returned, or failed with."""
+    """Every rank scores the segments it is handed, until none are left, progress going to the
+    root; what each returned, or failed with."""
     cfg = job.cfg
     progress = Progress(plan.info.frames, cfg.report.progress, cfg.report.progress_interval_s) if ctx.is_root else None
     overlap = cfg.overlap if cfg.overlap is not None else scorer.device.type != "cpu"
 
-    def work(tick: Callable[[int], bool]) -> tuple[RankSummary, list[Finished]]:
-        worker = Worker(plan, scorer, tick, cfg.on_damage, overlap)
-        return score_segments(worker, plan.assigned[ctx.rank], ctx.rank, ctx.host)
+    def work(shift: Shift) -> tuple[RankSummary, list[Finished]]:
+        def take() -> Segment | None:
+            number = shift.take()
+            return None if number is None else plan.segments[number]
+
+        worker = Worker(plan, scorer, shift.tick, take, cfg.on_damage, overlap)
+        return score_segments(worker, ctx.rank, ctx.host)
 
     with job.timer("score"):
-        scored = attempt(lambda: ctx.run_everywhere(work, progress.add if progress else _ignore))
+        scored = attempt(lambda: ctx.run_everywhere(work, progress.add if progress else _ignore, len(plan.segments)))
     if progress:
         progress.close()
     return scored
@@ -104,12 +104,6 @@ def finish(job: Job, plan: Plan, results: list[tuple[RankSummary, list[Finished]
     if previewed:
         log.info("preview: %s", plan.preview)
     return report
-
-
-def _frames_of(segments: tuple[Segment, ...]) -> str:
-    if not segments:
-        return "no segments"
-    return f"frames {segments[0].start}-{segments[-1].stop - 1} in {len(segments)} segment(s)"
 
 
 def _then_check(value: Any) -> Any:

@@ -1,8 +1,9 @@
 """The plan: what the root decides before any frame is scored, and sends every rank.
 
-It probes the input, checks every place the job will write and the encoder settings, cuts the
-video into segments (from the input alone) and gives each rank a contiguous run of them.
-Everything that can be checked fails here, before any frame is scored.
+It probes the input, checks every place the job will write and the encoder settings, and cuts
+the video into segments (from the input alone, whatever the rank count): the ranks take them
+one at a time as they go (:meth:`parallel.RankContext.run_everywhere`). Everything that can be
+checked fails here, before any frame is scored.
 """
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ from .errors import ConfigError, OutputError
 from .files import fingerprint, same_file, writable_dir
 from .formats import READABLE_OUTPUTS
 from .mux import AUDIO_FALLBACK, AudioTrack, plan_audio
-from .parallel import partition
 from .segment import Segment
 from .staging import DEFAULT_STAGING, Staging, job_key
 from .video import Limits, VideoInfo, probe
@@ -39,7 +39,6 @@ class Plan:
     info: VideoInfo
     audio: tuple[AudioTrack, ...]  # each input audio stream: copied, or converted for this container
     segments: tuple[Segment, ...]  # the whole video, in order, whatever the rank count
-    assigned: tuple[tuple[Segment, ...], ...]  # each rank's segments (a contiguous run; may be empty)
     output: Path
     container_format: str
     report: Path
@@ -49,9 +48,9 @@ class Plan:
     temporal: dict[str, Any]  # cfg.temporal: alpha, flow, measure
 
 
-def make_plan(cfg: DictConfig, ranks: int) -> Plan:
-    """Root: the plan for ``ranks`` ranks, or the :class:`~mpistyle.errors.MpistyleError` that
-    stops the job before it starts."""
+def make_plan(cfg: DictConfig) -> Plan:
+    """Root: the plan, or the :class:`~mpistyle.errors.MpistyleError` that stops the job
+    before it starts."""
     output = Path(cfg.output).expanduser().absolute()
     container_format = _container_format(cfg, output)
     info = probe(str(Path(cfg.input).expanduser()), Limits(**config.plain(cfg.limits)))
@@ -71,7 +70,6 @@ def make_plan(cfg: DictConfig, ranks: int) -> Plan:
         info=info,
         audio=audio,
         segments=segments,
-        assigned=assign(segments, ranks),
         output=output,
         container_format=container_format,
         report=report,
@@ -80,12 +78,6 @@ def make_plan(cfg: DictConfig, ranks: int) -> Plan:
         staging=Staging(_staging_root(cfg, output), _staging_key(cfg, info, settings, container_format)),
         temporal=config.plain(cfg.temporal),
     )
-
-
-def assign(segments: tuple[Segment, ...], ranks: int) -> tuple[tuple[Segment, ...], ...]:
-    """Each rank's contiguous run of segments, balanced by frame count (:func:`parallel.partition`)."""
-    parts = partition([s.frames for s in segments], ranks)
-    return tuple(segments[part.start : part.stop] for part in parts)
 
 
 def _container_format(cfg: DictConfig, output: Path) -> str:

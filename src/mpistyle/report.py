@@ -156,9 +156,8 @@ class RankSummary:
     device: str
     threads: int | None  # torch CPU threads (None on a GPU)
     overlap: bool  # decode and encode in threads beside the model
-    frames: int  # frames of the segments it was given
-    first_frame: int | None  # of its first segment (None: it was given none)
-    segments: int
+    frames: int  # frames of the segments it was handed
+    segments: list[int]  # their numbers, in the order it took them
     frames_reused: int  # found staged by an earlier attempt
     damage: Damage
     seconds: dict[str, float]  # decode, score, temporal, encode, stage, waited
@@ -331,7 +330,7 @@ _PUBLIC_SECTIONS = {
     "output": ("codec", "segments", "width", "height", "frames", "bytes", "audio"),
 }
 _PUBLIC_RANK = (
-    "rank", "device", "threads", "overlap", "frames", "first_frame", "segments", "frames_reused", "damage", "seconds",
+    "rank", "device", "threads", "overlap", "frames", "segments", "frames_reused", "damage", "seconds",
     "seconds_total", "peak_rss_mb", "fps",
 )
 

@@ -1,4 +1,4 @@
-"""What every rank does with the segments the plan gave it: decode, score, blend, encode, stage.
+"""What every rank does with the segments it is handed: decode, score, blend, encode, stage.
 
 Memory stays fixed: a few batches of frames, plus the encoder's queue and one segment's packets.
 With ``overlap``, decoding runs ahead of the model and encoding plus staging behind it, each in
@@ -54,65 +54,71 @@ class Finished:
 
 @dataclass(frozen=True)
 class Worker:
-    """One rank's means: the plan, its model, and how it reports progress."""
+    """One rank's means: the plan, its model, and its link to the root."""
 
     plan: Plan
     scorer: Scorer
     tick: Callable[[int], bool]  # frames done; False when the job is stopping
+    take: Callable[[], Segment | None]  # the next segment to do; None when there are no more
     on_damage: str = "fail"
     overlap: bool = False
 
 
-def score_segments(
-    worker: Worker, segments: Sequence[Segment], rank: int, host: str
-) -> tuple[RankSummary, list[Finished]]:
-    """Decode, score, encode and stage ``segments`` (this rank's, in order), a batch at a time.
+def score_segments(worker: Worker, rank: int, host: str) -> tuple[RankSummary, list[Finished]]:
+    """Decode, score, encode and stage the segments this rank is handed, one at a time, a batch
+    at a time, until there are none left.
 
     Segments already staged by an earlier attempt of the same job are reused, whatever the
     rank count was then.
     """
     began = time.perf_counter()
     plan = worker.plan
-    todo = [s for s in segments if not plan.staging.has(s)]
-    # What an earlier attempt met while decoding a reused segment still counts.
-    finished = [_reused(plan.staging, s) for s in segments if s not in todo]
-    reused = sum(f.segment.frames for f in finished)
-    if reused:
-        _step(worker.tick, reused)
     temporal = _temporal_stage(plan.temporal)
     timer = StageTimer()
     stager = _SegmentStager(plan)
-    batches = _decoded(plan.info, todo, worker.scorer.batch_size, worker.on_damage)
-    decoded: Batches
-    behind: RunBehind | RunInline
-    if worker.overlap:
-        decoded = ReadAhead(batches, _AHEAD_BATCHES, "mpistyle-decode")
-        behind = RunBehind(_BEHIND_BATCHES, "mpistyle-encode")
-    else:
-        decoded, behind = ReadInline(batches), RunInline()
+    taken: list[Segment] = []
+    reused: list[Finished] = []
+    decode_s = waited_s = 0.0
+    behind: RunBehind | RunInline = RunBehind(_BEHIND_BATCHES, "mpistyle-encode") if worker.overlap else RunInline()
     try:
         last_stop = -1
-        for segment in todo:
-            _score_segment(worker, segment, decoded, behind, stager, temporal, timer, contiguous=segment.start == last_stop)
+        while (segment := worker.take()) is not None:
+            taken.append(segment)
+            if plan.staging.has(segment):
+                # What an earlier attempt met while decoding a reused segment still counts.
+                reused.append(_reused(plan.staging, segment))
+                _step(worker.tick, segment.frames)
+                continue
+            decoded = _decoder(worker, segment)
+            try:
+                _score_segment(worker, segment, decoded, behind, stager, temporal, timer, contiguous=segment.start == last_stop)
+            finally:
+                decoded.close()
+                decode_s, waited_s = decode_s + decoded.busy_s, waited_s + decoded.waited_s
             last_stop = segment.stop
         behind.drain()  # raises what failed in the encoder thread
     finally:
-        decoded.close()
         # Whatever stopped the loop, the encoder thread first runs what it was given: every
         # segment scored whole is staged (a resume reuses it); the one cut short never got
         # its end, so nothing of it is written.
         behind.close()
-    finished = sorted(finished + stager.finished, key=lambda f: f.segment.number)
+    finished = sorted(reused + stager.finished, key=lambda f: f.segment.number)
     seconds = {
-        "decode": decoded.busy_s, "score": timer.seconds.get("score", 0.0), "temporal": timer.seconds.get("temporal", 0.0),
+        "decode": decode_s, "score": timer.seconds.get("score", 0.0), "temporal": timer.seconds.get("temporal", 0.0),
         "encode": stager.timer.seconds.get("encode", 0.0), "stage": stager.timer.seconds.get("stage", 0.0),
         # How long the model waited for decoded frames, and for room behind it (or for the
         # last segments to be staged): near 0 when the model is the bottleneck.
-        "waited": decoded.waited_s + behind.waited_s,
+        "waited": waited_s + behind.waited_s,
     }
-    summary = _summary(worker, segments, finished, seconds, time.perf_counter() - began, temporal, rank, host)
+    summary = _summary(worker, taken, finished, seconds, time.perf_counter() - began, temporal, rank, host)
     _log_summary(summary)
     return summary, finished
+
+
+def _decoder(worker: Worker, segment: Segment) -> Batches:
+    """The segment's frames in batches: decoded ahead in a thread with ``overlap``."""
+    batches = _decoded(worker.plan.info, segment, worker.scorer.batch_size, worker.on_damage)
+    return ReadAhead(batches, _AHEAD_BATCHES, "mpistyle-decode") if worker.overlap else ReadInline(batches)
 
 
 def _score_segment(
@@ -157,7 +163,7 @@ def _reused(staging: Staging, segment: Segment) -> Finished:
 
 def _summary(
     worker: Worker,
-    segments: Sequence[Segment],
+    segments: Sequence[Segment],  # the ones it was handed, in order
     finished: Sequence[Finished],
     seconds: dict[str, float],
     total: float,
@@ -178,8 +184,7 @@ def _summary(
         threads=torch.get_num_threads() if device.type == "cpu" else None,
         overlap=worker.overlap,
         frames=frames,
-        first_frame=segments[0].start if segments else None,
-        segments=len(segments),
+        segments=[s.number for s in segments],
         frames_reused=frames - scored,
         damage=damage,
         seconds=seconds,
@@ -205,27 +210,24 @@ def _log_summary(summary: RankSummary) -> None:
         )
 
 
-def _decoded(
-    info: VideoInfo, segments: Sequence[Segment], batch_size: int, on_damage: str
-) -> Iterator[tuple[np.ndarray, Damage]]:
-    """The segments' frames in batches of up to ``batch_size`` that never cross a segment,
-    each with its segment's damage count so far.
+def _decoded(info: VideoInfo, segment: Segment, batch_size: int, on_damage: str) -> Iterator[tuple[np.ndarray, Damage]]:
+    """The segment's frames in batches of up to ``batch_size``, each with the segment's damage
+    count so far.
 
-    Each segment is decoded from its own keyframe, as it would be if it began a rank's work:
-    FFmpeg conceals a damaged frame from the picture decoded before it, so that picture must
-    not depend on the rank count.
+    The segment is decoded from its own keyframe, whichever rank does it and whatever it did
+    before: FFmpeg conceals a damaged frame from the picture decoded before it, so that picture
+    must not depend on the rank count.
     """
-    for segment in segments:
-        met = Damage()
-        frames = decode_segment(info, segment, on_damage, met)
-        try:
-            for first in range(segment.start, segment.stop, batch_size):
-                batch = np.empty((min(batch_size, segment.stop - first), info.height, info.width, 3), np.uint8)
-                for slot in range(len(batch)):
-                    batch[slot] = next(frames)
-                yield batch, met
-        finally:
-            frames.close()
+    met = Damage()
+    frames = decode_segment(info, segment, on_damage, met)
+    try:
+        for first in range(segment.start, segment.stop, batch_size):
+            batch = np.empty((min(batch_size, segment.stop - first), info.height, info.width, 3), np.uint8)
+            for slot in range(len(batch)):
+                batch[slot] = next(frames)
+            yield batch, met
+    finally:
+        frames.close()
 
 
 class _SegmentStager:
