@@ -156,6 +156,29 @@ def mjpeg_pcm_avi(path: Path, frames: int = 6, channels: int = 2) -> Path:
     return path
 
 
+def open_gop_ts(path: Path, frames: int = 60, gop: int = 15) -> Path:
+    """What broadcast files and FFmpeg's mpeg2video encoder write by default: MPEG-2 video with
+    B-frames in open GOPs (a GOP's first B-frames are shown before its keyframe and need the GOP
+    before) at 29.97 fps, with AC-3 sound, in MPEG-TS."""
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("mpeg2video", rate=Fraction(30000, 1001))
+        video.width, video.height, video.pix_fmt = 160, 96, "yuv420p"
+        video.codec_context.options = {"bf": "2", "g": str(gop)}
+        audio = out.add_stream("ac3", rate=48000)
+        audio.layout = "stereo"
+        for index in range(frames):
+            out.mux(video.encode(av.VideoFrame.from_ndarray(landscape(index, 160, 96), format="rgb24")))
+        out.mux(video.encode(None))
+        samples = int(48000 * frames * 1001 / 30000)
+        tone = (0.2 * np.sin(2 * np.pi * 440 * np.arange(samples) / 48000)).astype(np.float32)
+        for start in range(0, samples - 1536 + 1, 1536):
+            frame = av.AudioFrame.from_ndarray(np.stack([tone[start : start + 1536]] * 2), format="fltp", layout="stereo")
+            frame.sample_rate, frame.pts = 48000, start
+            out.mux(audio.encode(frame))
+        out.mux(audio.encode(None))
+    return path
+
+
 def with_extra_streams(source: Path, target: Path) -> Path:
     """``source`` remuxed with the streams mpistyle drops beside its own: a timecode track (mov),
     a KLV data stream (MPEG-TS), or attachments and a cover picture (Matroska)."""

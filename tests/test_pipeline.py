@@ -23,7 +23,7 @@ from mpistyle.scoring import build_scorer
 from mpistyle.segment import Segment
 from mpistyle.worker import Worker, score_segments
 
-from media import audio_packets, decode_all, keyframe_flags, stream_summary
+from media import audio_packets, decode_all, keyframe_flags, open_gop_ts, stream_summary
 
 Cfg = Callable[..., DictConfig]
 
@@ -375,6 +375,50 @@ def _damage_keyframe(source: Path, gop: int, target: Path) -> Path:
     data[position + 12 : position + size] = bytes([0xFF]) * (size - 12)
     target.write_bytes(bytes(data))
     return target
+
+
+@pytest.mark.parametrize("bframes", [0, 2])
+def test_one_keyframe_keeps_every_rank_busy_and_gives_the_same_file_for_any_split(
+    video: Callable[..., Path], cfg: Cfg, tmp_path: Path, bframes: int
+) -> None:
+    # x264's default keyframe interval is 250 frames: many uploads hold one keyframe.
+    source = video(frames=60, fps=12, gop=1000, bframes=bframes, width=64, height=48)
+    digests = set()
+    for ranks in (1, 2, 3):
+        output = tmp_path / f"out{ranks}.mp4"
+        report = run_split(cfg(f"input={source}", f"output={output}", "report.preview_frames=0"), ranks)
+        assert report["output"]["segments"] >= 3 and all(rank["segments"] for rank in report["per_rank"])
+        assert 1 < report["decoded_per_scored"] <= 4
+        digests.add(digest(output))
+        assert audio_packets(output) == audio_packets(source)
+    assert len(digests) == 1
+    frames, _ = decode_all(tmp_path / "out1.mp4")
+    assert len(frames) == 60
+
+
+def test_a_resume_inside_a_long_gop_reuses_the_segments_staged(video: Callable[..., Path], cfg: Cfg, tmp_path: Path) -> None:
+    source = video(frames=60, fps=12, gop=1000, width=64, height=48)
+    common = [f"input={source}", "report.preview_frames=0"]
+    first = run(cfg(*common, f"output={tmp_path / 'a.mp4'}", "staging.keep=true"))
+    staged = sorted(Path(first["staging"]).glob("segment-*.h5"))
+    staged[1].unlink()  # lost: a segment cut mid-GOP, decoded again from the keyframe
+    start, stop = (int(part) for part in staged[1].stem.split("-")[1:])
+    again = run(cfg(*common, f"output={tmp_path / 'b.mp4'}"))
+    assert start > 0 and again["frames_reused"] == 60 - (stop - start)
+    assert digest(tmp_path / "a.mp4") == digest(tmp_path / "b.mp4")
+
+
+def test_open_gop_mpeg_ts_with_ac3_is_restyled_the_same_for_any_split(cfg: Cfg, tmp_path: Path) -> None:
+    source = open_gop_ts(tmp_path / "broadcast.ts")
+    digests = set()
+    for ranks in (1, 2):
+        output = tmp_path / f"out{ranks}.mkv"
+        config = cfg(f"input={source}", f"output={output}", "report.preview_frames=0", "video.segment_seconds=0")
+        report = run_split(config, ranks)
+        assert report["frames"] == 60 and report["damage"]["concealed"] == 0
+        digests.add(digest(output))
+    assert len(digests) == 1
+    assert [kind for kind, _ in stream_summary(tmp_path / "out1.mkv")] == ["video", "audio"]
 
 
 @pytest.mark.parametrize("overlap", ["false", "true"])

@@ -15,9 +15,9 @@ import pytest
 from mpistyle.encode import EncodeSettings
 from mpistyle.errors import InputError
 from mpistyle.mux import reorder_depth, stream_dts
-from mpistyle.video import VideoInfo, decode_segment, probe
+from mpistyle.video import Decoded, VideoInfo, decode_segment, probe
 
-from media import decode_all
+from media import decode_all, open_gop_ts
 
 
 @pytest.mark.parametrize("name", ["in.mp4", "in.mkv", "in.mov"])
@@ -48,6 +48,51 @@ def test_segments_decode_to_exactly_the_straight_decode(
     assert all(np.array_equal(a, b) for a, b in zip(frames, straight))
     assert segments[0].start == 0 and segments[-1].stop == 31
     assert all(a.stop == b.start for a, b in itertools.pairwise(segments))
+
+
+@pytest.mark.parametrize("seconds", [0, 0.5, 1.0])
+def test_open_gop_mpeg_ts_segments_decode_to_the_straight_decode(tmp_path: Path, seconds: float) -> None:
+    # MPEG-TS seeks land after the keyframe, and the next packet may be a B-frame shown before
+    # it: each segment must still decode from far enough back to get every one of its frames.
+    path = open_gop_ts(tmp_path / "open.ts")
+    info = probe(str(path))
+    straight, _ = decode_all(path)
+    segments = info.segments(seconds)
+    pieces = [frame for segment in segments for frame in decode_segment(info, segment)]
+    assert len(pieces) == len(straight) == info.frames
+    assert all(np.array_equal(a, b) for a, b in zip(pieces, straight))
+
+
+@pytest.mark.parametrize("bframes", [0, 2])
+def test_one_keyframe_is_cut_on_the_timeline_with_the_extra_decoding_bounded(
+    video: Callable[..., Path], bframes: int
+) -> None:
+    path = video("one.mkv", frames=120, fps=12, gop=1000, bframes=bframes, audio=0)  # 10 s, one keyframe
+    info = probe(str(path))
+    assert len(info.keyframe_pts) == 1
+    segments = info.segments(1.0)
+    assert len(segments) >= 5 and segments[0].start == 0 and segments[-1].stop == 120
+    assert all(a.stop == b.start for a, b in itertools.pairwise(segments))
+    assert all(segment.frames >= 12 for segment in segments)  # at least segment_seconds each
+    assert all(segment.stop <= 4 * segment.frames for segment in segments)  # decoded per scored <= 4
+    straight, _ = decode_all(path)
+    decoded = Decoded()
+    pieces = [frame for segment in segments for frame in decode_segment(info, segment, decoded=decoded)]
+    assert all(np.array_equal(a, b) for a, b in zip(pieces, straight, strict=True))
+    assert decoded.frames == sum(segment.stop for segment in segments)  # each from frame 0
+
+
+def test_variable_frame_rate_with_one_keyframe_is_cut_by_time(video: Callable[..., Path]) -> None:
+    pts = [i * 2 for i in range(30)] + [60 + i * 6 for i in range(30)]  # 12 fps, then 4 fps (1/24 s ticks)
+    path = video("vfr.mkv", frames=len(pts), pts=pts, time_base=Fraction(1, 24), gop=1000, audio=0)
+    info = probe(str(path))
+    segments = info.segments(1.0)
+    assert len(info.keyframe_pts) == 1 and len(segments) >= 4
+    # At least a second each by the clock, whatever the frame count (all but the last).
+    assert all(info.frame_pts[s.stop] - info.frame_pts[s.start] >= 24 for s in segments[:-1])
+    straight, _ = decode_all(path)
+    pieces = [frame for segment in segments for frame in decode_segment(info, segment)]
+    assert all(np.array_equal(a, b) for a, b in zip(pieces, straight, strict=True))
 
 
 def test_every_gop_decodes_alone_from_an_avi_with_b_frames(video: Callable[..., Path]) -> None:

@@ -66,9 +66,10 @@ class TorchScriptModel:
 
 @dataclass
 class VideoConfig(EncodeSettings):
-    # Each rank encodes its frames in segments of whole input GOPs lasting at least this long;
-    # the root joins them by stream copy. Each segment starts with a keyframe. Larger: fewer
-    # keyframes, coarser load balance and resume; 0: a segment per input GOP.
+    # The video is cut into segments at least this long, at the input's keyframes where they
+    # come often enough, else on the timeline inside a long GOP (VideoInfo.segments); each is
+    # scored and encoded on its own (it opens with a keyframe) and the root joins them by stream
+    # copy. Larger: fewer keyframes, coarser load balance and resume; 0: a segment per input GOP.
     segment_seconds: float = 1.0
 
 

@@ -159,6 +159,7 @@ class RankSummary:
     frames: int  # frames of the segments it was handed
     segments: list[int]  # their numbers, in the order it took them
     frames_reused: int  # found staged by an earlier attempt
+    frames_decoded: int  # by this run: its scored frames, and those before a mid-GOP segment
     damage: Damage
     seconds: dict[str, float]  # decode, score, temporal, encode, stage, waited
     seconds_total: float
@@ -207,6 +208,9 @@ class JobReport:
     model: dict[str, Any]
     frames: int
     frames_reused: int
+    # Frames decoded per frame scored by this run (segments cut inside a long GOP decode from its
+    # keyframe); None when every frame was reused.
+    decoded_per_scored: float | None
     damage: dict[str, Any]  # the policy, and Damage's counts over every rank
     ranks: int
     devices: list[str]
@@ -251,6 +255,7 @@ def job_report(plan: Plan, summaries: Sequence[RankSummary], run: RunFacts) -> J
         model=run.model,
         frames=info.frames,
         frames_reused=sum(s.frames_reused for s in summaries),
+        decoded_per_scored=_decoded_per_scored(summaries),
         damage={"policy": run.on_damage, **asdict(damage)},
         ranks=len(summaries),
         devices=[s.device for s in summaries],
@@ -265,6 +270,11 @@ def job_report(plan: Plan, summaries: Sequence[RankSummary], run: RunFacts) -> J
         staging=str(plan.staging.dir) if run.staging_kept else None,
         preview=str(plan.preview) if run.preview_written else None,
     )
+
+
+def _decoded_per_scored(summaries: Sequence[RankSummary]) -> float | None:
+    scored = sum(s.frames - s.frames_reused for s in summaries)
+    return round(sum(s.frames_decoded for s in summaries) / scored, 3) if scored else None
 
 
 def _input_facts(plan: Plan) -> InputFacts:
@@ -321,8 +331,8 @@ def _flicker(summaries: Sequence[RankSummary]) -> dict[str, Any] | None:
 # it ran (paths, host names, run ids, staging folders). An allow-list, so a field added to the job
 # report later stays internal until someone decides it is fit to share.
 _PUBLIC = (
-    "mpistyle_version", "finished_utc", "frames", "frames_reused", "damage", "ranks", "devices", "stages_s", "fps",
-    "flicker", "root_peak_rss_mb",
+    "mpistyle_version", "finished_utc", "frames", "frames_reused", "decoded_per_scored", "damage", "ranks", "devices",
+    "stages_s", "fps", "flicker", "root_peak_rss_mb",
 )
 _PUBLIC_SECTIONS = {
     "input": ("container", "codec", "width", "height", "frames", "duration_s", "average_fps", "gops", "audio_streams",
@@ -330,7 +340,7 @@ _PUBLIC_SECTIONS = {
     "output": ("codec", "segments", "width", "height", "frames", "bytes", "audio"),
 }
 _PUBLIC_RANK = (
-    "rank", "device", "threads", "overlap", "frames", "segments", "frames_reused", "damage", "seconds",
+    "rank", "device", "threads", "overlap", "frames", "segments", "frames_reused", "frames_decoded", "damage", "seconds",
     "seconds_total", "peak_rss_mb", "fps",
 )
 

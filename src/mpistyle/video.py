@@ -38,6 +38,10 @@ _STILL_IMAGE_FORMATS = ("image2", "_pipe")
 # shared storage under load is slow; a packet is at most a few MB.
 _OPEN_TIMEOUT_S = 30.0
 _READ_TIMEOUT_S = 30.0
+# At most this many frames decoded per frame scored, in any segment cut inside a long GOP (the
+# frames from its keyframe to its start are decoded and dropped): decoding is cheap next to the
+# model, but a segment late in a one-keyframe hour would otherwise decode the whole hour.
+_MAX_DECODE_RATIO = 4
 # The FFmpeg log level is process-wide: one thread at a time may turn it up to read a refusal.
 _LOG_LOCK = threading.Lock()
 
@@ -98,23 +102,56 @@ class VideoInfo:
         end = starts[stop] if stop < len(starts) else self.frames
         return Segment(number, starts[first], end, None if first == 0 else self.keyframe_pts[first])
 
-    def segments(self, min_seconds: float) -> tuple[Segment, ...]:
-        """Consecutive GOPs grouped into segments of at least ``min_seconds`` (the last may be
-        shorter): the units that are scored, staged and encoded independently.
+    def _seconds(self, start: int, stop: int) -> float:
+        """How long frames ``[start, stop)`` are shown (to the end of the video for the last)."""
+        end = self.frame_pts[stop] if stop < self.frames else self.frame_pts[0] + self.duration_s / self.time_base
+        return float((end - self.frame_pts[start]) * self.time_base)
 
-        They depend on the input alone, never on the rank count, so the output is the same
-        bits however many ranks share the work. 0 makes every GOP a segment.
+    def segments(self, min_seconds: float) -> tuple[Segment, ...]:
+        """The video cut into segments of at least ``min_seconds`` (the last may be shorter):
+        the units that are scored, staged and encoded independently.
+
+        A segment ends at the first keyframe that makes it long enough, unless that keyframe is
+        more than twice as far (a long GOP, or no keyframe at all after the first): then it ends
+        on the timeline, mid-GOP, and the next segment decodes from the keyframe before its
+        first frame, dropping the frames before it. So every rank has work on any input. Deep in
+        a long GOP segments grow, so that none decodes more than ``_MAX_DECODE_RATIO`` frames
+        per frame it scores. 0 makes every GOP a segment. Segments depend on the input alone, never on the rank
+        count, so the output is the same bits however many ranks share the work.
         """
-        starts = self.gop_starts
-        end_pts = self.frame_pts[0] + self.duration_s / self.time_base if self.frame_pts else 0
         segments: list[Segment] = []
-        first = 0
-        for gop in range(len(starts)):
-            following = self.frame_pts[starts[gop + 1]] if gop + 1 < len(starts) else end_pts
-            if float((following - self.frame_pts[starts[first]]) * self.time_base) >= min_seconds or gop + 1 == len(starts):
-                segments.append(self._gops(first, gop + 1, len(segments)))
-                first = gop + 1
+        start = 0
+        while start < self.frames:
+            stop = self._segment_stop(start, min_seconds)
+            segments.append(self._frames_from(start, stop, len(segments)))
+            start = stop
         return tuple(segments)
+
+    def _segment_stop(self, start: int, min_seconds: float) -> int:
+        starts = self.gop_starts
+        # The first GOP start after ``start`` that makes the segment long enough.
+        gop = bisect.bisect_right(starts, start)
+        while gop < len(starts) and self._seconds(start, starts[gop]) < min_seconds:
+            gop += 1
+        at_keyframe = starts[gop] if gop < len(starts) else self.frames
+        if min_seconds <= 0:
+            return at_keyframe
+        # Decoding starts at the keyframe before ``start``: a segment deep in a long GOP is made
+        # long enough that it decodes at most _MAX_DECODE_RATIO frames per frame it scores.
+        lead = self._seconds(starts[gop - 1], start)
+        wanted = max(min_seconds, lead / (_MAX_DECODE_RATIO - 1))
+        if self._seconds(start, at_keyframe) <= 2 * wanted:
+            return at_keyframe
+        # A long GOP: cut on the timeline, at the first frame ``wanted`` seconds in.
+        stop = start + 1
+        while stop < self.frames and self._seconds(start, stop) < wanted:
+            stop += 1
+        return stop
+
+    def _frames_from(self, start: int, stop: int, number: int) -> Segment:
+        """Frames ``[start, stop)`` as a segment, decoded from the keyframe at or before ``start``."""
+        gop = bisect.bisect_right(self.gop_starts, start) - 1
+        return Segment(number, start, stop, None if gop == 0 else self.keyframe_pts[gop])
 
     def gop_of(self, frame: int) -> Segment:
         """The GOP that holds ``frame``, as a segment that decodes on its own."""
@@ -330,6 +367,13 @@ def _display_rotation(container: av.container.InputContainer, stream: av.VideoSt
 
 
 @dataclass
+class Decoded:
+    """Frames the decoder produced, the ones before a segment (from its keyframe on) included."""
+
+    frames: int = 0
+
+
+@dataclass
 class Damage:
     """What went wrong while decoding, under the ``conceal`` policy (counted, not fatal)."""
 
@@ -344,12 +388,13 @@ class Damage:
 
 
 def decode_segment(
-    info: VideoInfo, segment: Segment, policy: str = "fail", damage: Damage | None = None
+    info: VideoInfo, segment: Segment, policy: str = "fail", damage: Damage | None = None, decoded: Decoded | None = None
 ) -> Generator[np.ndarray, None, None]:
     """Yield the segment's frames as RGB ``(H, W, 3)`` uint8 arrays, in presentation order.
 
-    Decoding starts at the segment's keyframe, so no frame outside it is decoded
-    (for closed GOPs) and each frame equals what a straight decode of the file gives.
+    Decoding starts at the segment's keyframe (the one at or before its first frame), and the
+    frames before the segment are dropped (counted in ``decoded`` with the rest): each frame
+    equals what a straight decode of the file gives.
 
     Damage (a corrupt frame, a rejected packet, a frame of the index that never decodes) raises
     :class:`InputError` under ``policy="fail"``. Under ``"conceal"`` it is counted in
@@ -369,7 +414,9 @@ def decode_segment(
         stream.thread_type = "AUTO"
         if segment.seek_pts is not None:
             _seek_before(container, stream, info, segment.seek_pts)
-        for frame in _frames(container, stream, policy, damage, info.path):
+        for frame in _frames(container, stream, policy, damage, info.path, segment.seek_pts is not None):
+            if decoded is not None:
+                decoded.frames += 1
             if frame.pts is None or not first <= frame.pts <= last:
                 continue  # another segment's frame (the seek may land a GOP early)
             if (frame.width, frame.height) != (info.width, info.height):
@@ -406,18 +453,21 @@ def decode_segment(
 
 
 def _seek_before(container: av.container.InputContainer, stream: av.VideoStream, info: VideoInfo, pts: int) -> None:
-    """Seek so that decoding starts at or before the keyframe shown at ``pts``.
+    """Seek so that the first keyframe read after it is the one shown at ``pts``, or an earlier one.
 
-    Most demuxers land on that keyframe. Some seek by decode time (AVI with B-frames, whose
-    timestamps FFmpeg makes up) and land one packet late; then try the keyframe before, and so
-    on. The place reached depends on the file and ``pts`` alone, never on the rank count.
+    Demuxers land in different places: most on that keyframe; some after it (AVI with B-frames,
+    whose timestamps FFmpeg makes up, and MPEG-TS land a packet or more late), where the next
+    packet may even be shown earlier (an open GOP's leading B-frame). So after each try, read on
+    to the first keyframe: if it is shown after ``pts``, the seek landed too late, and the
+    keyframe before is tried, and so on. The place reached depends on the file and ``pts``
+    alone, never on the rank count.
     """
     keyframes = info.keyframe_pts[: bisect.bisect_right(info.keyframe_pts, pts)]
     for target in reversed(keyframes[1:]):
         container.seek(target, stream=stream, backward=True)
-        first = next((packet for packet in container.demux(stream) if packet.size), None)
-        if first is not None and first.pts is not None and first.pts <= pts:
-            container.seek(target, stream=stream, backward=True)  # again: the peek used a packet
+        landed = next((packet for packet in container.demux(stream) if packet.size and packet.is_keyframe), None)
+        if landed is not None and landed.pts is not None and landed.pts <= pts:
+            container.seek(target, stream=stream, backward=True)  # again: the peek used packets
             return
     container.seek(0, stream=stream, backward=True)  # from the start: nothing earlier to land on
 
@@ -429,11 +479,18 @@ def _damaged(info: VideoInfo, frame: int, what: str) -> InputError:
 
 
 def _frames(
-    container: av.container.InputContainer, stream: av.VideoStream, policy: str, damage: Damage, path: str
+    container: av.container.InputContainer, stream: av.VideoStream, policy: str, damage: Damage, path: str,
+    from_keyframe: bool = False,
 ) -> Iterator[av.VideoFrame]:
+    """The stream's frames from where the container stands; with ``from_keyframe``, from the
+    first keyframe on (a seek may land mid-GOP, where nothing decodes)."""
+    started = not from_keyframe
     # demux() ends with an empty packet whose decode() drains the decoder's last frames.
     try:
         for packet in container.demux(stream):
+            started = started or (packet.is_keyframe and bool(packet.size))
+            if not started:
+                continue
             try:
                 yield from packet.decode()
             except av.error.InvalidDataError:
@@ -442,6 +499,7 @@ def _frames(
                 damage.packet_errors += 1
     except av.error.FFmpegError as err:
         raise InputError(f"input is damaged: reading or decoding failed ({err.strerror}): {path}") from None
+
 
 def read_frames(path: str, indices: Sequence[int], info: VideoInfo) -> list[np.ndarray]:
     """Decode a few frames by index (for the preview), each from its own GOP."""

@@ -27,7 +27,7 @@ from .report import RankFlicker, RankSummary, StageTimer, peak_rss_mb
 from .scoring import Scorer
 from .segment import Segment
 from .staging import SegmentWriter, Staging
-from .video import Damage, VideoInfo, decode_segment
+from .video import Damage, Decoded, VideoInfo, decode_segment
 
 if TYPE_CHECKING:
     from .temporal import TemporalStage
@@ -79,6 +79,7 @@ def score_segments(worker: Worker, rank: int, host: str) -> tuple[RankSummary, l
     taken: list[Segment] = []
     reused: list[Finished] = []
     decode_s = waited_s = 0.0
+    counted = Decoded()  # frames decoded, the ones before a mid-GOP segment included
     behind: RunBehind | RunInline = RunBehind(_BEHIND_BATCHES, "mpistyle-encode") if worker.overlap else RunInline()
     try:
         last_stop = -1
@@ -89,7 +90,7 @@ def score_segments(worker: Worker, rank: int, host: str) -> tuple[RankSummary, l
                 reused.append(_reused(plan.staging, segment))
                 _step(worker.tick, segment.frames)
                 continue
-            decoded = _decoder(worker, segment)
+            decoded = _decoder(worker, segment, counted)
             try:
                 _score_segment(worker, segment, decoded, behind, stager, temporal, timer, contiguous=segment.start == last_stop)
             finally:
@@ -110,14 +111,14 @@ def score_segments(worker: Worker, rank: int, host: str) -> tuple[RankSummary, l
         # last segments to be staged): near 0 when the model is the bottleneck.
         "waited": waited_s + behind.waited_s,
     }
-    summary = _summary(worker, taken, finished, seconds, time.perf_counter() - began, temporal, rank, host)
+    summary = _summary(worker, taken, finished, seconds, time.perf_counter() - began, temporal, rank, host, counted.frames)
     _log_summary(summary)
     return summary, finished
 
 
-def _decoder(worker: Worker, segment: Segment) -> Batches:
+def _decoder(worker: Worker, segment: Segment, counted: Decoded) -> Batches:
     """The segment's frames in batches: decoded ahead in a thread with ``overlap``."""
-    batches = _decoded(worker.plan.info, segment, worker.scorer.batch_size, worker.on_damage)
+    batches = _decoded(worker.plan.info, segment, worker.scorer.batch_size, worker.on_damage, counted)
     return ReadAhead(batches, _AHEAD_BATCHES, "mpistyle-decode") if worker.overlap else ReadInline(batches)
 
 
@@ -170,6 +171,7 @@ def _summary(
     temporal: TemporalStage | None,
     rank: int,
     host: str,
+    frames_decoded: int,
 ) -> RankSummary:
     device = worker.scorer.device
     frames = sum(s.frames for s in segments)
@@ -186,6 +188,7 @@ def _summary(
         frames=frames,
         segments=[s.number for s in segments],
         frames_reused=frames - scored,
+        frames_decoded=frames_decoded,
         damage=damage,
         seconds=seconds,
         seconds_total=total,
@@ -210,7 +213,9 @@ def _log_summary(summary: RankSummary) -> None:
         )
 
 
-def _decoded(info: VideoInfo, segment: Segment, batch_size: int, on_damage: str) -> Iterator[tuple[np.ndarray, Damage]]:
+def _decoded(
+    info: VideoInfo, segment: Segment, batch_size: int, on_damage: str, counted: Decoded
+) -> Iterator[tuple[np.ndarray, Damage]]:
     """The segment's frames in batches of up to ``batch_size``, each with the segment's damage
     count so far.
 
@@ -219,7 +224,7 @@ def _decoded(info: VideoInfo, segment: Segment, batch_size: int, on_damage: str)
     must not depend on the rank count.
     """
     met = Damage()
-    frames = decode_segment(info, segment, on_damage, met)
+    frames = decode_segment(info, segment, on_damage, met, counted)
     try:
         for first in range(segment.start, segment.stop, batch_size):
             batch = np.empty((min(batch_size, segment.stop - first), info.height, info.width, 3), np.uint8)
