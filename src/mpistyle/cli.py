@@ -18,7 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 from . import config, signals
-from .errors import ConfigError, InternalError, MpistyleError, OutputError
+from .errors import ConfigError, InternalError, MpistyleError, OutputError, first_line
 from .parallel import RankContext
 from .secrets import redact
 
@@ -151,13 +151,13 @@ def exit_on_error(ctx: RankContext, run_dir: Path) -> Iterator[None]:
     except MpistyleError as err:
         # Every rank holds the same error; one line from rank 0 is enough.
         if ctx.is_root:
-            first_line = str(err).splitlines()[0]
+            line = first_line(err)
             if isinstance(err, InternalError):
                 # A bug: the traceback goes to the log file, the terminal gets one line.
                 _log_file_only(logging.ERROR, str(err))
-                log.error("error: %s (traceback in %s)", first_line, run_dir / "mpistyle.log")
+                log.error("error: %s (traceback in %s)", line, run_dir / "mpistyle.log")
             else:
-                log.error("error: %s", first_line)
+                log.error("error: %s", line)
         logging.shutdown()
         sys.exit(err.exit_code)
     except Exception as err:  # a bug outside the ranks' agreed error path

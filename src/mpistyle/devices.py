@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import re
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -20,6 +22,8 @@ def check_device(requested: object) -> None:
 
 def pick_device(requested: str, local_rank: int) -> torch.device:
     """``auto`` and ``cuda`` give each rank on a node its own GPU: ``cuda:<local rank mod GPUs>``."""
+    import torch  # here, not at the top: the CLI checks its config before torch is loaded
+
     if requested in ("auto", "cuda"):
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank % torch.cuda.device_count())
@@ -38,6 +42,8 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
 def set_threads(threads: int | None, ranks_on_node: int) -> int:
     """Torch CPU threads for this rank: the CPUs it may run on (mpirun binding respected),
     shared among the node's ranks, unless given."""
+    import torch
+
     if threads is None:
         cpus = len(os.sched_getaffinity(0))
         # Ranks bound to their own cores already see only those; unbound ranks share the node.

@@ -80,5 +80,5 @@ def fingerprint(path: Path) -> dict[str, Any]:
         with path.open("rb") as handle:
             digest = hashlib.file_digest(handle, "sha256").hexdigest()
     except OSError as err:
-        raise StagingError(f"cannot read {path} to name its staging directory: {err.strerror}") from None
+        raise StagingError(f"cannot read {path} to fingerprint its contents: {err.strerror}") from None
     return {"size": path.stat().st_size, "sha256": digest}

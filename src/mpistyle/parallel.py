@@ -48,20 +48,6 @@ class Shift:
         self.take = take
 
 
-class _Counter:
-    """The root's next item to hand out."""
-
-    def __init__(self, items: int) -> None:
-        self._next = 0
-        self._items = items
-
-    def take(self) -> int | None:
-        if self._next >= self._items:
-            return None
-        self._next += 1
-        return self._next - 1
-
-
 @dataclass
 class RankContext:
     """Rank facts derived once; pass this object instead of asking MPI again elsewhere."""
@@ -172,12 +158,16 @@ class RankContext:
             self.comm.send(outcome[1], dest=0, tag=_TAG_DONE)
             return []
 
-        counter = _Counter(items)
+        handed = iter(range(items))
         results: dict[int, Any] = {}
         stopped: set[int] = set()
 
         def failed() -> bool:
             return any(isinstance(r, MpistyleError) for r in results.values())
+
+        def take() -> int | None:
+            # Nothing more once a rank failed: the asking rank finishes instead of starting anew.
+            return None if failed() else next(handed, None)
 
         def stop_others() -> None:
             for rank in range(1, self.size):
@@ -187,18 +177,18 @@ class RankContext:
 
         def tick(frames: int) -> bool:
             on_frames(frames)
-            self._take_messages(on_frames, results, counter)
+            self._take_messages(on_frames, results, take)
             if failed():
                 stop_others()
                 return False
             return True
 
-        outcome = attempt(lambda: work(Shift(tick, counter.take)))
+        outcome = attempt(lambda: work(Shift(tick, take)))
         results[0] = outcome[1]
         while len(results) < self.size:
             if failed():
                 stop_others()
-            if not self._take_messages(on_frames, results, counter):
+            if not self._take_messages(on_frames, results, take):
                 time.sleep(_POLL_S)
         errors = [(r, e) for r, e in sorted(results.items()) if isinstance(e, MpistyleError)]
         if errors:
@@ -223,7 +213,9 @@ class RankContext:
                 raise JobStopped("stopped because another rank failed")
             time.sleep(_POLL_S)
 
-    def _take_messages(self, on_frames: Callable[[int], None], results: dict[int, Any], counter: _Counter) -> bool:
+    def _take_messages(
+        self, on_frames: Callable[[int], None], results: dict[int, Any], take: Callable[[], int | None]
+    ) -> bool:
         """Root: handle every progress, request or result message that has arrived; False if none had."""
         from mpi4py import MPI
 
@@ -236,7 +228,7 @@ class RankContext:
             if tag == _TAG_PROGRESS:
                 on_frames(message)
             elif tag == _TAG_WANT:
-                self.comm.send(counter.take(), dest=source, tag=_TAG_ITEM)
+                self.comm.send(take(), dest=source, tag=_TAG_ITEM)
             elif tag == _TAG_DONE:
                 results[source] = message
         return took

@@ -96,12 +96,6 @@ class VideoInfo:
         keyframe count with the first GOP."""
         return (0, *(bisect.bisect_left(self.frame_pts, pts) for pts in self.keyframe_pts[1:]))
 
-    def _gops(self, first: int, stop: int, number: int) -> Segment:
-        """GOPs ``[first, stop)`` as a segment: their frames, and where decoding them starts."""
-        starts = self.gop_starts
-        end = starts[stop] if stop < len(starts) else self.frames
-        return Segment(number, starts[first], end, None if first == 0 else self.keyframe_pts[first])
-
     def _seconds(self, start: int, stop: int) -> float:
         """How long frames ``[start, stop)`` are shown (to the end of the video for the last)."""
         end = self.frame_pts[stop] if stop < self.frames else self.frame_pts[0] + self.duration_s / self.time_base
@@ -129,24 +123,20 @@ class VideoInfo:
 
     def _segment_stop(self, start: int, min_seconds: float) -> int:
         starts = self.gop_starts
-        # The first GOP start after ``start`` that makes the segment long enough.
-        gop = bisect.bisect_right(starts, start)
-        while gop < len(starts) and self._seconds(start, starts[gop]) < min_seconds:
-            gop += 1
+        after = bisect.bisect_right(starts, start)  # the GOPs that start after ``start``
+        # The first of them that makes the segment long enough (the end of the video if none).
+        gop = bisect.bisect_left(starts, min_seconds, after, key=lambda frame: self._seconds(start, frame))
         at_keyframe = starts[gop] if gop < len(starts) else self.frames
         if min_seconds <= 0:
             return at_keyframe
-        # Decoding starts at the keyframe before ``start``: a segment deep in a long GOP is made
-        # long enough that it decodes at most _MAX_DECODE_RATIO frames per frame it scores.
-        lead = self._seconds(starts[gop - 1], start)
+        # Decoding starts at the keyframe of the GOP holding ``start``: a segment deep in a long
+        # GOP is made long enough that it decodes at most _MAX_DECODE_RATIO frames per frame it scores.
+        lead = self._seconds(starts[after - 1], start)
         wanted = max(min_seconds, lead / (_MAX_DECODE_RATIO - 1))
-        if self._seconds(start, at_keyframe) <= 2 * wanted:
+        if wanted <= self._seconds(start, at_keyframe) <= 2 * wanted:
             return at_keyframe
         # A long GOP: cut on the timeline, at the first frame ``wanted`` seconds in.
-        stop = start + 1
-        while stop < self.frames and self._seconds(start, stop) < wanted:
-            stop += 1
-        return stop
+        return bisect.bisect_left(range(self.frames), wanted, start + 1, key=lambda frame: self._seconds(start, frame))
 
     def _frames_from(self, start: int, stop: int, number: int) -> Segment:
         """Frames ``[start, stop)`` as a segment, decoded from the keyframe at or before ``start``."""
@@ -155,8 +145,9 @@ class VideoInfo:
 
     def gop_of(self, frame: int) -> Segment:
         """The GOP that holds ``frame``, as a segment that decodes on its own."""
-        gop = bisect.bisect_right(self.gop_starts, frame) - 1
-        return self._gops(gop, gop + 1, 0)
+        starts = self.gop_starts
+        gop = bisect.bisect_right(starts, frame) - 1
+        return self._frames_from(starts[gop], starts[gop + 1] if gop + 1 < len(starts) else self.frames, 0)
 
 
 def open_input(path: str, genpts: bool = True, max_bytes: int | None = None) -> av.container.InputContainer:
@@ -465,11 +456,23 @@ def _seek_before(container: av.container.InputContainer, stream: av.VideoStream,
     keyframes = info.keyframe_pts[: bisect.bisect_right(info.keyframe_pts, pts)]
     for target in reversed(keyframes[1:]):
         container.seek(target, stream=stream, backward=True)
-        landed = next((packet for packet in container.demux(stream) if packet.size and packet.is_keyframe), None)
+        landed = _first_keyframe(container, stream, pts)
         if landed is not None and landed.pts is not None and landed.pts <= pts:
             container.seek(target, stream=stream, backward=True)  # again: the peek used packets
             return
     container.seek(0, stream=stream, backward=True)  # from the start: nothing earlier to land on
+
+
+def _first_keyframe(container: av.container.InputContainer, stream: av.VideoStream, pts: int) -> av.Packet | None:
+    """The first keyframe packet from where the container stands, or None once a packet is
+    decoded after the keyframe shown at ``pts`` would be (its dts is past ``pts``: a keyframe's
+    dts is at most its pts, and dts only grow), so a late landing costs a few packets, not a GOP."""
+    for packet in container.demux(stream):
+        if packet.dts is not None and packet.dts > pts:
+            return None
+        if packet.size and packet.is_keyframe:
+            return packet
+    return None
 
 
 def _damaged(info: VideoInfo, frame: int, what: str) -> InputError:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..errors import ConfigError, ModelError
+from ..errors import ConfigError, ModelError, first_line
 from ..formats import PICTURE_WHITELIST, PROTOCOL_WHITELIST
 from .arbitrary import STYLE_SIDE, ArbitraryStyleNet, StylePredictor, square_resize
 from .checksums import ARBITRARY_PREDICT_SHA256, ARBITRARY_TRANSFORM_SHA256, MULTISTYLE_SHA256, VGG19_SHA256
@@ -302,8 +302,7 @@ def _load_torchscript_file(path: Path) -> nn.Module:
             warnings.filterwarnings("ignore", category=DeprecationWarning)
             return torch.jit.load(str(path), map_location="cpu").eval()
     except Exception as err:  # TorchScript raises RuntimeError subclasses with long C++ traces
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelError(f"cannot load TorchScript file {path}: {first_line}") from None
+        raise ModelError(f"cannot load TorchScript file {path}: {first_line(err)}") from None
 
 
 def _require_file(checkpoint: str | None) -> Path:

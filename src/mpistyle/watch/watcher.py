@@ -548,7 +548,7 @@ def _hydra_main(cfg: DictConfig) -> None:
         areas = {label: open_area(label, cfg.storage[label]) for label in watch_config.AREAS}
         counts = Watcher(cfg, areas, make_runner(cfg)).tick()
     except MpistyleError as err:
-        log.error("error: %s", redact(str(err).splitlines()[0]))
+        log.error("error: %s", redact(first_line(err)))
         sys.exit(err.exit_code)
     # Non-zero when something needs a person: a storage or scheduler error, or a video whose jobs
     # keep failing for reasons that are not its own (retry_alert).
