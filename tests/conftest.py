@@ -28,6 +28,15 @@ MPI_ENV = {
 }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compile_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where every job of the suite keeps its compiled kernels (mpistyle's default reads
+    TORCHINDUCTOR_CACHE_DIR), not the user's ~/.cache: a shape is compiled once, then reused."""
+    path = tmp_path_factory.mktemp("torch-compile")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    return path
+
+
 @pytest.fixture
 def video(tmp_path: Path) -> Callable[..., Path]:
     """Make a small real video in tmp_path: video(name="in.mp4", frames=24, width=64, ...)."""

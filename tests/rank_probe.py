@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
+from mpistyle.devices import set_threads
 from mpistyle.errors import ModelError
 from mpistyle.parallel import RankContext, Shift, attempt
 
@@ -30,6 +32,10 @@ def main(case: str, out_dir: Path) -> None:
     elif case == "handout":
         slow = ctx.size > 1 and ctx.rank == ctx.size - 1  # four times slower than the others
         result = {"taken": ctx.run_everywhere(lambda shift: _take_all(shift, 0.04 if slow else 0.01), lambda n: None, 40)}
+    elif case == "cpus":
+        bound = sorted(os.sched_getaffinity(0))
+        threads = set_threads(None, ctx.cpus)
+        result = {"bound": bound, "share": sorted(ctx.cpus), "threads": threads, "runs_on": sorted(os.sched_getaffinity(0))}
     elif case == "training":
         result = _training_collectives(ctx)
     else:

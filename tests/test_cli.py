@@ -119,6 +119,51 @@ def test_output_is_the_same_file_for_one_two_and_three_ranks(video: Callable[...
 
 
 @pytest.mark.mpi
+def test_compiled_bf16_output_is_the_same_file_for_any_rank_count_at_the_same_threads_per_rank(
+    video: Callable[..., Path], tmp_path: Path
+) -> None:
+    # Compiled kernels round with the thread count; at one thread per rank the file is the same.
+    source = video(frames=20, width=64, height=48, gop=5)
+    files = set()
+    for ranks in (1, 2, 3):
+        output = tmp_path / f"out{ranks}.mp4"
+        done = run_mpistyle(
+            f"input={source}", f"output={output}", "compile=true", "precision=bf16", "threads=1",
+            "video.segment_seconds=0", "report.preview_frames=0", ranks=ranks, cwd=tmp_path,
+        )
+        assert done.returncode == 0, done.stderr
+        per_rank = json.loads(Path(f"{output}.report.json").read_text())["per_rank"]
+        assert [(r["precision"], r["compiled"], r["threads"]) for r in per_rank] == [("bf16", True, 1)] * ranks
+        files.add(output.read_bytes())
+    assert len(files) == 1
+
+
+def test_compiled_kernels_are_reused_from_the_cache_and_a_failing_compile_scores_eagerly(
+    video: Callable[..., Path], tmp_path: Path
+) -> None:
+    source = video(frames=4, width=48, height=32)
+    cache = tmp_path / "kernels"
+    logs = []
+    for attempt in ("cold", "warm"):
+        done = run_mpistyle(
+            f"input={source}", f"output={tmp_path / attempt}.mp4", "compile=true", f"compile_cache={cache}", cwd=tmp_path
+        )
+        assert done.returncode == 0, done.stderr
+        logs.append(next(line for line in done.stderr.splitlines() if "rank 0/1 on" in line))
+    assert f"new, kept in the compile cache {cache}" in logs[0]
+    assert f"from the compile cache {cache}" in logs[1]
+    # A cache that cannot be made (a file in the way) fails the compile: the job goes on eagerly.
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    done = run_mpistyle(
+        f"input={source}", f"output={tmp_path / 'eager.mp4'}", "compile=true", f"compile_cache={blocked}", cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert "torch.compile failed" in done.stderr and "scoring eagerly instead" in done.stderr
+    assert json.loads((tmp_path / "eager.mp4.report.json").read_text())["per_rank"][0]["compiled"] is False
+
+
+@pytest.mark.mpi
 def test_a_slow_rank_takes_fewer_segments_and_the_file_is_the_same(video: Callable[..., Path], tmp_path: Path) -> None:
     source = video(frames=24, gop=2, audio=0)  # 12 segments of one GOP each
     common = [f"input={source}", "video.segment_seconds=0", "report.preview_frames=0", "~model"]

@@ -7,6 +7,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from mpistyle.devices import pick_precision
 from mpistyle.errors import ConfigError, ModelError
 from mpistyle.model.loading import (
     default_multistyle_weights,
@@ -17,6 +18,7 @@ from mpistyle.model.loading import (
 )
 from mpistyle.model.multistyle import NUM_STYLES
 from mpistyle.model.transformer_net import TransformerNet
+from mpistyle.scoring import Scorer
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +163,32 @@ def test_missing_checkpoint() -> None:
         load_transformer_net(None)
     with pytest.raises(ModelError, match="not found"):
         load_transformer_net("/nonexistent/candy.pth")
+
+
+def psnr(reference: np.ndarray, other: np.ndarray) -> float:
+    error = np.mean((reference.astype(np.float64) - other.astype(np.float64)) ** 2)
+    return float("inf") if error == 0 else float(10 * np.log10(255.0**2 / error))
+
+
+@pytest.fixture(scope="module")
+def astronaut() -> np.ndarray:
+    """A real photograph (scikit-image's, public domain), 128x128, as one frame."""
+    from skimage import data
+
+    return np.ascontiguousarray(data.astronaut()[::4, ::4])[None]
+
+
+@pytest.mark.parametrize(
+    "precision, compiled",
+    [("bf16", False), ("fp16", False), ("auto", True)],  # auto + compiled: a long job's default path
+    ids=["bf16", "fp16", "default-path"],
+)
+def test_each_precision_stays_within_40_db_of_fp32_on_a_real_picture(
+    astronaut: np.ndarray, precision: str, compiled: bool
+) -> None:
+    model = load_multistyle(style=19)
+    cpu = torch.device("cpu")
+    reference = Scorer(model, cpu, 1, "fp32")(astronaut)
+    scorer = Scorer(model, cpu, 1, pick_precision(precision, cpu), compile_model=compiled)
+    assert (scorer.prepare(128, 128) == "eager") is not compiled
+    assert psnr(reference, scorer(astronaut)) >= 40.0

@@ -19,14 +19,17 @@ pytestmark = pytest.mark.mpi
 
 
 @pytest.fixture
-def ranks_run(tmp_path: Path) -> Callable[[str, int], list[dict]]:
-    def run(case: str, ranks: int) -> list[dict]:
+def ranks_run(tmp_path: Path) -> Callable[..., list[dict]]:
+    def run(case: str, ranks: int, *launch: str) -> list[dict]:
+        """``rank_probe.py case`` under ``[launch...] mpirun [launch options] -n ranks``."""
         mpirun = shutil.which("mpirun")
         assert mpirun, "mpirun not found: install Debian's openmpi-bin (scripts/setup.sh does)"
-        out = tmp_path / f"{case}-{ranks}"
+        out = tmp_path / f"{case}-{ranks}-{len(list(tmp_path.iterdir()))}"
         out.mkdir()
+        before = list(launch[: launch.index("mpirun")]) if "mpirun" in launch else []
+        options = list(launch[launch.index("mpirun") + 1 :]) if "mpirun" in launch else list(launch)
         done = subprocess.run(
-            [mpirun, "-n", str(ranks), sys.executable, str(TESTS / "rank_probe.py"), case, str(out)],
+            [*before, mpirun, *options, "-n", str(ranks), sys.executable, str(TESTS / "rank_probe.py"), case, str(out)],
             env={**os.environ, **MPI_ENV}, capture_output=True, text=True, timeout=120,
         )
         assert done.returncode == 0, done.stderr
@@ -97,3 +100,38 @@ def test_a_batch_that_does_not_split_evenly_is_a_bug() -> None:
     assert ctx.own_slice("abcdef") == "cd"
     with pytest.raises(ValueError, match="does not split evenly over 3 ranks"):
         ctx.own_slice([1, 2, 3, 4])
+
+
+CPUS = sorted(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize(
+    "launch",
+    [
+        [],  # OpenMPI's default: each of 2 ranks bound to a core, 3 or more to a socket
+        ["--bind-to", "none"],  # every rank sees every CPU
+        ["--cpu-set", str(CPUS[0]), "--bind-to", "core"],  # every rank bound to the same core
+    ],
+    ids=["default-binding", "unbound", "one-core-for-all"],
+)
+@pytest.mark.parametrize("ranks", [1, 2, 3])
+def test_every_cpu_is_used_once_whatever_mpirun_bound(
+    ranks_run: Callable[..., list[dict]], ranks: int, launch: list[str]
+) -> None:
+    lines = ranks_run("cpus", ranks, *launch)
+    shares = [line["result"]["share"] for line in lines]
+    for line in lines:
+        assert line["result"]["runs_on"] == line["result"]["share"]
+        assert line["result"]["threads"] == len(line["result"]["share"])
+    if ranks <= len(CPUS):  # disjoint, covering every CPU, as even as can be
+        assert sorted(cpu for share in shares for cpu in share) == CPUS
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    else:  # a CPU each, in turn
+        assert [share for share in shares] == [[CPUS[rank % len(CPUS)]] for rank in range(ranks)]
+
+
+@pytest.mark.skipif(len(CPUS) < 2 or not shutil.which("taskset"), reason="needs two CPUs and taskset")
+def test_ranks_stay_inside_the_cpus_the_launcher_was_given(ranks_run: Callable[..., list[dict]]) -> None:
+    # The job was given one CPU (as a Slurm cgroup or taskset would): both ranks share it.
+    lines = ranks_run("cpus", 2, "taskset", "-c", str(CPUS[-1]), "mpirun", "--bind-to", "none")
+    assert [line["result"]["runs_on"] for line in lines] == [[CPUS[-1]], [CPUS[-1]]]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from fractions import Fraction
@@ -17,9 +18,9 @@ from omegaconf import DictConfig
 from mpistyle import pipeline
 from mpistyle.errors import ConfigError, InputError, JobStopped, ModelError, OutputError
 from mpistyle.pipeline import run
-from mpistyle.plan import make_plan
+from mpistyle.plan import Plan, make_plan
 from mpistyle.report import StageTimer
-from mpistyle.scoring import build_scorer
+from mpistyle.scoring import Scorer, build_scorer
 from mpistyle.segment import Segment
 from mpistyle.worker import Worker, score_segments
 
@@ -176,6 +177,7 @@ def test_segments_are_whole_gops_of_at_least_the_given_length(video: Callable[..
 def test_compiled_model_scores_like_the_eager_one(video: Callable[..., Path], cfg: Cfg, tmp_path: Path) -> None:
     source = video(frames=3, width=32, height=24)
     lossless = ["video.codec=libx264rgb", "video.pix_fmt=rgb24", "video.crf=0"]  # the output is the scored frames
+    lossless.append("precision=fp32")  # bf16's rounding differs more between fused and eager kernels
     eager = run(cfg(f"input={source}", f"output={tmp_path / 'eager.mkv'}", *lossless))
     compiled = run(cfg(f"input={source}", f"output={tmp_path / 'compiled.mkv'}", "compile=true", *lossless))
     assert compiled["frames_reused"] == 0 and eager["frames_reused"] == 0  # compiled frames are another job's
@@ -327,13 +329,19 @@ def run_split(config: DictConfig, ranks: int) -> dict:
     the real thing)."""
     plan = make_plan(config)
     plan.staging.create()
-    scorer = build_scorer(config, 0, 1)
+    scorer = this_process_scorer(config, plan)
     results = []
     for rank in range(ranks):
         take = _handing_out(plan.segments[rank::ranks])
         worker = Worker(plan, scorer, lambda frames: True, take, config.on_damage, bool(config.overlap))
         results.append(score_segments(worker, rank, "here"))
     return pipeline.finish(pipeline.Job(config, "split", StageTimer(), time.perf_counter()), plan, results)
+
+
+def this_process_scorer(config: DictConfig, plan: Plan) -> Scorer:
+    """The scorer the pipeline would build for ``plan`` as a node's only rank, on this process's CPUs."""
+    info = plan.info
+    return build_scorer(config, 0, frozenset(os.sched_getaffinity(0)), info.frames * info.width * info.height)
 
 
 def _handing_out(segments: Sequence[Segment]) -> Callable[[], Segment | None]:
@@ -388,7 +396,7 @@ def test_one_keyframe_keeps_every_rank_busy_and_gives_the_same_file_for_any_spli
         output = tmp_path / f"out{ranks}.mp4"
         report = run_split(cfg(f"input={source}", f"output={output}", "report.preview_frames=0"), ranks)
         assert report["output"]["segments"] >= 3 and all(rank["segments"] for rank in report["per_rank"])
-        assert 1 < report["decoded_per_scored"] <= 4
+        assert 1 < report["decoded_per_scored"] <= 8
         digests.add(digest(output))
         assert audio_packets(output) == audio_packets(source)
     assert len(digests) == 1
@@ -485,7 +493,7 @@ def test_a_stop_with_overlap_keeps_the_segments_scored_whole(
     config = cfg(*common, f"output={tmp_path / 'a.mp4'}", "overlap=true")
     plan = make_plan(config)
     plan.staging.create()
-    scorer = build_scorer(config, 0, 1)
+    scorer = this_process_scorer(config, plan)
     seen = 0
 
     def tick(frames: int) -> bool:  # as if another rank failed once this many frames were done

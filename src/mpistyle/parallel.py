@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import copy as copy_module
 import logging
+import os
 import socket
 import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .devices import cpu_share, launcher_cpus
 from .errors import InternalError, JobStopped, MpistyleError
 
 if TYPE_CHECKING:
@@ -58,6 +60,8 @@ class RankContext:
     local_rank: int
     local_size: int
     host: str
+    # The CPUs this rank should run on: its share of the node's (devices.cpu_share).
+    cpus: frozenset[int] = field(default_factory=lambda: frozenset(os.sched_getaffinity(0)))
 
     @property
     def is_root(self) -> bool:
@@ -70,7 +74,9 @@ class RankContext:
         comm = MPI.COMM_WORLD
         # Ranks sharing a node (and its GPUs), however the launcher numbered them.
         node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.rank)
-        ctx = cls(comm, comm.rank, comm.size, node.rank, node.size, socket.gethostname())
+        found = node.allgather((frozenset(os.sched_getaffinity(0)), launcher_cpus()))
+        cpus = cpu_share(node.rank, [own for own, _ in found], frozenset().union(*(launcher for _, launcher in found)))
+        ctx = cls(comm, comm.rank, comm.size, node.rank, node.size, socket.gethostname(), cpus)
         node.Free()
         return ctx
 

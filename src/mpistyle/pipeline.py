@@ -23,7 +23,7 @@ from .parallel import RankContext, Shift, attempt, unwrap
 from .plan import Plan, make_plan
 from .report import Progress, RankSummary, RunFacts, StageTimer, job_report, write_json, write_preview
 from .scoring import Scorer, build_scorer
-from .segment import Segment
+from .segment import Segment, largest_first
 from .worker import Finished, Worker, score_segments
 
 log = logging.getLogger(__name__)
@@ -51,11 +51,22 @@ def run(cfg: DictConfig, ctx: RankContext | None = None, run_id: str | None = No
     with job.timer("probe"):
         plan = ctx.from_root(lambda: make_plan(cfg))
     with job.timer("load_model"):
-        scorer = ctx.check_all(lambda: _then_check(build_scorer(cfg, ctx.local_rank, ctx.local_size)))
+        scorer = ctx.check_all(lambda: _then_check(_load_model(cfg, ctx, plan)))
     ctx.check_all(plan.staging.create)
-    log.info("rank %d/%d on %s (%s)", ctx.rank, ctx.size, ctx.host, scorer.device)
     scored = _score(job, plan, scorer, ctx)
     return ctx.from_root(lambda: finish(job, plan, unwrap(scored)))
+
+
+def _load_model(cfg: DictConfig, ctx: RankContext, plan: Plan) -> Scorer:
+    """This rank's scorer, run once on a blank frame so compiling happens here, not mid-job."""
+    info = plan.info
+    scorer = build_scorer(cfg, ctx.local_rank, ctx.cpus, info.frames * info.width * info.height)
+    how = scorer.prepare(info.height, info.width)
+    log.info(
+        "rank %d/%d on %s: %s, %s, %s, %d thread(s)",
+        ctx.rank, ctx.size, ctx.host, scorer.device, scorer.precision, how, scorer.threads,
+    )
+    return scorer
 
 
 def _score(job: Job, plan: Plan, scorer: Scorer, ctx: RankContext) -> tuple[bool, Any]:
@@ -65,10 +76,12 @@ def _score(job: Job, plan: Plan, scorer: Scorer, ctx: RankContext) -> tuple[bool
     progress = Progress(plan.info.frames, cfg.report.progress, cfg.report.progress_interval_s) if ctx.is_root else None
     overlap = cfg.overlap if cfg.overlap is not None else scorer.device.type != "cpu"
 
+    handout = largest_first(plan.segments)
+
     def work(shift: Shift) -> tuple[RankSummary, list[Finished]]:
         def take() -> Segment | None:
-            number = shift.take()
-            return None if number is None else plan.segments[number]
+            turn = shift.take()
+            return None if turn is None else handout[turn]
 
         worker = Worker(plan, scorer, shift.tick, take, cfg.on_damage, overlap)
         return score_segments(worker, ctx.rank, ctx.host)

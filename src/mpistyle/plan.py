@@ -125,7 +125,9 @@ def _staging_key(cfg: DictConfig, info: VideoInfo, settings: EncodeSettings, con
             "input": fingerprint(Path(info.path)),
             "frames": info.frames,
             "model": model,
-            "compile": cfg.compile,  # compiled kernels round differently: not the same frames
+            # Compiled and reduced-precision kernels round differently: not the same frames.
+            "compile": cfg.compile,
+            "precision": cfg.precision,
             "on_damage": cfg.on_damage,  # a segment concealed under one policy would fail the other
             # Blending changes the frames; measuring alone does not.
             "temporal": {"alpha": cfg.temporal.alpha, "flow": cfg.temporal.flow} if cfg.temporal.alpha > 0 else None,

@@ -155,6 +155,8 @@ class RankSummary:
     host: str
     device: str
     threads: int | None  # torch CPU threads (None on a GPU)
+    precision: str  # fp32, bf16 or fp16: what the model ran at
+    compiled: bool  # through torch.compile (False: eager, asked for or fallen back to)
     overlap: bool  # decode and encode in threads beside the model
     frames: int  # frames of the segments it was handed
     segments: list[int]  # their numbers, in the order it took them
@@ -340,8 +342,8 @@ _PUBLIC_SECTIONS = {
     "output": ("codec", "segments", "width", "height", "frames", "bytes", "audio"),
 }
 _PUBLIC_RANK = (
-    "rank", "device", "threads", "overlap", "frames", "segments", "frames_reused", "frames_decoded", "damage", "seconds",
-    "seconds_total", "peak_rss_mb", "fps",
+    "rank", "device", "threads", "precision", "compiled", "overlap", "frames", "segments", "frames_reused",
+    "frames_decoded", "damage", "seconds", "seconds_total", "peak_rss_mb", "fps",
 )
 
 

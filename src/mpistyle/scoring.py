@@ -3,6 +3,9 @@ built from its config node, on the device this rank was given."""
 from __future__ import annotations
 
 import logging
+import os
+import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -11,8 +14,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
-from .devices import pick_device, set_threads
-from .errors import ConfigError, ModelError, MpistyleError
+from .devices import pick_device, pick_precision, set_threads
+from .errors import ConfigError, ModelError, MpistyleError, first_line
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -24,19 +27,56 @@ def default_batch_size(device: torch.device) -> int:
 log = logging.getLogger(__name__)
 
 
-class Scorer:
-    """Applies a frame model to uint8 RGB frames ``(n, H, W, 3)`` and returns the same layout."""
+_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 
-    def __init__(self, model: nn.Module, device: torch.device, batch_size: int, compile_model: bool = False) -> None:
+# compile=auto compiles when a job's frames hold at least this many pixels in all: compiling
+# costs about 2.5 s from a warm cache and 15-25 s cold (640x360 on 2 CPU cores) and saves about
+# half the model's time from then on, so below this (about 7 s of 640x360 video) eager is as fast.
+_COMPILE_AUTO_PIXELS = {"cpu": 40_000_000, "cuda": 2_000_000_000}  # cuda: not yet measured (issue 17)
+
+
+class Scorer:
+    """Applies a frame model to uint8 RGB frames ``(n, H, W, 3)`` and returns the same layout,
+    at ``precision`` (fp32, bf16 or fp16: autocast, so norms and the output stay fp32), through
+    ``torch.compile`` when ``compile_model``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        device: torch.device,
+        batch_size: int,
+        precision: str = "fp32",
+        compile_model: bool = False,
+        threads: int | None = None,
+    ) -> None:
         self.device = device
+        self.threads = threads or torch.get_num_threads()
         self.batch_size = batch_size
+        self.precision = precision
+        self.dtype = getattr(torch, _DTYPES[precision]) if precision in _DTYPES else None
         self.eager = model.to(device).eval()
-        # torch.compile: about 2x the eager speed on CPU (bench: 360p and 720p), after a
-        # first call that compiles (15-30 s, a few s from Inductor's cache). Its kernels round
-        # differently with the thread count, so it is opt-in: eager output is the same bits
-        # whatever the rank count.
+        # Compiled kernels round differently from eager ones, and with the thread count: the
+        # output is the same file for any rank count at the same threads per rank (README).
         self.compiled = compile_model
-        self.model: nn.Module = torch.compile(self.eager, dynamic=False) if compile_model else self.eager  # type: ignore[assignment]
+        self.model: nn.Module = self.eager
+        if compile_model:
+            try:
+                self.model = torch.compile(self.eager, dynamic=False)  # type: ignore[assignment]
+            except Exception as err:  # its set-up reads the cache folder, which may not be made
+                self._give_up_compiling(err)
+
+    def prepare(self, height: int, width: int) -> str:
+        """Run the model once on a blank frame of the job's size, so a compiled model is built
+        (or given up for eager) before the first real frame. Returns what happened, for the log."""
+        before = _compile_cache_counts()
+        started = time.perf_counter()
+        self(np.zeros((1, height, width, 3), np.uint8))
+        seconds = time.perf_counter() - started
+        if not self.compiled:
+            return "eager"
+        hits, misses = (after - earlier for after, earlier in zip(_compile_cache_counts(), before))
+        where = "from the compile cache" if hits and not misses else "new, kept in the compile cache"
+        return f"compiled in {seconds:.1f} s ({where} {os.environ.get('TORCHINDUCTOR_CACHE_DIR')})"
 
     def __call__(self, frames: np.ndarray) -> np.ndarray:
         count = len(frames)
@@ -48,11 +88,12 @@ class Scorer:
             batch = torch.cat([batch, pad])
         with torch.inference_mode():
             x = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-            y = self._forward(x)
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+                y = self._forward(x)
             if not isinstance(y, torch.Tensor) or y.shape != x.shape:
                 got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
                 raise ModelError(f"the model returned {got} for input {tuple(x.shape)}: a frame model must keep the shape")
-            out = y[:count].clamp(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
+            out = y[:count].float().clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
             return out.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -60,18 +101,28 @@ class Scorer:
             return self.model(x)
         try:
             return self.model(x)
-        except Exception as err:  # Inductor fails in many ways (no C++ compiler, an unsupported op)
-            log.warning("torch.compile failed (%s); scoring eagerly instead", str(err).strip().splitlines()[0][:200])
-            self.model, self.compiled = self.eager, False
+        except Exception as err:  # Inductor fails in many ways (no C++ compiler, an unsupported op, no cache)
+            self._give_up_compiling(err)
             return self.model(x)
 
+    def _give_up_compiling(self, err: Exception) -> None:
+        log.warning("torch.compile failed (%s); scoring eagerly instead", first_line(err)[:200])
+        self.model, self.compiled = self.eager, False
 
-def build_scorer(cfg: DictConfig, local_rank: int, ranks_on_node: int) -> Scorer:
-    """The scorer ``cfg`` asks for (``model``, ``device``, ``threads``, ``batch_size``,
-    ``compile``), for the ``local_rank``-th of ``ranks_on_node`` ranks on this node."""
+
+def _compile_cache_counts() -> tuple[int, int]:
+    """Inductor's compile cache hits and misses so far in this process."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+
+
+def build_scorer(cfg: DictConfig, local_rank: int, cpus: frozenset[int], job_pixels: int) -> Scorer:
+    """The scorer ``cfg`` asks for (``model``, ``device``, ``precision``, ``threads``,
+    ``batch_size``, ``compile``) for the ``local_rank``-th rank on its node, which runs on
+    ``cpus``; ``job_pixels`` (every frame's pixels added up) decides ``compile=auto``."""
     device = pick_device(cfg.device, local_rank)
-    if device.type == "cpu":
-        set_threads(cfg.threads, ranks_on_node)
+    threads = set_threads(cfg.threads, cpus)
     try:
         model = instantiate(cfg.model)
     except InstantiationException as err:
@@ -82,4 +133,28 @@ def build_scorer(cfg: DictConfig, local_rank: int, ranks_on_node: int) -> Scorer
         raise ConfigError(f"cannot build the model {cfg.model.get('_target_')}: {reason}") from None
     if not isinstance(model, nn.Module):
         raise ModelError(f"{cfg.model._target_} returned a {type(model).__name__}, not a torch.nn.Module")
-    return Scorer(model, device, cfg.batch_size or default_batch_size(device), cfg.compile)
+    precision = pick_precision(cfg.precision, device)
+    compiled = wants_compile(cfg.compile, device, job_pixels)
+    if compiled:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache(cfg.compile_cache))
+    log.debug("rank on CPUs %s", sorted(os.sched_getaffinity(0)))
+    return Scorer(model, device, cfg.batch_size or default_batch_size(device), precision, compiled, threads)
+
+
+def wants_compile(setting: bool | str, device: torch.device, job_pixels: int) -> bool:
+    """``compile``: true, false, or auto (when the job is big enough to pay for compiling)."""
+    if setting == "auto":
+        return job_pixels >= _COMPILE_AUTO_PIXELS.get(device.type, _COMPILE_AUTO_PIXELS["cuda"])
+    return bool(setting)
+
+
+def compile_cache(setting: str | None) -> Path:
+    """Where compiled kernels are kept between jobs: ``compile_cache``, else the environment's
+    ``TORCHINDUCTOR_CACHE_DIR``, else ``$XDG_CACHE_HOME/mpistyle/torch-compile`` (``~/.cache``
+    by default: on a cluster, the shared home directory, so every node reuses one compile)."""
+    if setting:
+        return Path(setting).expanduser().absolute()
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    cache_home = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache_home).expanduser().absolute() / "mpistyle" / "torch-compile"

@@ -8,6 +8,7 @@ that does it and, with what doing it met, back to the join.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -26,3 +27,9 @@ class Segment:
 
     def __str__(self) -> str:
         return f"segment {self.number} (frames {self.start}-{self.stop - 1})"
+
+
+def largest_first(segments: Sequence[Segment]) -> list[Segment]:
+    """The order to hand segments out in: the longest first (in number order among equals), so
+    the last ones handed out are short and the ranks finish close together."""
+    return sorted(segments, key=lambda segment: (-segment.frames, segment.number))

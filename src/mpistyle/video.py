@@ -40,8 +40,10 @@ _OPEN_TIMEOUT_S = 30.0
 _READ_TIMEOUT_S = 30.0
 # At most this many frames decoded per frame scored, in any segment cut inside a long GOP (the
 # frames from its keyframe to its start are decoded and dropped): decoding is cheap next to the
-# model, but a segment late in a one-keyframe hour would otherwise decode the whole hour.
-_MAX_DECODE_RATIO = 4
+# model (640x360 H.264: 0.4 ms a frame against 50-100 ms for the model on a CPU core, so 8 is
+# at most ~5% of a CPU rank's time), but a segment late in a one-keyframe hour would otherwise
+# decode the whole hour. Smaller: longer late segments, and ranks that end further apart.
+_MAX_DECODE_RATIO = 8
 # The FFmpeg log level is process-wide: one thread at a time may turn it up to read a refusal.
 _LOG_LOCK = threading.Lock()
 
@@ -135,8 +137,11 @@ class VideoInfo:
         wanted = max(min_seconds, lead / (_MAX_DECODE_RATIO - 1))
         if wanted <= self._seconds(start, at_keyframe) <= 2 * wanted:
             return at_keyframe
-        # A long GOP: cut on the timeline, at the first frame ``wanted`` seconds in.
-        return bisect.bisect_left(range(self.frames), wanted, start + 1, key=lambda frame: self._seconds(start, frame))
+        # A long GOP: cut on the timeline, at the first frame ``wanted`` seconds in, unless what
+        # would be left before the next keyframe (or the end) is shorter than that: a short
+        # segment deep in the GOP would decode too much for the frames it scores.
+        cut = bisect.bisect_left(range(self.frames), wanted, start + 1, key=lambda frame: self._seconds(start, frame))
+        return at_keyframe if cut >= at_keyframe or self._seconds(cut, at_keyframe) < wanted else cut
 
     def _frames_from(self, start: int, stop: int, number: int) -> Segment:
         """Frames ``[start, stop)`` as a segment, decoded from the keyframe at or before ``start``."""

@@ -15,7 +15,6 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from . import signals
 from .encode import EncodedPacket, SegmentEncoder
@@ -183,7 +182,9 @@ def _summary(
         rank=rank,
         host=host,
         device=str(device),
-        threads=torch.get_num_threads() if device.type == "cpu" else None,
+        threads=worker.scorer.threads if device.type == "cpu" else None,
+        precision=worker.scorer.precision,
+        compiled=worker.scorer.compiled,
         overlap=worker.overlap,
         frames=frames,
         segments=[s.number for s in segments],

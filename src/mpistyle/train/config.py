@@ -47,7 +47,7 @@ class TrainConfig:
     tv_weight: float = 0.0  # total variation (smoothness); 0 turns it off, like pytorch/examples
     seed: int = 42
     device: str = "auto"  # auto: cuda:<local rank> where there is a GPU, else cpu
-    threads: int | None = None  # torch CPU threads per rank; default: the rank's CPUs / ranks per node
+    threads: int | None = None  # torch CPU threads per rank; default: its share of the node's CPUs, a thread each
     log_every: int = 50  # steps between loss lines (log and <run dir>/losses.jsonl)
     sample_every: int = 500  # steps between sample images (<run dir>/samples/); 0: only at the end
     checkpoint_every: int = 1000  # steps between resumable checkpoints (<run dir>/checkpoint.pt)

@@ -66,7 +66,7 @@ def run(cfg: DictConfig, ctx: RankContext) -> Path:
     files = _run_files(cfg)
     ctx.from_root(files.prepare)
     device = ctx.check_all(lambda: pick_device(cfg.device, ctx.local_rank))
-    threads = set_threads(cfg.threads, ctx.local_size)
+    threads = set_threads(cfg.threads, ctx.cpus)
     setup = ctx.check_all(lambda: build_setup(cfg, device))
     training = _Training.begin(cfg, ctx, files, setup, device)
     if ctx.is_root:
