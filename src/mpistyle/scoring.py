@@ -61,6 +61,11 @@ class Scorer:
         self.model: nn.Module = self.eager
         if compile_model:
             try:
+                import torch._inductor.config as inductor
+
+                # Kernels that read the thread count when they run, not when compiled: one
+                # compile (and one cache entry) serves every rank count and `threads`.
+                inductor.cpp.dynamic_threads = True
                 self.model = torch.compile(self.eager, dynamic=False)  # type: ignore[assignment]
             except Exception as err:  # its set-up reads the cache folder, which may not be made
                 self._give_up_compiling(err)
@@ -68,12 +73,15 @@ class Scorer:
     def prepare(self, height: int, width: int) -> str:
         """Run the model once on a blank frame of the job's size, so a compiled model is built
         (or given up for eager) before the first real frame. Returns what happened, for the log."""
+        if not self.compiled:
+            self(np.zeros((1, height, width, 3), np.uint8))
+            return "eager"
         before = _compile_cache_counts()
         started = time.perf_counter()
         self(np.zeros((1, height, width, 3), np.uint8))
         seconds = time.perf_counter() - started
         if not self.compiled:
-            return "eager"
+            return "eager (compiling failed)"
         hits, misses = (after - earlier for after, earlier in zip(_compile_cache_counts(), before))
         where = "from the compile cache" if hits and not misses else "new, kept in the compile cache"
         return f"compiled in {seconds:.1f} s ({where} {os.environ.get('TORCHINDUCTOR_CACHE_DIR')})"
