@@ -22,7 +22,8 @@ Ratios (in the results file's `ratios`):
   by the model-only and encode-only seconds of the same frames, each measured alone with two
   ranks (the model and the encoder share the cores, so their sum is the floor).
 - model_vs_onnxruntime_360p, _720p: the model alone on the default path (precision auto,
-  compiled) against onnxruntime, same threads.
+  compiled) against onnxruntime, same threads; `_fp32` beside them: compiled fp32, what `auto`
+  gives on a CPU without native bf16.
 - rss_40s_vs_10s: the largest rank's peak RSS, long clip over short clip.
 Writes bench/results/<date>-<commit>.json (the CPU's model and flags, versions, every figure,
 `ratios`) and a PNG plot beside it.
@@ -235,6 +236,8 @@ def main() -> None:
         results["model_only"] = {
             size: {
                 "default path": model_alone("mpistyle", size, frames, len(cores)),
+                # What precision=auto gives on a CPU without native bf16 (older x86): fp32, compiled.
+                "compiled fp32": model_alone("mpistyle", size, frames, len(cores), "--precision", "fp32"),
                 "eager fp32": model_alone("mpistyle", size, frames, len(cores), "--precision", "fp32", "--compile", "false"),
                 "onnxruntime": model_alone("onnxruntime", size, frames, len(cores)),
             }
@@ -253,6 +256,8 @@ def main() -> None:
         "e2e_vs_compute_2ranks": long_run["fps"] / (long_run["frames"] / floor_s),
         "model_vs_onnxruntime_360p": mo["360p"]["default path"]["fps"] / mo["360p"]["onnxruntime"]["fps"],
         "model_vs_onnxruntime_720p": mo["720p"]["default path"]["fps"] / mo["720p"]["onnxruntime"]["fps"],
+        "model_vs_onnxruntime_360p_fp32": mo["360p"]["compiled fp32"]["fps"] / mo["360p"]["onnxruntime"]["fps"],
+        "model_vs_onnxruntime_720p_fp32": mo["720p"]["compiled fp32"]["fps"] / mo["720p"]["onnxruntime"]["fps"],
         "rss_40s_vs_10s": long_run["peak_rss_mb"] / runs["warm"]["peak_rss_mb"],
     }
     args.out.mkdir(parents=True, exist_ok=True)
