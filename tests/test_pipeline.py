@@ -13,6 +13,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import torch
 from omegaconf import DictConfig
 
 from mpistyle import pipeline
@@ -511,3 +512,21 @@ def test_a_stop_with_overlap_keeps_the_segments_scored_whole(
     assert resumed["frames_reused"] == 6 * kept
     assert run(cfg(*common, f"output={tmp_path / 'b.mp4'}", "overlap=false"))["frames_reused"] == 0
     assert digest(tmp_path / "a.mp4") == digest(tmp_path / "b.mp4")
+
+
+def test_a_torchscript_model_runs_as_saved_and_the_report_says_so(
+    video: Callable[..., Path], cfg: Cfg, tmp_path: Path
+) -> None:
+    # Autocast does not reach inside TorchScript: precision=auto must not claim bf16 for it.
+    class Invert(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 1.0 - x
+
+    checkpoint = tmp_path / "invert.pt"
+    torch.jit.save(torch.jit.script(Invert()), checkpoint)
+    source = video(frames=4)
+    common = [f"input={source}", "model=torchscript", f"model.checkpoint={checkpoint}", "report.preview_frames=0"]
+    report = run(cfg(*common, f"output={tmp_path / 'out.mp4'}"))
+    assert [(r["precision"], r["compiled"]) for r in report["per_rank"]] == [("fp32", False)]
+    with pytest.raises(ConfigError, match="precision=bf16 cannot apply to a TorchScript model"):
+        run(cfg(*common, f"output={tmp_path / 'bf16.mp4'}", "precision=bf16"))

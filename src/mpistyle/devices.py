@@ -94,8 +94,8 @@ def _cpu_list(text: str) -> frozenset[int]:
 
 def set_threads(threads: int | None, cpus: frozenset[int]) -> int:
     """Torch CPU threads for this rank. Unless ``threads`` is given, the rank moves onto its
-    share of the node's CPUs (:func:`cpu_share`) and takes a thread for each; the decoder and
-    encoder, which size their thread pools from the CPUs a process may use, follow."""
+    share of the node's CPUs (:func:`cpu_share`) and takes a thread for each; the decoder, which
+    sizes its thread pool from the CPUs the process may use, follows."""
     import torch
 
     if threads is None:

@@ -141,8 +141,16 @@ def build_scorer(cfg: DictConfig, local_rank: int, cpus: frozenset[int], job_pix
         raise ConfigError(f"cannot build the model {cfg.model.get('_target_')}: {reason}") from None
     if not isinstance(model, nn.Module):
         raise ModelError(f"{cfg.model._target_} returned a {type(model).__name__}, not a torch.nn.Module")
-    precision = pick_precision(cfg.precision, device)
-    compiled = wants_compile(cfg.compile, device, job_pixels)
+    if any(isinstance(part, torch.jit.ScriptModule) for part in model.modules()):
+        # Autocast does not reach inside TorchScript, nor does torch.compile: it runs as saved.
+        if cfg.precision not in ("auto", "fp32"):
+            raise ConfigError(
+                f"precision={cfg.precision} cannot apply to a TorchScript model (it runs at the precision it was "
+                "saved with): use precision=auto or fp32"
+            )
+        precision, compiled = "fp32", cfg.compile is True
+    else:
+        precision, compiled = pick_precision(cfg.precision, device), wants_compile(cfg.compile, device, job_pixels)
     if compiled:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache(cfg.compile_cache))
     log.debug("rank on CPUs %s", sorted(os.sched_getaffinity(0)))
