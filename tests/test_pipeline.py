@@ -257,6 +257,28 @@ def test_report_directory_is_created(video: Callable[..., Path], cfg: Cfg, tmp_p
     assert json.loads(report.read_text())["frames"] == 4
 
 
+@pytest.mark.parametrize(
+    "override, error, words",
+    [
+        ("report.preview={folder}", OutputError, "report.preview is a directory"),
+        ("report.path={folder}", OutputError, "report.path is a directory"),
+        ("report.preview={output}", ConfigError, "output and report.preview are the same file"),
+        ("report.path={source}", ConfigError, "report.path is the input"),
+    ],
+)
+def test_every_path_the_job_writes_is_checked_before_any_frame_is_scored(
+    video: Callable[..., Path], cfg: Cfg, tmp_path: Path, override: str, error: type[Exception], words: str
+) -> None:
+    # An existing folder as the preview used to fail only after the whole video was written.
+    source = video(frames=4)
+    output = tmp_path / "out.mp4"
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    with pytest.raises(error, match=words):
+        run(cfg(f"input={source}", f"output={output}", override.format(folder=folder, output=output, source=source)))
+    assert not output.exists() and not (tmp_path / ".mpistyle-staging").exists()  # nothing was scored
+
+
 def test_output_equal_to_input_is_refused(video: Callable[..., Path], cfg: Cfg) -> None:
     source = video(frames=4)
     with pytest.raises(ConfigError, match="output is the input"):

@@ -98,17 +98,23 @@ def _container_format(cfg: DictConfig, output: Path) -> str:
 def _outputs(cfg: DictConfig, output: Path) -> tuple[Path, Path | None]:
     """The report and preview paths; the output's, report's and preview's folders created and
     checked writable."""
-    if output.is_dir():
-        raise OutputError(f"output is a directory: {output}")
-    if same_file(output, Path(cfg.input).expanduser()):
-        raise ConfigError(f"output is the input ({cfg.input}): choose another output path")
     report = Path(cfg.report.path).expanduser() if cfg.report.path else output.with_name(f"{output.name}.report.json")
     preview = None
     if cfg.report.preview_frames > 0:
         preview = Path(cfg.report.preview).expanduser() if cfg.report.preview else output.with_name(f"{output.name}.preview.png")
-    for what, path in (("output", output), ("report", report), ("preview", preview)):
-        if path is not None:
-            writable_dir(path.parent, f"{what} directory")
+    # Every path the job writes is checked here, before any frame is scored.
+    files = (("output", "output", output), ("report.path", "report", report), ("report.preview", "preview", preview))
+    written = [(key, what, path) for key, what, path in files if path is not None]
+    for key, what, path in written:
+        if path.is_dir():
+            raise OutputError(f"{key} is a directory: {path} (give a file name)")
+        if same_file(path, Path(cfg.input).expanduser()):
+            raise ConfigError(f"{key} is the input ({cfg.input}): choose another path")
+        writable_dir(path.parent, f"{what} directory")
+    for index, (key, _, path) in enumerate(written):
+        for other, _, other_path in written[index + 1 :]:
+            if same_file(path, other_path):
+                raise ConfigError(f"{key} and {other} are the same file ({path}): give each its own path")
     return report, preview
 
 
