@@ -118,6 +118,15 @@ class Scorer:
         self.model, self.compiled = self.eager, False
 
 
+def _reason(err: BaseException) -> str:
+    """Hydra's message for a target it cannot build, on one line: its lines after a heading that
+    ends in a colon are the reason itself (``Error loading 'x.y':`` / ``No module named 'x'``)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    return "; ".join(lines[1:4] if len(lines) > 1 and lines[0].endswith(":") else lines[:3])
+
+
 def _compile_cache_counts() -> tuple[int, int]:
     """Inductor's compile cache hits and misses so far in this process."""
     from torch._dynamo.utils import counters
@@ -137,8 +146,7 @@ def build_scorer(cfg: DictConfig, local_rank: int, cpus: frozenset[int], job_pix
         cause = err.__cause__
         if isinstance(cause, MpistyleError):
             raise cause from None
-        reason = (str(cause or err).strip().splitlines() or [type(cause or err).__name__])[0]
-        raise ConfigError(f"cannot build the model {cfg.model.get('_target_')}: {reason}") from None
+        raise ConfigError(f"cannot build the model {cfg.model.get('_target_')}: {_reason(cause or err)}") from None
     if not isinstance(model, nn.Module):
         raise ModelError(f"{cfg.model._target_} returned a {type(model).__name__}, not a torch.nn.Module")
     if any(isinstance(part, torch.jit.ScriptModule) for part in model.modules()):
