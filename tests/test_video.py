@@ -245,3 +245,18 @@ def test_encode_settings_take_the_video_node_with_its_interpolations_resolved() 
     node.options = {"tune": "${preset}"}
     settings = EncodeSettings.of(node)
     assert settings.options == {"tune": "medium"} and settings.crf == 18  # segment_seconds is not the encoder's
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["odd.mp4", "--size", "321x181"], "must be even for H.264, got 321x181 (try 322x182)"),
+        (["clip.avi"], "must end in .mp4, .mkv, .mov"),
+    ],
+)
+def test_the_sample_tool_refuses_what_it_cannot_write_in_one_line(tmp_path: Path, args: list[str], words: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "mpistyle.sample", *args], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2 and words in done.stderr and "Traceback" not in done.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -129,12 +129,27 @@ def _size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"size must look like 640x360, got '{text}'") from None
     if width < 2 or height < 2:
         raise argparse.ArgumentTypeError("width and height must be at least 2")
+    if width % 2 or height % 2:
+        # H.264 in 4:2:0 halves the colour planes: both sides must be even.
+        raise argparse.ArgumentTypeError(
+            f"width and height must be even for H.264, got {width}x{height} (try {width + width % 2}x{height + height % 2})"
+        )
     return width, height
+
+
+_SUFFIXES = (".mp4", ".mkv", ".mov")
+
+
+def _output(text: str) -> Path:
+    path = Path(text)
+    if path.suffix.lower() not in _SUFFIXES:
+        raise argparse.ArgumentTypeError(f"the output must end in {', '.join(_SUFFIXES)}, got '{text}'")
+    return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mpistyle-sample", description="Write a sample video with sound.")
-    parser.add_argument("output", type=Path, help="file to write (.mp4, .mkv or .mov)")
+    parser.add_argument("output", type=_output, help="file to write (.mp4, .mkv or .mov)")
     parser.add_argument("--seconds", type=float, default=5.0, help="length (default 5)")
     parser.add_argument("--size", type=_size, default=(640, 360), help="WIDTHxHEIGHT (default 640x360)")
     parser.add_argument("--fps", type=int, default=24, help="frames per second (default 24)")
