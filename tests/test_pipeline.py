@@ -280,6 +280,17 @@ def test_every_path_the_job_writes_is_checked_before_any_frame_is_scored(
     assert not output.exists() and not (tmp_path / ".mpistyle-staging").exists()  # nothing was scored
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_an_output_folder_that_refuses_writes_is_an_output_error_before_scoring(
+    video: Callable[..., Path], cfg: Cfg
+) -> None:
+    # /proc passes access() for root but takes no new file: the staging folder beside the
+    # output used to fail instead, as a staging problem (exit 6), not an output one (exit 4).
+    source = video(frames=4)
+    with pytest.raises(OutputError, match="cannot write in the output directory /proc"):
+        run(cfg(f"input={source}", "output=/proc/x.mp4"))
+
+
 def test_output_equal_to_input_is_refused(video: Callable[..., Path], cfg: Cfg) -> None:
     source = video(frames=4)
     with pytest.raises(ConfigError, match="output is the input"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -57,6 +58,11 @@ def writable_dir(directory: Path, what: str, error: type[MpistyleError] = Output
         raise error(f"the {what} {directory} does not exist: create it or choose another place")
     if not os.access(directory, os.W_OK | os.X_OK):
         raise error(f"the {what} is not writable: {directory}")
+    try:  # access() trusts the mode bits; a read-only mount, /proc or a full quota only show on a write
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as err:
+        raise error(f"cannot write in the {what} {directory}: {err.strerror}") from None
 
 
 def same_file(a: Path, b: Path) -> bool:
