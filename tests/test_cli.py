@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import MPI_ENV, mpistyle_command, run_mpistyle
+from mpistyle.errors import MpistyleError
+
+from conftest import MPI_ENV, TESTS, mpistyle_command, run_mpistyle
 from media import audio_packets, decode_all
 
 
@@ -25,6 +27,21 @@ def test_help_and_cfg_job(tmp_path: Path) -> None:
     job = run_mpistyle("--cfg", "job", "model.style=5", "input=a.mp4", cwd=tmp_path)
     assert job.returncode == 0
     assert "style: 5" in job.stdout and "input: a.mp4" in job.stdout
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [cls] + [sub for child in cls.__subclasses__() for sub in _subclasses(child)]
+
+
+def test_exit_codes_are_one_table_in_the_readme_the_help_and_the_code(tmp_path: Path) -> None:
+    readme = (TESTS.parent / "README.md").read_text()
+    table = readme[readme.index("### Exit codes") :].split("\n\n")[1]
+    documented = {row.split("|")[1].strip() for row in table.splitlines()[2:]}
+    raised = {str(cls.exit_code) for cls in _subclasses(MpistyleError) if isinstance(cls.__dict__.get("exit_code"), int)}
+    assert raised | {"0", "128+N"} == documented  # every code the program can exit with, and no other
+    footer = run_mpistyle("--help", cwd=tmp_path).stdout.split("Exit codes:")[1]
+    for code in documented - {"9"}:  # 9 is mpistyle-watch's alone
+        assert f" {code} " in footer.replace(",", " ").replace("\n", " "), f"--help does not explain exit code {code}"
 
 
 def test_console_script_is_installed() -> None:
