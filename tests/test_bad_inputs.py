@@ -4,6 +4,7 @@ finished one would be."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import subprocess
 import sys
@@ -263,11 +264,18 @@ def test_bad_input_corpus(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert not [k for k in after if "partial" in k]
 
 
-def test_corruption_is_reported_when_concealed(tmp_path: Path) -> None:
+def test_corruption_is_reported_when_concealed(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     source = _corrupt_packets(tmp_path)
-    report = run(make_cfg([f"input={source}", f"output={tmp_path / 'out.mp4'}"]))
-    assert report["damage"]["policy"] == "conceal"
-    assert report["damage"]["damaged"] + report["damage"]["concealed"] + report["damage"]["packet_errors"] >= 1
+    with caplog.at_level(logging.WARNING, logger="mpistyle.worker"):
+        report = run(make_cfg([f"input={source}", f"output={tmp_path / 'out.mp4'}"]))
+    damage = report["damage"]
+    assert damage["policy"] == "conceal"
+    assert damage["damaged"] + damage["concealed"] + damage["packet_errors"] >= 1
+    # The log counts with the report's words, one meaning each.
+    line = next(record.getMessage() for record in caplog.records if "damaged input" in record.getMessage())
+    for word in ("damaged", "concealed"):
+        assert f"{damage[word]} {word} frame(s)" in line
+    assert f"{damage['packet_errors']} packet error(s)" in line
 
 
 def test_subtitles_are_named_as_dropped(tmp_path: Path) -> None:

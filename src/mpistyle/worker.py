@@ -209,7 +209,9 @@ def _log_summary(summary: RankSummary) -> None:
     )
     if damage.damaged or damage.concealed or damage.packet_errors:
         log.warning(
-            "damaged input: %d corrupt frame(s) kept as concealed, %d missing frame(s) repeated, %d bad packet(s)",
+            # The report's words (damage.damaged, .concealed, .packet_errors), one meaning each.
+            "damaged input: %d damaged frame(s) (decoded with errors, kept as FFmpeg repaired them), "
+            "%d concealed frame(s) (did not decode: the frame before stands in), %d packet error(s)",
             damage.damaged, damage.concealed, damage.packet_errors,
         )
 
