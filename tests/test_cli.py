@@ -29,6 +29,16 @@ def test_help_and_cfg_job(tmp_path: Path) -> None:
     assert "style: 5" in job.stdout and "input: a.mp4" in job.stdout
 
 
+def test_help_lists_the_job_config_groups_and_only_those(tmp_path: Path) -> None:
+    # Hydra's own list ($APP_CONFIG_GROUPS) showed the watcher's groups and the schemas too.
+    shown = run_mpistyle("--help", cwd=tmp_path).stdout
+    block = shown.split("== Choices (group=option) ==")[1].split("==")[0]
+    listed = dict(line.split(": ") for line in block.strip().splitlines())
+    configs = TESTS.parent / "configs"
+    groups = ("model", "report", "staging", "video")  # what configs/config.yaml's defaults choose from
+    assert listed == {group: ", ".join(sorted(p.stem for p in (configs / group).glob("*.yaml"))) for group in groups}
+
+
 def _subclasses(cls: type) -> list[type]:
     return [cls] + [sub for child in cls.__subclasses__() for sub in _subclasses(child)]
 
