@@ -4,6 +4,7 @@ every job has a wall-clock limit, and only the input's own fault counts against 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -14,8 +15,9 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
-from mpistyle.errors import ConfigError
+from mpistyle.errors import ConfigError, StorageError
 from mpistyle.sample import make_video
+from mpistyle.watch import areas
 from mpistyle.watch import config as watch_config
 from mpistyle.watch.areas import open_area
 from mpistyle.watch.runners import DEFAULT_SBATCH_SCRIPT, JobSpec, JobStatus, Runner, blame
@@ -338,3 +340,21 @@ def test_a_tick_starts_no_video_past_its_time_limit(tmp_path: Path, caplog: pyte
     assert "past tick_time_limit_s=0.05; 2 video(s) wait for the next tick" in caplog.text
     assert list(states(tmp_path / "work")) == ["clip0.mp4"]
 
+
+
+def test_an_unreachable_blob_endpoint_is_retried_visibly_and_gives_up_in_bounded_time(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Nothing listens on port 9 here: every try is refused at once. The pauses are shortened (the
+    # real ones, 2 s doubling, are the constant's), the tries and their logging are the real ones.
+    monkeypatch.setenv("UNREACHABLE_TEST_SAS", "sv=2024-01-01&sp=rl&sig=NOT-TO-BE-SEEN")
+    monkeypatch.setattr(areas, "_BLOB_FIRST_PAUSE_S", 0.01)
+    area = areas.BlobArea("input", "http://127.0.0.1:9/devstoreaccount1/videos", credential_env="UNREACHABLE_TEST_SAS")
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="mpistyle.watch.areas"), pytest.raises(StorageError) as failed:
+        area.list()
+    assert time.monotonic() - started < 30
+    tries = [record.getMessage() for record in caplog.records if "could not list blobs" in record.getMessage()]
+    assert [line.split("; ")[-1].split(" in ")[0] for line in tries] == [f"try {n} of 5" for n in range(2, 6)]
+    assert "after 5 tries" in str(failed.value)
+    assert "NOT-TO-BE-SEEN" not in caplog.text + str(failed.value)

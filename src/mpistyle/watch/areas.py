@@ -69,17 +69,25 @@ def _dump(data: dict[str, Any]) -> bytes:
 # -- Azure Blob Storage ----------------------------------------------------------------------------
 
 
+# A blob call is tried this often, pausing 2, 4, 8, ... s between tries, and not tried again once
+# this long has gone by: an unreachable endpoint fails a tick in about a minute, logged as it goes.
+_BLOB_TRIES = 5
+_BLOB_FIRST_PAUSE_S = 2.0
+_BLOB_RETRY_WINDOW_S = 90.0
+
+
 class BlobArea:
     """A container (``url`` = container URL) and a name prefix, with its own credential."""
 
-    def __init__(self, label: str, url: str, prefix: str = "", credential_env: str | None = None, retries: int = 5) -> None:
+    def __init__(self, label: str, url: str, prefix: str = "", credential_env: str | None = None) -> None:
         from azure.storage.blob import ContainerClient
 
         self.label = label
         self.prefix = prefix
-        self.retries = retries
         secret = from_env(credential_env)
-        options: dict[str, Any] = {"retry_total": retries, "connection_timeout": 20, "read_timeout": 120}
+        # No retries inside the SDK: they were silent (an unreachable endpoint gave minutes of
+        # nothing); _call retries instead, logging each try, within a bounded time.
+        options: dict[str, Any] = {"retry_total": 0, "connection_timeout": 10, "read_timeout": 120}
         if secret and ("AccountName=" in secret or "BlobEndpoint=" in secret):
             container = urlparse(url).path.rstrip("/").rsplit("/", 1)[-1]
             self.client = ContainerClient.from_connection_string(secret, container, **options)
@@ -90,22 +98,33 @@ class BlobArea:
             self.client = ContainerClient.from_container_url(url, credential=credential, **options)
 
     def _call(self, what: str, action: Callable[[], T]) -> T:
-        """The SDK already retries transient errors with backoff; this adds a last, slower round
-        for the errors that outlast it, and a message without secrets."""
+        """``action``, tried up to ``_BLOB_TRIES`` times with a doubling pause while it fails in a
+        way that may pass (network, 5xx, 408, 429), each failure logged without secrets, and no
+        new try once ``_BLOB_RETRY_WINDOW_S`` have gone by; then a :class:`StorageError`."""
         from azure.core.exceptions import AzureError, ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
 
-        for attempt in range(3):
+        started = time.monotonic()
+        for attempt in range(1, _BLOB_TRIES + 1):
             try:
                 return action()
             except (ResourceExistsError, ResourceNotFoundError, ResourceModifiedError):
                 raise
             except AzureError as err:
+                reason = redact(first_line(err))
                 status = getattr(err, "status_code", None)
                 if status is not None and status < 500 and status != 408 and status != 429:
-                    raise StorageError(f"{self.label} storage refused to {what}: {redact(first_line(err))}") from None
-                if attempt == 2:
-                    raise StorageError(f"{self.label} storage failed to {what}: {redact(first_line(err))}") from None
-                time.sleep(2.0 * 2**attempt)
+                    raise StorageError(f"{self.label} storage refused to {what}: {reason}") from None
+                pause = _BLOB_FIRST_PAUSE_S * 2 ** (attempt - 1)
+                if attempt == _BLOB_TRIES or time.monotonic() - started + pause > _BLOB_RETRY_WINDOW_S:
+                    raise StorageError(
+                        f"{self.label} storage failed to {what} after {attempt} tries in "
+                        f"{time.monotonic() - started:.0f} s: {reason}"
+                    ) from None
+                log.warning(
+                    "%s storage: could not %s (%s); try %d of %d in %.0f s",
+                    self.label, what, reason, attempt + 1, _BLOB_TRIES, pause,
+                )
+                time.sleep(pause)
         raise AssertionError("unreachable")
 
     def check(self, name: str) -> None:
