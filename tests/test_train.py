@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -254,12 +256,18 @@ def test_loss_decreases_on_a_fixed_batch(images: dict[str, Path], vgg: VGG19Feat
 # -- the loop in this process -------------------------------------------------------------------
 
 
-def test_training_writes_checkpoint_samples_losses_and_a_loadable_model(images: dict[str, Path], tmp_path: Path) -> None:
+def test_training_writes_checkpoint_samples_losses_and_a_loadable_model(
+    images: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     run_dir = tmp_path / "run"
     cfg = train_cfg(f"style_image={images['style']}", f"content={images['photos']}", f"run_dir={run_dir}",
                     "steps=4", "sample_every=2", "checkpoint_every=2", *SMALL)
-    output = loop.run(cfg, RankContext.world())
+    with caplog.at_level(logging.INFO, logger="mpistyle"):
+        output = loop.run(cfg, RankContext.world())
     assert output == run_dir / "style.pth"
+    # Every loss line says how fast it goes and how long is left.
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert len(lines) == 4 and all(re.search(r"s/step, ETA \d+ s\)$", line) for line in lines)
     state = load_checkpoint(run_dir / "checkpoint.pt")
     assert state["step"] == 4 and state["config"]["style_image"] == str(images["style"])
     assert set(state["optimizer"]["state"])  # Adam moments are saved for resuming

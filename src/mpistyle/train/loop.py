@@ -123,6 +123,7 @@ class _Training:
         step_fn = make_step(self.cfg, self.ctx, self.setup, self.net, self.optimizer, self.device)
         params = list(self.net.parameters())
         meter = _Meter(self.cfg.batch_size * self.ctx.size)
+        clock = _Clock(first, self.cfg.steps)
         for step in range(first, self.cfg.steps + 1):
             try:
                 local = self.ctx.check_all(lambda: step_fn(step))  # noqa: B023  (called at once, in this iteration)
@@ -131,7 +132,7 @@ class _Training:
             losses = average_over_ranks(self.ctx, params, local)
             self.optimizer.step()
             meter.add(losses)
-            self._after_step(step, first, meter)
+            self._after_step(step, first, meter, clock)
 
     def _stopped(self, step: int, err: JobInterrupted) -> JobInterrupted:
         """Save a checkpoint for a signal that came at ``step``; the error that says how to resume."""
@@ -144,17 +145,20 @@ class _Training:
             exit_code=err.exit_code,
         )
 
-    def _after_step(self, step: int, first: int, meter: _Meter) -> None:
+    def _after_step(self, step: int, first: int, meter: _Meter, clock: _Clock) -> None:
         cfg = self.cfg
         due_log = step % cfg.log_every == 0 or step in (first, cfg.steps)
         due_sample = cfg.sample_every > 0 and step % cfg.sample_every == 0 and step != cfg.steps
         due_checkpoint = step % cfg.checkpoint_every == 0 and step != cfg.steps
         if not (due_log or due_sample or due_checkpoint):
+            if self.ctx.is_root and clock.due():  # between loss lines: no other rank takes part
+                log.info("step %d/%d (%.0f%%), %s", step, cfg.steps, 100 * step / cfg.steps, clock.eta(step))
             return
 
         def on_root() -> None:
             if due_log:
-                _log_losses(self.files, step, cfg.steps, meter.take())
+                clock.due()  # a loss line is progress too
+                _log_losses(self.files, step, cfg.steps, meter.take(), clock.eta(step))
             if due_sample:
                 _sample(self.files, step, self.net, self.setup.sample, self.device)
             if due_checkpoint:
@@ -294,6 +298,37 @@ def average_over_ranks(ctx: RankContext, params: list[torch.nn.Parameter], losse
     return dict(zip(LOSS_KEYS, losses.tolist(), strict=True))
 
 
+class _Clock:
+    """This run's pace, for the progress lines: seconds a step so far and the time left."""
+
+    interval_s = 30.0  # at least this often a progress line, however far apart loss lines are
+
+    def __init__(self, first: int, steps: int) -> None:
+        self.first, self.steps = first, steps
+        self.started = self.shown = time.monotonic()
+
+    def due(self) -> bool:
+        """Whether a progress line is due (and, if so, the next one is ``interval_s`` away)."""
+        now = time.monotonic()
+        if now - self.shown < self.interval_s:
+            return False
+        self.shown = now
+        return True
+
+    def eta(self, step: int) -> str:
+        per_step = (time.monotonic() - self.started) / (step - self.first + 1)
+        return f"{per_step:.2f} s/step, ETA {_duration(per_step * (self.steps - step))}"
+
+
+def _duration(seconds: float) -> str:
+    """``3 h 12 min``, ``4 min 5 s``, ``12 s``."""
+    whole = round(seconds)
+    hours, minutes, rest = whole // 3600, whole // 60 % 60, whole % 60
+    if hours:
+        return f"{hours} h {minutes} min"
+    return f"{minutes} min {rest} s" if minutes else f"{rest} s"
+
+
 class _Meter:
     """Mean losses and throughput since the last log line."""
 
@@ -317,10 +352,10 @@ class _Meter:
         return result
 
 
-def _log_losses(files: RunFiles, step: int, steps: int, losses: dict[str, float]) -> None:
+def _log_losses(files: RunFiles, step: int, steps: int, losses: dict[str, float], eta: str) -> None:
     log.info(
-        "step %d/%d: content %.4g, style %.4g, tv %.4g, total %.4g (%.1f images/s)",
-        step, steps, losses["content"], losses["style"], losses["tv"], losses["total"], losses["images_per_s"],
+        "step %d/%d: content %.4g, style %.4g, tv %.4g, total %.4g (%.1f images/s, %s)",
+        step, steps, losses["content"], losses["style"], losses["tv"], losses["total"], losses["images_per_s"], eta,
     )
     files.append_losses({"step": step, **{key: round(value, 6) for key, value in losses.items()}})
 
