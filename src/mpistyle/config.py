@@ -130,7 +130,7 @@ class JobConfig:
     # torch.compile the model: about 2x the eager speed on CPU. auto: when the job holds at least
     # 40 megapixels of frames (about 7 s of 640x360), where compiling pays. Compiled kernels are
     # kept in compile_cache, so only the first job of a frame size and precision pays the full
-    # compile (15-25 s on 2 cores); later ones, with any rank count, about 2.5 s. If compiling fails the
+    # compile (15-35 s on 2 cores); later ones, with any rank count, about 2.5 s. If compiling fails the
     # job scores eagerly (logged).
     compile: Any = "auto"
     # Default: $TORCHINDUCTOR_CACHE_DIR, else ~/.cache/mpistyle/torch-compile (on a cluster the

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 
 # compile=auto compiles when a job's frames hold at least this many pixels in all: compiling
-# costs about 2.5 s from a warm cache and 15-25 s cold (640x360 on 2 CPU cores) and saves about
+# costs about 2.5 s from a warm cache and 15-35 s cold (640x360 on 2 CPU cores) and saves about
 # half the model's time from then on, so below this (about 7 s of 640x360 video) eager is as fast.
 _COMPILE_AUTO_PIXELS = {"cpu": 40_000_000, "cuda": 2_000_000_000}  # cuda: not yet measured (issue 17)
 
