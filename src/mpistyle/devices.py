@@ -54,11 +54,11 @@ def cpu_share(local_rank: int, affinities: Sequence[frozenset[int]], launcher: f
     node), so the CPUs are dealt out again: equal contiguous runs, one per rank; with more ranks
     than CPUs, a CPU each in turn.
     """
-    usable = frozenset().union(launcher, *affinities)
-    own = affinities[local_rank]
-    disjoint = sum(len(cpus) for cpus in affinities) == len(frozenset().union(*affinities))
-    if disjoint and frozenset().union(*affinities) == usable:
-        return own
+    bound = frozenset().union(*affinities)
+    usable = bound | launcher
+    disjoint = sum(len(cpus) for cpus in affinities) == len(bound)
+    if disjoint and bound == usable:
+        return affinities[local_rank]
     cpus = sorted(usable)
     ranks = len(affinities)
     if ranks >= len(cpus):

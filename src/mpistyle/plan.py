@@ -105,12 +105,15 @@ def _outputs(cfg: DictConfig, output: Path) -> tuple[Path, Path | None]:
     # Every path the job writes is checked here, before any frame is scored.
     files = (("output", "output", output), ("report.path", "report", report), ("report.preview", "preview", preview))
     written = [(key, what, path) for key, what, path in files if path is not None]
+    checked: set[Path] = set()  # each folder written to once (by default all three share one)
     for key, what, path in written:
         if path.is_dir():
             raise OutputError(f"{key} is a directory: {path} (give a file name)")
         if same_file(path, Path(cfg.input).expanduser()):
             raise ConfigError(f"{key} is the input ({cfg.input}): choose another path")
-        writable_dir(path.parent, f"{what} directory")
+        if path.parent not in checked:
+            writable_dir(path.parent, f"{what} directory")
+            checked.add(path.parent)
     for index, (key, _, path) in enumerate(written):
         for other, _, other_path in written[index + 1 :]:
             if same_file(path, other_path):

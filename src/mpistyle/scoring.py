@@ -73,15 +73,13 @@ class Scorer:
     def prepare(self, height: int, width: int) -> str:
         """Run the model once on a blank frame of the job's size, so a compiled model is built
         (or given up for eager) before the first real frame. Returns what happened, for the log."""
-        if not self.compiled:
-            self(np.zeros((1, height, width, 3), np.uint8))
-            return "eager"
-        before = _compile_cache_counts()
+        compiling = self.compiled
+        before = _compile_cache_counts() if compiling else (0, 0)
         started = time.perf_counter()
         self(np.zeros((1, height, width, 3), np.uint8))
         seconds = time.perf_counter() - started
         if not self.compiled:
-            return "eager (compiling failed)"
+            return "eager (compiling failed)" if compiling else "eager"
         hits, misses = (after - earlier for after, earlier in zip(_compile_cache_counts(), before))
         where = "from the compile cache" if hits and not misses else "new, kept in the compile cache"
         return f"compiled in {seconds:.1f} s ({where} {os.environ.get('TORCHINDUCTOR_CACHE_DIR')})"
@@ -101,7 +99,7 @@ class Scorer:
             if not isinstance(y, torch.Tensor) or y.shape != x.shape:
                 got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
                 raise ModelError(f"the model returned {got} for input {tuple(x.shape)}: a frame model must keep the shape")
-            out = y[:count].float().clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
+            out = y[:count].float().clamp(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)  # never in place: y may be the model's
             return out.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -161,7 +159,6 @@ def build_scorer(cfg: DictConfig, local_rank: int, cpus: frozenset[int], job_pix
         precision, compiled = pick_precision(cfg.precision, device), wants_compile(cfg.compile, device, job_pixels)
     if compiled:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache(cfg.compile_cache))
-    log.debug("rank on CPUs %s", sorted(os.sched_getaffinity(0)))
     return Scorer(model, device, cfg.batch_size or default_batch_size(device), precision, compiled, threads)
 
 
