@@ -192,3 +192,19 @@ def test_each_precision_stays_within_40_db_of_fp32_on_a_real_picture(
     scorer = Scorer(model, cpu, 1, pick_precision(precision, cpu), compile_model=compiled)
     assert (scorer.prepare(128, 128) == "eager") is not compiled
     assert psnr(reference, scorer(astronaut)) >= 40.0
+
+
+def test_one_compiled_package_serves_every_style(astronaut: np.ndarray) -> None:
+    # The package holds kernels, not weights: compiled for one style, it scores another with
+    # that style's weights, read from the live model.
+    cpu = torch.device("cpu")
+    outputs = {}
+    for style in (19, 5):
+        scorer = Scorer(load_multistyle(style=style), cpu, 1, pick_precision("auto", cpu), compile_model=True)
+        how = scorer.prepare(128, 128)
+        assert how.startswith("compiled ahead of time"), how
+        outputs[style] = scorer(astronaut)
+        eager = Scorer(load_multistyle(style=style), cpu, 1, scorer.precision)(astronaut)
+        assert psnr(eager, outputs[style]) >= 40.0
+    assert "loaded in" in how  # the second style's: no new compile
+    assert psnr(outputs[19], outputs[5]) < 25.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -125,6 +126,17 @@ def native_bf16(device: torch.device) -> bool:
 def native_fp16(device: torch.device) -> bool:
     """Every CUDA GPU; a CPU with AVX-512 FP16 or AMX FP16 (x86) or half-precision arithmetic (Arm)."""
     return device.type == "cuda" or bool(_cpu_flags() & {"avx512_fp16", "amx_fp16", "asimdhp"})
+
+
+def device_fingerprint(device: torch.device) -> str:
+    """What compiled kernels for ``device`` depend on: a GPU's model and compute capability, a
+    CPU's architecture and instruction-set flags."""
+    import torch
+
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"cuda {torch.cuda.get_device_name(device)} sm_{major}{minor}"
+    return f"{device.type} {platform.machine()} {' '.join(sorted(_cpu_flags()))}"
 
 
 def _cpu_flags() -> frozenset[str]:

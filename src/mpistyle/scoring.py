@@ -16,6 +16,7 @@ from torch import nn
 
 from .devices import pick_device, pick_precision, set_threads
 from .errors import ConfigError, ModelError, MpistyleError, first_line
+from .precompiled import CannotPrecompile, Precompiled, load_or_build
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -37,8 +38,8 @@ _COMPILE_AUTO_PIXELS = {"cpu": 40_000_000, "cuda": 2_000_000_000}  # cuda: not y
 
 class Scorer:
     """Applies a frame model to uint8 RGB frames ``(n, H, W, 3)`` and returns the same layout,
-    at ``precision`` (fp32, bf16 or fp16: autocast, so norms and the output stay fp32), through
-    ``torch.compile`` when ``compile_model``."""
+    at ``precision`` (fp32, bf16 or fp16: autocast, so norms and the output stay fp32), compiled
+    when ``compile_model`` (see :meth:`prepare`)."""
 
     def __init__(
         self,
@@ -59,43 +60,77 @@ class Scorer:
         # output is the same file for any rank count at the same threads per rank (README).
         self.compiled = compile_model
         self.model: nn.Module = self.eager
-        if compile_model:
-            try:
-                import torch._inductor.config as inductor
-
-                # Kernels that read the thread count when they run, not when compiled: one
-                # compile (and one cache entry) serves every rank count and `threads`.
-                inductor.cpp.dynamic_threads = True
-                self.model = torch.compile(self.eager, dynamic=False)  # type: ignore[assignment]
-            except Exception as err:  # its set-up reads the cache folder, which may not be made
-                self._give_up_compiling(err)
+        self._package: Precompiled | None = None  # the model compiled ahead of time, once prepared
+        self._prepared = False
 
     def prepare(self, height: int, width: int) -> str:
-        """Run the model once on a blank frame of the job's size, so a compiled model is built
-        (or given up for eager) before the first real frame. Returns what happened, for the log."""
-        compiling = self.compiled
-        before = _compile_cache_counts() if compiling else (0, 0)
-        started = time.perf_counter()
-        self(np.zeros((1, height, width, 3), np.uint8))
-        seconds = time.perf_counter() - started
+        """Compile the model for frames of this size when asked to, and run it once on a blank
+        frame, so it is built (or given up for eager) before the first real frame. Returns what
+        happened, for the log.
+
+        Compiling first tries ahead of time (a package in the compile cache that every later
+        job loads in milliseconds); a model that cannot be is compiled in the process
+        (``torch.compile``: a few seconds from a warm cache), and one that cannot be either
+        runs eagerly."""
+        self._prepared = True
+        blank = np.zeros((1, height, width, 3), np.uint8)
         if not self.compiled:
-            return "eager (compiling failed)" if compiling else "eager"
+            self(blank)
+            return "eager"
+        how = self._compile_ahead(height, width)
+        if how is None:
+            how = self._compile_in_process(blank)
+        else:
+            self(blank)
+        return how if self.compiled else "eager (compiling failed)"
+
+    def _compile_ahead(self, height: int, width: int) -> str | None:
+        """Load (or build) the model's package for this frame size; None when it cannot be."""
+        if any(isinstance(part, torch.jit.ScriptModule) for part in self.eager.modules()):
+            return None  # torch.export takes no TorchScript
+        example = torch.zeros(self.batch_size, 3, height, width, device=self.device)
+        try:
+            self._package, how = load_or_build(self.eager, example, self.dtype, compile_cache(None))
+        except CannotPrecompile as err:
+            log.info("not compiled ahead of time (%s): compiling in the process instead", err)
+            return None
+        return f"compiled ahead of time, {how}"
+
+    def _compile_in_process(self, blank: np.ndarray) -> str:
+        started = time.perf_counter()
+        try:
+            before = _compile_cache_counts()  # importing the compiler makes the cache folder
+            import torch._inductor.config as inductor
+
+            # Kernels that read the thread count when they run, not when compiled: one
+            # compile (and one cache entry) serves every rank count and `threads`.
+            inductor.cpp.dynamic_threads = True
+            self.model = torch.compile(self.eager, dynamic=False)  # type: ignore[assignment]
+        except Exception as err:  # its set-up reads the cache folder, which may not be made
+            self._give_up_compiling(err)
+            return "eager (compiling failed)"
+        self(blank)  # compiles (or loads from the cache); gives up for eager if that fails
         hits, misses = (after - earlier for after, earlier in zip(_compile_cache_counts(), before))
         where = "from the compile cache" if hits and not misses else "new, kept in the compile cache"
-        return f"compiled in {seconds:.1f} s ({where} {os.environ.get('TORCHINDUCTOR_CACHE_DIR')})"
+        return f"compiled in {time.perf_counter() - started:.1f} s ({where} {compile_cache(None)})"
 
     def __call__(self, frames: np.ndarray) -> np.ndarray:
+        if not self._prepared:
+            self.prepare(*frames.shape[1:3])
         count = len(frames)
         batch = torch.from_numpy(frames)
-        if self.device.type == "cuda" and count < self.batch_size:
+        if (self.device.type == "cuda" or self._package is not None) and count < self.batch_size:
             # Same shape every call: the same GPU kernels, so a frame's result never depends
             # on how many frames shared its batch (output identical for any rank count).
             pad = batch[-1:].expand(self.batch_size - count, *batch.shape[1:])
             batch = torch.cat([batch, pad])
         with torch.inference_mode():
             x = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-                y = self._forward(x)
+            if self._package is not None:
+                y = self._package(x)  # autocast is inside it
+            else:
+                with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+                    y = self._forward(x)
             if not isinstance(y, torch.Tensor) or y.shape != x.shape:
                 got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
                 raise ModelError(f"the model returned {got} for input {tuple(x.shape)}: a frame model must keep the shape")

@@ -1,0 +1,204 @@
+"""A frame model compiled ahead of time (AOTInductor) for one input shape, precision and device,
+kept in the compile cache as a package that later jobs load in milliseconds.
+
+``torch.compile`` compiles in the process: even from a warm cache each rank imports the compiler,
+traces the model and probes the CPU (4-5 s on 2 cores). A package holds the compiled kernels
+alone; loading it needs none of that. The package holds no weights: they are handed to it from
+the live model at load, so one package serves every style, painting and checkpoint of an
+architecture, and stale weights cannot be used.
+
+A package is named by a key over everything that shapes its kernels: torch's version, the
+device (CPU flags, GPU model), the precision, the input shape, and the model's structure (its
+modules' classes and settings, its tensors' names, shapes and dtypes, and the source files of
+the packages its classes come from).
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .devices import device_fingerprint
+from .errors import first_line
+
+log = logging.getLogger(__name__)
+
+_FORMAT = 1  # bump when what goes into a package changes
+# Version numbers stand for these packages' sources (too big to read at each start).
+_VERSIONED = {"torch": torch.__version__}
+
+
+class CannotPrecompile(Exception):
+    """The model cannot be compiled ahead of time (it does not export, or the build failed)."""
+
+
+class Precompiled:
+    """A loaded package: ``(x,) -> y`` with the model's own tensors as its weights."""
+
+    def __init__(self, package: Path, model: nn.Module, device: torch.device) -> None:
+        index = -1 if device.type == "cpu" else (device.index or 0)
+        self._loader = torch._C._aoti.AOTIModelPackageLoader(str(package), "model", False, 1, index)
+        tensors = _tensors(_Autocast(model, None))
+        # The loader keeps pointers to these tensors (the model outlives it): no copy, and a
+        # buffer the model changes in place is seen.
+        self._model = model
+        self._loader.load_constants({name: tensors[name] for name in self._loader.get_constant_fqns()}, False, True, True, False)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        result: torch.Tensor = self._loader.boxed_run([x.contiguous()])[0]
+        return result
+
+
+def load_or_build(model: nn.Module, example: torch.Tensor, dtype: torch.dtype | None, cache: Path) -> tuple[Precompiled, str]:
+    """The model's package for ``example``'s shape at ``dtype`` (autocast; None: fp32) from
+    ``cache``, built there first if it is not; with a few words on which, for the log.
+
+    Ranks that build the same package at once each write their own file and rename it into
+    place: the last one wins, and every one is whole. An export failure is recorded beside the
+    package so later jobs skip the attempt. Raises :class:`CannotPrecompile`.
+    """
+    folder = cache / "aot"
+    key = package_key(model, tuple(example.shape), dtype, example.device)
+    package, refused = folder / f"{key}.pt2", folder / f"{key}.refused"
+    if refused.exists():
+        raise CannotPrecompile(f"{refused.read_text().strip()} (recorded in {refused})")
+    started = time.perf_counter()
+    if package.exists():
+        try:
+            loaded = Precompiled(package, model, example.device)
+            return loaded, f"loaded in {time.perf_counter() - started:.1f} s (from the compile cache {cache})"
+        except Exception as err:  # a truncated or foreign file: built again below, in its place
+            log.warning("cannot load %s (%s): building it again", package, first_line(err)[:200])
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CannotPrecompile(f"cannot make {folder}: {err.strerror}") from None
+    _build(model, example, dtype, package, refused)
+    try:
+        built = Precompiled(package, model, example.device)
+    except Exception as err:
+        raise CannotPrecompile(f"the package just built does not load: {first_line(err)[:300]}") from None
+    return built, f"built in {time.perf_counter() - started:.1f} s (new, kept in the compile cache {cache})"
+
+
+def _build(model: nn.Module, example: torch.Tensor, dtype: torch.dtype | None, package: Path, refused: Path) -> None:
+    import torch._inductor
+    import torch.export
+
+    with warnings.catch_warnings():
+        # torch's own deprecation notices from inside export are not the user's to act on.
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            with torch.inference_mode():
+                exported = torch.export.export(_Autocast(model, dtype), (example.contiguous(),))
+        except Exception as err:  # export refuses data-dependent code in many ways
+            reason = f"the model does not export: {first_line(err)[:300]}"
+            _write_quietly(refused, reason + "\n")
+            raise CannotPrecompile(reason) from None
+        partial = package.with_name(f"{package.stem}.{os.getpid()}.partial.pt2")
+        try:
+            torch._inductor.aoti_compile_and_package(
+                exported,
+                package_path=str(partial),
+                inductor_configs={
+                    # Kernels read the thread count when they run: one package for every `threads`.
+                    "cpp.dynamic_threads": True,
+                    # Weights come from the live model at load (see Precompiled).
+                    "aot_inductor.package_constants_in_so": False,
+                },
+            )
+            os.replace(partial, package)
+        except Exception as err:  # no C++ compiler, a full disk, an unsupported op
+            raise CannotPrecompile(f"building failed: {first_line(err)[:300]}") from None
+        finally:
+            partial.unlink(missing_ok=True)
+
+
+class _Autocast(nn.Module):
+    """The model run under autocast at ``dtype`` (None: as it is), as the package records it."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.model = model
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            result: torch.Tensor = self.model(x)
+        return result
+
+
+def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    named = dict(module.named_parameters(remove_duplicate=False)) | dict(module.named_buffers(remove_duplicate=False))
+    return {name: tensor.detach() for name, tensor in named.items()}
+
+
+def package_key(model: nn.Module, shape: tuple[int, ...], dtype: torch.dtype | None, device: torch.device) -> str:
+    """What the package's kernels depend on, hashed (see the module's docstring)."""
+    what: dict[str, Any] = {
+        "format": _FORMAT,
+        "versions": _VERSIONED,
+        "python": sys.version_info[:2],
+        "device": device_fingerprint(device),
+        "dtype": str(dtype),
+        "shape": shape,
+        "modules": [(name, _qualname(type(module)), _settings(module)) for name, module in model.named_modules()],
+        "tensors": [(name, tuple(t.shape), str(t.dtype)) for name, t in sorted(_tensors(model).items())],
+        "sources": _sources(model),
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _settings(module: nn.Module) -> dict[str, Any]:
+    """A module's plain settings (stride, eps, flags): they shape the graph as the code does."""
+    plain = (bool, int, float, str, tuple, type(None))
+    return {
+        key: value
+        for key, value in vars(module).items()
+        if not key.startswith("_") and key != "training" and isinstance(value, plain)
+    }
+
+
+def _sources(model: nn.Module) -> dict[str, str]:
+    """A hash of the source files of every loaded module of each package the model's classes
+    come from (the forward may call helpers anywhere in its package), torch's aside."""
+    packages = {type(module).__module__.split(".")[0] for module in model.modules()} - set(_VERSIONED)
+    digests: dict[str, str] = {}
+    for name, loaded in sorted(sys.modules.items()):
+        if name.split(".")[0] not in packages:
+            continue
+        try:
+            source = inspect.getsourcefile(loaded)
+        except TypeError:  # a built-in or namespace module: no file
+            continue
+        if source is None:
+            continue
+        try:
+            digests[name] = hashlib.sha256(Path(source).read_bytes()).hexdigest()
+        except OSError:
+            continue
+    if "__main__" in packages and "__main__" not in digests:
+        raise CannotPrecompile("the model's classes come from a script with no source file")
+    return digests
+
+
+def _write_quietly(path: Path, text: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError:
+        pass

@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from mpistyle.model.loading import load_multistyle
+from mpistyle.precompiled import package_key
+from mpistyle.scoring import Scorer
+
+CPU = torch.device("cpu")
+
+
+def test_the_package_key_follows_what_shapes_the_kernels_and_not_the_weights() -> None:
+    model = load_multistyle(style=19)
+    key = package_key(model, (1, 3, 64, 64), torch.bfloat16, CPU)
+    assert package_key(load_multistyle(style=19), (1, 3, 64, 64), torch.bfloat16, CPU) == key
+    assert package_key(load_multistyle(style=5), (1, 3, 64, 64), torch.bfloat16, CPU) == key  # weights
+    assert package_key(model, (1, 3, 64, 96), torch.bfloat16, CPU) != key
+    assert package_key(model, (2, 3, 64, 64), torch.bfloat16, CPU) != key
+    assert package_key(model, (1, 3, 64, 64), None, CPU) != key
+    model.contract[1].stride = 1  # a module's setting changes the graph
+    assert package_key(model, (1, 3, 64, 64), torch.bfloat16, CPU) != key
+
+
+class DataDependent(nn.Module):
+    """A branch on the frame's content: torch.export refuses it, torch.compile breaks the graph there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.mean() > 2.0:
+            return x
+        return x * self.gain
+
+
+def test_a_model_that_does_not_export_is_compiled_in_the_process_and_the_refusal_is_remembered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    frame = np.full((1, 16, 16, 3), 200, np.uint8)
+    with caplog.at_level(logging.INFO, logger="mpistyle.scoring"):
+        for attempt in range(2):
+            scorer = Scorer(DataDependent(), CPU, 1, "fp32", compile_model=True)
+            how = scorer.prepare(16, 16)
+            assert how.startswith("compiled in "), how
+            assert np.abs(scorer(frame).astype(int) - 100).max() <= 1
+            refused = list((tmp_path / "aot").glob("*.refused"))
+            assert len(refused) == 1 and "does not export" in refused[0].read_text()
+            notes = [r.getMessage() for r in caplog.records if "not compiled ahead of time" in r.getMessage()]
+            assert len(notes) == attempt + 1
+            assert ("recorded in" in notes[-1]) is (attempt == 1)
+
+
+def test_a_package_is_built_once_loaded_after_and_built_again_when_its_file_is_damaged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.Sigmoid())
+    frame = np.random.default_rng(0).integers(0, 256, (1, 16, 24, 3), np.uint8)
+    expected = Scorer(model, CPU, 1, "fp32")(frame).astype(int)
+    hows = []
+    for attempt in range(3):
+        scorer = Scorer(model, CPU, 1, "fp32", compile_model=True)
+        hows.append(scorer.prepare(16, 24))
+        assert np.abs(scorer(frame).astype(int) - expected).max() <= 1
+        (package,) = (tmp_path / "aot").glob("*.pt2")
+        if attempt == 1:
+            package.write_bytes(package.read_bytes()[:1000])  # cut short, as a full disk leaves it
+    assert [how.split(", ")[1].split(" in ")[0] for how in hows] == ["built", "loaded", "built"]
+    assert any("building it again" in r.getMessage() for r in caplog.records)
