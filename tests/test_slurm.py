@@ -112,3 +112,17 @@ def test_time_limit_warning_requeues_and_the_job_resumes(
     report = json.loads(Path(f"{output}.report.json").read_text())
     assert 0 < report["frames_reused"] < 80
     assert len(decode_all(output)[0]) == 80
+
+
+def test_the_plain_command_runs_on_nodes_with_few_cpus(slurm: SlurmCluster, video: Callable[..., Path], tmp_path: Path) -> None:
+    # No sbatch flags at all, as the README's first Slurm line: the script asks for no more CPUs
+    # than Slurm's default (a default of 4 left this job pending for ever on these 2-CPU nodes).
+    assert int(slurm.run("sinfo", "-h", "-o", "%c").stdout.strip()) < 4
+    source = video(frames=8)
+    output = tmp_path / "out.mp4"
+    job = slurm.sbatch(str(SCRIPT), f"input={source}", f"output={output}", cwd=tmp_path, env=job_env(tmp_path))
+    info = slurm.wait(job, timeout=120)
+    log = (tmp_path / f"mpistyle-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED", log
+    assert len(decode_all(output)[0]) == 8
+    assert "each rank has 1 CPU (no --cpus-per-task)" in log and "add --cpus-per-task=N" in log
