@@ -98,9 +98,9 @@ def mpistyle_command(*args: str, ranks: int | None = None) -> list[str]:
 
 
 def run_mpistyle(
-    *args: str, ranks: int | None = None, cwd: Path | None = None, timeout: float = 240
+    *args: str, ranks: int | None = None, cwd: Path | None = None, timeout: float = 240, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, **MPI_ENV, "PYTHONPATH": str(TESTS) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {**os.environ, **MPI_ENV, "PYTHONPATH": str(TESTS) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
     return subprocess.run(
         mpistyle_command(*args, ranks=ranks), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )

@@ -98,6 +98,21 @@ def test_errors_are_one_line_with_exit_code(
     assert len(errors) == 1 and words in errors[0]
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "out.mp4").exists()
+    # Refused before any work: no run directory is left behind for it.
+    assert not list((tmp_path / "outputs").glob("*"))
+
+
+def test_a_requeued_job_keeps_its_run_directory_when_refused(video: Callable[..., Path], tmp_path: Path) -> None:
+    # Under Slurm the run directory is the job id's: a requeued attempt finds the earlier one's log.
+    earlier = tmp_path / "outputs" / "4242"
+    earlier.mkdir(parents=True)
+    (earlier / "mpistyle.log").write_text("the earlier attempt's log\n")
+    done = run_mpistyle(
+        f"input={tmp_path / 'gone.mp4'}", f"output={tmp_path / 'out.mp4'}", cwd=tmp_path, env={"SLURM_JOB_ID": "4242"}
+    )
+    assert done.returncode == 3, done.stderr
+    log = (earlier / "mpistyle.log").read_text()
+    assert log.startswith("the earlier attempt's log") and "input not found" in log
 
 
 @pytest.mark.mpi

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -145,6 +146,7 @@ def exit_on_error(ctx: RankContext, run_dir: Path) -> Iterator[None]:
     """Set up logging, then run the block; an error the ranks agreed on becomes one line from
     rank 0 and its exit code, and anything else (a bug) aborts every rank instead of leaving
     them waiting."""
+    new_run = not (run_dir / "mpistyle.log").exists()  # a requeued Slurm job finds its own
     try:
         setup_logging(ctx, run_dir)
         yield
@@ -159,6 +161,10 @@ def exit_on_error(ctx: RankContext, run_dir: Path) -> Iterator[None]:
             else:
                 log.error("error: %s", line)
         logging.shutdown()
+        if ctx.is_root and err.before_work and new_run:
+            # Refused before doing anything: the message above is the whole story, and a run
+            # directory per refused attempt would only pile up.
+            shutil.rmtree(run_dir, ignore_errors=True)
         sys.exit(err.exit_code)
     except Exception as err:  # a bug outside the ranks' agreed error path
         # Hydra would print this and exit this rank alone, leaving the others waiting forever.

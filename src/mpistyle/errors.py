@@ -17,6 +17,9 @@ class MpistyleError(Exception):
     """Base of every error a user can act on. ``str(err)`` is the one-line message."""
 
     exit_code = 1
+    # Raised by the checks before any work (settings, input, output, model, staging): the job
+    # did nothing, so its run directory holds nothing but this message (cli removes a new one).
+    before_work = False
 
 
 class InternalError(MpistyleError):

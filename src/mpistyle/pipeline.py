@@ -18,6 +18,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from . import config, signals
+from .errors import InternalError, MpistyleError
 from .join import join
 from .parallel import RankContext, Shift, attempt, unwrap
 from .plan import Plan, make_plan
@@ -45,14 +46,18 @@ def run(cfg: DictConfig, ctx: RankContext | None = None, run_id: str | None = No
     Raises an :class:`~mpistyle.errors.MpistyleError` subclass, the same on every rank, when
     the job cannot be done; the input is never modified and no partial output is left.
     """
-    config.check(cfg)
-    ctx = ctx or RankContext.world()
-    job = Job(cfg, run_id or f"{os.getpid()}", StageTimer(), time.perf_counter())
-    with job.timer("probe"):
-        plan = ctx.from_root(lambda: make_plan(cfg))
-    with job.timer("load_model"):
-        scorer = ctx.check_all(lambda: _then_check(_load_model(cfg, ctx, plan)))
-    ctx.check_all(plan.staging.create)
+    try:
+        config.check(cfg)
+        ctx = ctx or RankContext.world()
+        job = Job(cfg, run_id or f"{os.getpid()}", StageTimer(), time.perf_counter())
+        with job.timer("probe"):
+            plan = ctx.from_root(lambda: make_plan(cfg))
+        with job.timer("load_model"):
+            scorer = ctx.check_all(lambda: _then_check(_load_model(cfg, ctx, plan)))
+        ctx.check_all(plan.staging.create)
+    except MpistyleError as err:
+        err.before_work = not isinstance(err, InternalError)
+        raise
     scored = _score(job, plan, scorer, ctx)
     return ctx.from_root(lambda: finish(job, plan, unwrap(scored)))
 
