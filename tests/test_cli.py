@@ -45,7 +45,7 @@ def _subclasses(cls: type) -> list[type]:
 
 def test_exit_codes_are_one_table_in_the_readme_the_help_and_the_code(tmp_path: Path) -> None:
     readme = (TESTS.parent / "README.md").read_text()
-    table = readme[readme.index("### Exit codes") :].split("\n\n")[1]
+    table = readme[readme.index("## Exit codes") :].split("\n\n")[1]
     documented = {row.split("|")[1].strip() for row in table.splitlines()[2:]}
     raised = {str(cls.exit_code) for cls in _subclasses(MpistyleError) if isinstance(cls.__dict__.get("exit_code"), int)}
     assert raised | {"0", "128+N"} == documented  # every code the program can exit with, and no other

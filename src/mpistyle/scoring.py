@@ -57,7 +57,7 @@ class Scorer:
         self.dtype = getattr(torch, _DTYPES[precision]) if precision in _DTYPES else None
         self.eager = model.to(device).eval()
         # Compiled kernels round differently from eager ones, and with the thread count: the
-        # output is the same file for any rank count at the same threads per rank (README).
+        # output is the same file for any rank count at the same threads per rank (docs/guarantees.md).
         self.compiled = compile_model
         self.model: nn.Module = self.eager
         self._package: Precompiled | None = None  # the model compiled ahead of time, once prepared
