@@ -52,7 +52,11 @@ class Precompiled:
         # The loader keeps pointers to these tensors (the model outlives it): no copy, and a
         # buffer the model changes in place is seen.
         self._model = model
-        self._loader.load_constants({name: tensors[name] for name in self._loader.get_constant_fqns()}, False, True, True, False)
+        wanted = self._loader.get_constant_fqns()
+        missing = [name for name in wanted if name not in tensors]
+        if missing:  # built for another model under the same key: building again would not help
+            raise CannotPrecompile(f"{package} wants tensors the model lacks: {', '.join(missing[:3])}")
+        self._loader.load_constants({name: tensors[name] for name in wanted}, False, True, True, False)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         result: torch.Tensor = self._loader.boxed_run([x.contiguous()])[0]
@@ -77,6 +81,8 @@ def load_or_build(model: nn.Module, example: torch.Tensor, dtype: torch.dtype | 
         try:
             loaded = Precompiled(package, model, example.device)
             return loaded, f"loaded in {time.perf_counter() - started:.1f} s (from the compile cache {cache})"
+        except CannotPrecompile:
+            raise
         except Exception as err:  # a truncated or foreign file: built again below, in its place
             log.warning("cannot load %s (%s): building it again", package, first_line(err)[:200])
     try:
@@ -86,6 +92,8 @@ def load_or_build(model: nn.Module, example: torch.Tensor, dtype: torch.dtype | 
     _build(model, example, dtype, package, refused)
     try:
         built = Precompiled(package, model, example.device)
+    except CannotPrecompile:
+        raise
     except Exception as err:
         raise CannotPrecompile(f"the package just built does not load: {first_line(err)[:300]}") from None
     return built, f"built in {time.perf_counter() - started:.1f} s (new, kept in the compile cache {cache})"
