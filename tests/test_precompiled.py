@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import logging
+import shutil
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -76,3 +78,12 @@ def test_a_package_is_built_once_loaded_after_and_built_again_when_its_file_is_d
             package.write_bytes(package.read_bytes()[:1000])  # cut short, as a full disk leaves it
     assert [how.split(", ")[1].split(" in ")[0] for how in hows] == ["built", "loaded", "built"]
     assert any("building it again" in r.getMessage() for r in caplog.records)
+    # A package that wants tensors the model lacks (another model's, under this one's name) is
+    # refused without a rebuild: the model is compiled in the process instead.
+    renamed = nn.Sequential(OrderedDict(conv=model[0], squash=model[1]))
+    shutil.copy(package, package.with_name(f"{package_key(renamed, (1, 3, 16, 24), None, CPU)}.pt2"))
+    scorer = Scorer(renamed, CPU, 1, "fp32", compile_model=True)
+    with caplog.at_level(logging.INFO, logger="mpistyle.scoring"):
+        assert scorer.prepare(16, 24).startswith("compiled in ")
+    assert np.abs(scorer(frame).astype(int) - expected).max() <= 1
+    assert any("wants tensors the model lacks" in r.getMessage() for r in caplog.records)
