@@ -185,24 +185,31 @@ def test_compiled_kernels_are_reused_from_the_cache_and_a_failing_compile_scores
 ) -> None:
     source = video(frames=4, width=48, height=32)
     cache = tmp_path / "kernels"
-    logs = []
+    logs, reused = [], []
     for attempt in ("cold", "warm"):
         done = run_mpistyle(
-            f"input={source}", f"output={tmp_path / attempt}.mp4", "compile=true", f"compile_cache={cache}", cwd=tmp_path
+            f"input={source}", f"output={tmp_path / attempt}.mp4", "compile=true", f"compile_cache={cache}",
+            "staging.keep=true", cwd=tmp_path,
         )
         assert done.returncode == 0, done.stderr
         logs.append(next(line for line in done.stderr.splitlines() if "rank 0/1 on" in line))
+        reused.append(json.loads((tmp_path / f"{attempt}.mp4.report.json").read_text())["frames_reused"])
     assert "compiled ahead of time, built in" in logs[0] and f"new, kept in the compile cache {cache}" in logs[0]
     assert "compiled ahead of time, loaded in" in logs[1] and f"from the compile cache {cache}" in logs[1]
     # A cache that cannot be made (a file in the way) fails the compile: the job goes on eagerly.
     blocked = tmp_path / "a-file"
     blocked.write_text("")
     done = run_mpistyle(
-        f"input={source}", f"output={tmp_path / 'eager.mp4'}", "compile=true", f"compile_cache={blocked}", cwd=tmp_path
+        f"input={source}", f"output={tmp_path / 'eager.mp4'}", "compile=true", f"compile_cache={blocked}",
+        "staging.keep=true", cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr
     assert "torch.compile failed" in done.stderr and "scoring eagerly instead" in done.stderr
-    assert json.loads((tmp_path / "eager.mp4.report.json").read_text())["per_rank"][0]["compiled"] is False
+    report = json.loads((tmp_path / "eager.mp4.report.json").read_text())
+    assert report["per_rank"][0]["compiled"] is False
+    # A resumed job reuses only what its own kind of kernels scored (they round differently):
+    # the warm job took the cold one's frames, the eager one none of them.
+    assert [*reused, report["frames_reused"]] == [0, 4, 0]
 
 
 @pytest.mark.mpi

@@ -7,6 +7,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -527,8 +528,9 @@ def test_a_stop_with_overlap_keeps_the_segments_scored_whole(
     common = [f"input={source}", "video.segment_seconds=0", "report.preview_frames=0"]
     config = cfg(*common, f"output={tmp_path / 'a.mp4'}", "overlap=true")
     plan = make_plan(config)
-    plan.staging.create()
     scorer = this_process_scorer(config, plan)
+    plan = replace(plan, staging=plan.staging.scored_with(scorer.kernels))  # as the pipeline does
+    plan.staging.create()
     seen = 0
 
     def tick(frames: int) -> bool:  # as if another rank failed once this many frames were done

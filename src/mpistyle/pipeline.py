@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from omegaconf import DictConfig
@@ -54,6 +54,8 @@ def run(cfg: DictConfig, ctx: RankContext | None = None, run_id: str | None = No
             plan = ctx.from_root(lambda: make_plan(cfg))
         with job.timer("load_model"):
             scorer = ctx.check_all(lambda: _then_check(_load_model(cfg, ctx, plan)))
+        kernels = "+".join(sorted(set(ctx.gather_all(scorer.kernels))))
+        plan = replace(plan, staging=plan.staging.scored_with(kernels))
         ctx.check_all(plan.staging.create)
     except MpistyleError as err:
         err.before_work = not isinstance(err, InternalError)

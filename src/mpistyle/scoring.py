@@ -84,6 +84,14 @@ class Scorer:
             self(blank)
         return how if self.compiled else "eager (compiling failed)"
 
+    @property
+    def kernels(self) -> str:
+        """Which kernels score (their rounding differs): ``aot`` (the package), ``jit``
+        (``torch.compile`` in the process) or ``eager``."""
+        if self._package is not None:
+            return "aot"
+        return "jit" if self.compiled else "eager"
+
     def _compile_ahead(self, height: int, width: int) -> str | None:
         """Load (or build) the model's package for this frame size; None when it cannot be."""
         if any(isinstance(part, torch.jit.ScriptModule) for part in self.eager.modules()):

@@ -58,6 +58,12 @@ class Staging:
     def __init__(self, root: Path, key: str) -> None:
         self.dir = root / key
 
+    def scored_with(self, kernels: str) -> Staging:
+        """The staging folder for segments scored by these kernels: compiled and eager kernels
+        round differently, so a resumed job reuses only segments its own kind of kernels made
+        (the output stays one consistent file)."""
+        return Staging(self.dir.parent, f"{self.dir.name}-{kernels}")
+
     def create(self) -> None:
         writable_dir(self.dir, "staging directory", StagingError)
 
