@@ -102,6 +102,18 @@ def test_errors_are_one_line_with_exit_code(
     assert not list((tmp_path / "outputs").glob("*"))
 
 
+def test_a_refused_run_leaves_a_folder_of_the_user_s_own_as_it_was(tmp_path: Path) -> None:
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    done = run_mpistyle(
+        f"input={tmp_path / 'gone.mp4'}", f"output={tmp_path / 'out.mp4'}", f"hydra.run.dir={mine}", cwd=tmp_path
+    )
+    assert done.returncode == 3, done.stderr
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    assert (mine / "notes.txt").read_text() == "keep me"
+
+
 def test_a_requeued_job_keeps_its_run_directory_when_refused(video: Callable[..., Path], tmp_path: Path) -> None:
     # Under Slurm the run directory is the job id's: a requeued attempt finds the earlier one's log.
     earlier = tmp_path / "outputs" / "4242"

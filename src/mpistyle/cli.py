@@ -164,7 +164,7 @@ def exit_on_error(ctx: RankContext, run_dir: Path) -> Iterator[None]:
         if ctx.is_root and err.before_work and new_run:
             # Refused before doing anything: the message above is the whole story, and a run
             # directory per refused attempt would only pile up.
-            shutil.rmtree(run_dir, ignore_errors=True)
+            _remove_what_this_run_wrote(run_dir)
         sys.exit(err.exit_code)
     except Exception as err:  # a bug outside the ranks' agreed error path
         # Hydra would print this and exit this rank alone, leaving the others waiting forever.
@@ -172,6 +172,17 @@ def exit_on_error(ctx: RankContext, run_dir: Path) -> Iterator[None]:
         logging.shutdown()
         ctx.abort(1)
         sys.exit(1)
+
+
+def _remove_what_this_run_wrote(run_dir: Path) -> None:
+    """Remove the log and Hydra's config dump from ``run_dir``, then the folder if nothing else
+    is in it: a run directory may be one the user named, holding their own files."""
+    (run_dir / "mpistyle.log").unlink(missing_ok=True)
+    shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
+    try:
+        run_dir.rmdir()
+    except OSError:
+        pass  # not empty: not only ours
 
 
 def _log_file_only(level: int, message: str) -> None:
