@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import logging
 import shutil
+import subprocess
+import sys
 from collections import OrderedDict
 from pathlib import Path
 
@@ -87,3 +89,19 @@ def test_a_package_is_built_once_loaded_after_and_built_again_when_its_file_is_d
         assert scorer.prepare(16, 24).startswith("compiled in ")
     assert np.abs(scorer(frame).astype(int) - expected).max() <= 1
     assert any("wants tensors the model lacks" in r.getMessage() for r in caplog.records)
+
+
+def test_the_package_key_is_the_same_in_every_process_whatever_it_imported() -> None:
+    # Ranks import different parts of mpistyle before loading the model (the root plans, joins,
+    # reports): the key must not depend on that, or every rank would build its own package.
+    script = (
+        "import sys, torch; {extra}\n"
+        "from mpistyle.model.loading import load_multistyle\n"
+        "from mpistyle.precompiled import package_key\n"
+        "print(package_key(load_multistyle(), (1, 3, 64, 64), torch.bfloat16, torch.device('cpu')))\n"
+    )
+    keys = {
+        subprocess.run([sys.executable, "-c", script.format(extra=extra)], capture_output=True, text=True, check=True).stdout
+        for extra in ("pass", "import mpistyle.pipeline, mpistyle.watch.watcher, mpistyle.train.loop")
+    }
+    assert len(keys) == 1 and len(next(iter(keys)).strip()) == 32

@@ -15,10 +15,11 @@ the packages its classes come from).
 from __future__ import annotations
 
 import hashlib
-import inspect
+import importlib.metadata
 import json
 import logging
 import os
+import socket
 import sys
 import time
 import warnings
@@ -34,8 +35,17 @@ from .errors import first_line
 log = logging.getLogger(__name__)
 
 _FORMAT = 1  # bump when what goes into a package changes
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 # Version numbers stand for these packages' sources (too big to read at each start).
-_VERSIONED = {"torch": torch.__version__}
+_VERSIONED = {"torch": torch.__version__, "torchvision": _version("torchvision")}
 
 
 class CannotPrecompile(Exception):
@@ -113,7 +123,8 @@ def _build(model: nn.Module, example: torch.Tensor, dtype: torch.dtype | None, p
             reason = f"the model does not export: {first_line(err)[:300]}"
             _write_quietly(refused, reason + "\n")
             raise CannotPrecompile(reason) from None
-        partial = package.with_name(f"{package.stem}.{os.getpid()}.partial.pt2")
+        # Ranks on several nodes may build at once into a shared folder: a name each of their own.
+        partial = package.with_name(f"{package.stem}.{socket.gethostname()}-{os.getpid()}.partial.pt2")
         try:
             torch._inductor.aoti_compile_and_package(
                 exported,
@@ -182,25 +193,25 @@ def _settings(module: nn.Module) -> dict[str, Any]:
 
 
 def _sources(model: nn.Module) -> dict[str, str]:
-    """A hash of the source files of every loaded module of each package the model's classes
-    come from (the forward may call helpers anywhere in its package), torch's aside."""
-    packages = {type(module).__module__.split(".")[0] for module in model.modules()} - set(_VERSIONED)
+    """A hash of every Python source file of each package the model's classes come from (the
+    forward may call helpers anywhere in its package; all of them, not only those imported so
+    far, so every process and rank gets the same key), torch's aside: its version stands for it."""
     digests: dict[str, str] = {}
-    for name, loaded in sorted(sys.modules.items()):
-        if name.split(".")[0] not in packages:
-            continue
-        try:
-            source = inspect.getsourcefile(loaded)
-        except TypeError:  # a built-in or namespace module: no file
-            continue
-        if source is None:
-            continue
-        try:
-            digests[name] = hashlib.sha256(Path(source).read_bytes()).hexdigest()
-        except OSError:
-            continue
-    if "__main__" in packages and "__main__" not in digests:
-        raise CannotPrecompile("the model's classes come from a script with no source file")
+    for top in sorted({type(module).__module__.split(".")[0] for module in model.modules()} - set(_VERSIONED)):
+        loaded = sys.modules.get(top)
+        folders = [Path(folder) for folder in getattr(loaded, "__path__", [])]
+        # Named relative to the package, so a copy installed elsewhere (another node) keys alike.
+        files = [(f"{top}/{path.relative_to(folder)}", path) for folder in folders for path in folder.rglob("*.py")]
+        if not folders:
+            source = getattr(loaded, "__file__", None)
+            if source is None:
+                raise CannotPrecompile(f"the model's classes come from {top}, which has no source file")
+            files = [(top, Path(source))]
+        for name, path in sorted(files):
+            try:
+                digests[name] = hashlib.sha256(path.read_bytes()).hexdigest()
+            except OSError:
+                continue
     return digests
 
 
