@@ -222,6 +222,13 @@ def test_compiled_kernels_are_reused_from_the_cache_and_a_failing_compile_scores
     # A resumed job reuses only what its own kind of kernels scored (they round differently):
     # the warm job took the cold one's frames, the eager one none of them.
     assert [*reused, report["frames_reused"]] == [0, 4, 0]
+    # The job done at last (staging not kept) removes what every kind of kernels staged for it.
+    assert len(list((tmp_path / ".mpistyle-staging").iterdir())) == 2
+    done = run_mpistyle(
+        f"input={source}", f"output={tmp_path / 'last.mp4'}", "compile=true", f"compile_cache={cache}", cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / ".mpistyle-staging").exists()
 
 
 @pytest.mark.mpi

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -84,6 +85,7 @@ def block_commands() -> list[Command]:
                 not_run = reason.group(1) if reason else block_reason
                 commands.append(Command(str(doc.relative_to(ROOT)), start, pending, not_run))
                 pending = ""
+            assert not pending, f"{doc}:{start}: a command block ends inside a continued line"
     return commands
 
 
@@ -93,8 +95,10 @@ def inline_spans() -> list[tuple[str, int, str]]:
     for doc in DOCS:
         # Blocks blanked out line for line, so the line numbers stay.
         prose = re.sub(r"^```.*?^```$", lambda m: "\n" * m.group(0).count("\n"), doc.read_text(), flags=re.S | re.M)
-        for match in re.finditer(r"`([^`\n]+)`", prose):
-            spans.append((str(doc.relative_to(ROOT)), prose[: match.start()].count("\n") + 1, match.group(1)))
+        # A span may wrap onto the next line of the paragraph: its words are joined with one space.
+        for match in re.finditer(r"`([^`\n]+(?:\n[^`\n]+)?)`", prose):
+            span = " ".join(match.group(1).split())
+            spans.append((str(doc.relative_to(ROOT)), prose[: match.start()].count("\n") + 1, span))
     return spans
 
 
@@ -103,7 +107,8 @@ def inline_commands() -> list[Command]:
     found = []
     for doc, line, span in inline_spans():
         words = span.split()
-        if len(words) > 1 and words[0] in PROGRAMS[:4] and any("=" in word or word.startswith("-") for word in words[1:]):
+        program = words[3] if words[:1] == ["mpirun"] and len(words) > 3 else words[0] if words else ""
+        if len(words) > 1 and program in PROGRAMS[:4] and any("=" in word or word.startswith("-") for word in words[1:]):
             found.append(Command(doc, line, span, None))
     return found
 
@@ -220,7 +225,7 @@ def _environment(sandbox: Path) -> dict[str, str]:
 def _as_run_here(text: str, sandbox: Path) -> str:
     text = text.replace("/shared/", f"{sandbox}/shared/")
     if re.search(r"(^|\s)mpistyle-train\s", text):
-        text = text.split("  #")[0].rstrip() + " " + " ".join(TINY_TRAINING)
+        text = shlex.join([*shlex.split(text, comments=True), *TINY_TRAINING])
     return text
 
 
@@ -231,7 +236,11 @@ def test_the_first_command_s_job_runs() -> None:
     assert "demo: styled video" in done.stdout and (ROOT / "demo" / "sample-styled.mp4").exists()
 
 
-@pytest.mark.parametrize("command", [c for c in RUN if not c.text.startswith("sbatch")], ids=str)
+def _submits(command: Command) -> bool:
+    return "sbatch" in shlex.split(command.text, comments=True)
+
+
+@pytest.mark.parametrize("command", [c for c in RUN if not _submits(c)], ids=str)
 def test_the_command_runs_as_written(command: Command, sandbox: Path) -> None:
     done = subprocess.run(
         ["bash", "-c", _as_run_here(command.text, sandbox)],
@@ -241,7 +250,7 @@ def test_the_command_runs_as_written(command: Command, sandbox: Path) -> None:
 
 
 @pytest.mark.slurm
-@pytest.mark.parametrize("command", [c for c in RUN if c.text.startswith("sbatch")], ids=str)
+@pytest.mark.parametrize("command", [c for c in RUN if _submits(c)], ids=str)
 def test_the_sbatch_command_runs_as_written(command: Command, sandbox: Path, slurm: SlurmCluster) -> None:
     env = {**_environment(sandbox), **slurm.env()}
     done = subprocess.run(["bash", "-c", _as_run_here(command.text, sandbox)], cwd=sandbox, env=env,

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from mpistyle.model.loading import load_multistyle
-from mpistyle.precompiled import package_key
+from mpistyle.precompiled import Precompiled, package_key
 from mpistyle.scoring import Scorer
 
 CPU = torch.device("cpu")
@@ -105,3 +105,25 @@ def test_the_package_key_is_the_same_in_every_process_whatever_it_imported() -> 
         for extra in ("pass", "import mpistyle.pipeline, mpistyle.watch.watcher, mpistyle.train.loop")
     }
     assert len(keys) == 1 and len(next(iter(keys)).strip()) == 32
+
+
+def test_a_package_that_fails_when_run_is_given_up_for_the_in_process_compile_and_remembered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As on a node whose GPU driver cannot run kernels built for its GPU model elsewhere.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), nn.Sigmoid())
+    frame = np.random.default_rng(1).integers(0, 256, (1, 8, 8, 3), np.uint8)
+    expected = Scorer(model, CPU, 1, "fp32")(frame).astype(int)
+
+    def fails(self: Precompiled, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(Precompiled, "__call__", fails)
+    scorer = Scorer(model, CPU, 1, "fp32", compile_model=True)
+    assert scorer.prepare(8, 8).startswith("compiled in ")
+    assert scorer.kernels == "jit" and np.abs(scorer(frame).astype(int) - expected).max() <= 1
+    (refused,) = (tmp_path / "aot").glob("*.refused")
+    assert "failed when run" in refused.read_text() and "no kernel image" in refused.read_text()
+    # Later jobs go straight to the in-process compile.
+    assert Scorer(model, CPU, 1, "fp32", compile_model=True).prepare(8, 8).startswith("compiled in ")

@@ -54,11 +54,16 @@ def run(cfg: DictConfig, ctx: RankContext | None = None, run_id: str | None = No
             plan = ctx.from_root(lambda: make_plan(cfg))
         with job.timer("load_model"):
             scorer = ctx.check_all(lambda: _then_check(_load_model(cfg, ctx, plan)))
-        kernels = "+".join(sorted(set(ctx.gather_all(scorer.kernels))))
-        plan = replace(plan, staging=plan.staging.scored_with(kernels))
+        kinds = set(ctx.gather_all(scorer.kernels))
+        if len(kinds) > 1:
+            # A frame's pixels would depend on which rank scored it: every rank goes eager.
+            log.warning("the ranks compiled differently (%s): every rank scores eagerly", ", ".join(sorted(kinds)))
+            scorer.use_eager()
+        plan = replace(plan, staging=plan.staging.scored_with(scorer.kernels))
         ctx.check_all(plan.staging.create)
     except MpistyleError as err:
-        err.before_work = not isinstance(err, InternalError)
+        # The checks' own errors (2-6); a signal or a bug during them is not a refusal.
+        err.before_work = not isinstance(err, InternalError) and 2 <= err.exit_code <= 6
         raise
     scored = _score(job, plan, scorer, ctx)
     return ctx.from_root(lambda: finish(job, plan, unwrap(scored)))

@@ -14,6 +14,7 @@ the packages its classes come from).
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -97,16 +98,35 @@ def load_or_build(model: nn.Module, example: torch.Tensor, dtype: torch.dtype | 
             log.warning("cannot load %s (%s): building it again", package, first_line(err)[:200])
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        lock = open(folder / f"{key}.lock", "a")
     except OSError as err:
         raise CannotPrecompile(f"cannot make {folder}: {err.strerror}") from None
-    _build(model, example, dtype, package, refused)
+    with lock:
+        # Ranks of a node build one at a time: the others wait, then load what the first built.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not package.exists() or _stale(package, started):
+            _build(model, example, dtype, package, refused)
     try:
         built = Precompiled(package, model, example.device)
     except CannotPrecompile:
         raise
-    except Exception as err:
-        raise CannotPrecompile(f"the package just built does not load: {first_line(err)[:300]}") from None
+    except Exception as err:  # every later job would build it again for nothing: say so once
+        reason = f"the package just built does not load: {first_line(err)[:300]}"
+        _write_quietly(refused, reason + "\n")
+        raise CannotPrecompile(reason) from None
     return built, f"built in {time.perf_counter() - started:.1f} s (new, kept in the compile cache {cache})"
+
+
+def record_failure(model: nn.Module, example: torch.Tensor, dtype: torch.dtype | None, cache: Path, why: str) -> None:
+    """Record that the model's package failed when run, so later jobs compile in the process."""
+    key = package_key(model, tuple(example.shape), dtype, example.device)
+    _write_quietly(cache / "aot" / f"{key}.refused", f"the package failed when run: {why}\n")
+
+
+def _stale(package: Path, started: float) -> bool:
+    """Whether ``package`` is the damaged file found at the start (not one another rank built
+    while this one waited for the lock)."""
+    return package.stat().st_mtime < time.time() - (time.perf_counter() - started)
 
 
 def _build(model: nn.Module, example: torch.Tensor, dtype: torch.dtype | None, package: Path, refused: Path) -> None:

@@ -16,7 +16,7 @@ from torch import nn
 
 from .devices import pick_device, pick_precision, set_threads
 from .errors import ConfigError, ModelError, MpistyleError, first_line
-from .precompiled import CannotPrecompile, Precompiled, load_or_build
+from .precompiled import CannotPrecompile, Precompiled, load_or_build, record_failure
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -62,6 +62,7 @@ class Scorer:
         self.model: nn.Module = self.eager
         self._package: Precompiled | None = None  # the model compiled ahead of time, once prepared
         self._prepared = False
+        self._shape = (0, 0)  # the frame size prepared for
 
     def prepare(self, height: int, width: int) -> str:
         """Compile the model for frames of this size when asked to, and run it once on a blank
@@ -78,11 +79,26 @@ class Scorer:
             self(blank)
             return "eager"
         how = self._compile_ahead(height, width)
+        if how is not None:
+            try:
+                self(blank)
+            except Exception as err:  # built for this machine type, yet it does not run here (a driver)
+                log.warning("the compiled package failed when run (%s): compiling in the process instead", first_line(err)[:200])
+                self._drop_package(first_line(err)[:200])
+                how = None
         if how is None:
             how = self._compile_in_process(blank)
-        else:
-            self(blank)
         return how if self.compiled else "eager (compiling failed)"
+
+    def use_eager(self) -> None:
+        """Score with the eager model from now on (the ranks must agree on their kernels)."""
+        self._package, self.model, self.compiled = None, self.eager, False
+
+    def _drop_package(self, why: str) -> None:
+        height, width = self._shape
+        example = torch.zeros(self.batch_size, 3, height, width, device=self.device)
+        record_failure(self.eager, example, self.dtype, compile_cache(None), why)
+        self._package = None
 
     @property
     def kernels(self) -> str:
@@ -96,11 +112,15 @@ class Scorer:
         """Load (or build) the model's package for this frame size; None when it cannot be."""
         if any(isinstance(part, torch.jit.ScriptModule) for part in self.eager.modules()):
             return None  # torch.export takes no TorchScript
-        example = torch.zeros(self.batch_size, 3, height, width, device=self.device)
+        self._shape = (height, width)
         try:
+            example = torch.zeros(self.batch_size, 3, height, width, device=self.device)
             self._package, how = load_or_build(self.eager, example, self.dtype, compile_cache(None))
         except CannotPrecompile as err:
             log.info("not compiled ahead of time (%s): compiling in the process instead", err)
+            return None
+        except Exception as err:  # the device refusing the example (out of memory), or a bug of torch's
+            log.warning("not compiled ahead of time (%s): compiling in the process instead", first_line(err)[:200])
             return None
         return f"compiled ahead of time, {how}"
 

@@ -55,14 +55,15 @@ class Staged:
 
 
 class Staging:
-    def __init__(self, root: Path, key: str) -> None:
+    def __init__(self, root: Path, key: str, job: str | None = None) -> None:
         self.dir = root / key
+        self._job = job  # the key without the kernels' suffix (see scored_with)
 
     def scored_with(self, kernels: str) -> Staging:
         """The staging folder for segments scored by these kernels: compiled and eager kernels
         round differently, so a resumed job reuses only segments its own kind of kernels made
         (the output stays one consistent file)."""
-        return Staging(self.dir.parent, f"{self.dir.name}-{kernels}")
+        return Staging(self.dir.parent, f"{self.dir.name}-{kernels}", self.dir.name)
 
     def create(self) -> None:
         writable_dir(self.dir, "staging directory", StagingError)
@@ -98,8 +99,13 @@ class Staging:
         return Staged([int(p) for p in pts], encoded, extradata, damage)
 
     def remove(self, remove_empty_root: bool = False) -> None:
-        """Delete this job's staged frames; also the root folder if asked and nothing else is there."""
+        """Delete this job's staged frames, those other kinds of kernels staged for it in earlier
+        attempts too (they will never be used now); also the root folder if asked and nothing
+        else is there."""
         shutil.rmtree(self.dir, ignore_errors=True)
+        if self._job is not None:
+            for kind in ("aot", "jit", "eager"):
+                shutil.rmtree(self.dir.parent / f"{self._job}-{kind}", ignore_errors=True)
         if remove_empty_root:
             try:
                 self.dir.parent.rmdir()
