@@ -29,6 +29,19 @@ def test_the_package_key_follows_what_shapes_the_kernels_and_not_the_weights() -
     assert package_key(model, (1, 3, 64, 64), None, CPU) != key
     model.contract[1].stride = 1  # a module's setting changes the graph
     assert package_key(model, (1, 3, 64, 64), torch.bfloat16, CPU) != key
+    # So does a function held as a setting.
+    gelu, relu = (Activated(act) for act in (torch.nn.functional.gelu, torch.nn.functional.relu))
+    assert package_key(gelu, (1, 3, 8, 8), None, CPU) != package_key(relu, (1, 3, 8, 8), None, CPU)
+    assert package_key(gelu, (1, 3, 8, 8), None, CPU) == package_key(Activated(torch.nn.functional.gelu), (1, 3, 8, 8), None, CPU)
+
+
+class Activated(nn.Module):
+    def __init__(self, act: object) -> None:
+        super().__init__()
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x)  # type: ignore[operator,no-any-return]
 
 
 class DataDependent(nn.Module):

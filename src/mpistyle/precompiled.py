@@ -202,14 +202,33 @@ def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))  # training, _parameters, _buffers, the hooks
+
+
 def _settings(module: nn.Module) -> dict[str, Any]:
-    """A module's plain settings (stride, eps, flags): they shape the graph as the code does."""
-    plain = (bool, int, float, str, tuple, type(None))
+    """A module's own settings (stride, eps, flags, an activation function held as an
+    attribute): they shape the graph as the code does. Tensors and submodules are keyed apart."""
     return {
-        key: value
+        key: _describe(value)
         for key, value in vars(module).items()
-        if not key.startswith("_") and key != "training" and isinstance(value, plain)
+        if key not in _MODULE_INTERNALS and not isinstance(value, torch.Tensor | nn.Module)
     }
+
+
+def _describe(value: Any) -> Any:
+    """A value as the key holds it: the same in every process (never a memory address)."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, tuple | list):
+        return [_describe(item) for item in value]
+    if isinstance(value, dict):
+        return {str(key): _describe(item) for key, item in value.items()}
+    if hasattr(value, "shape") and hasattr(value, "dtype"):  # an array: its layout, not its values
+        return f"{type(value).__qualname__}{tuple(value.shape)}{value.dtype}"
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
+    text = repr(value)
+    return type(value).__qualname__ if " at 0x" in text else text
 
 
 def _sources(model: nn.Module) -> dict[str, str]:
