@@ -62,7 +62,6 @@ class Scorer:
         self.model: nn.Module = self.eager
         self._package: Precompiled | None = None  # the model compiled ahead of time, once prepared
         self._prepared = False
-        self._shape = (0, 0)  # the frame size prepared for
 
     def prepare(self, height: int, width: int) -> str:
         """Compile the model for frames of this size when asked to, and run it once on a blank
@@ -84,7 +83,7 @@ class Scorer:
                 self(blank)
             except Exception as err:  # built for this machine type, yet it does not run here (a driver)
                 log.warning("the compiled package failed when run (%s): compiling in the process instead", first_line(err)[:200])
-                self._drop_package(first_line(err)[:200])
+                self._drop_package(height, width, first_line(err)[:200])
                 how = None
         if how is None:
             how = self._compile_in_process(blank)
@@ -94,8 +93,7 @@ class Scorer:
         """Score with the eager model from now on (the ranks must agree on their kernels)."""
         self._package, self.model, self.compiled = None, self.eager, False
 
-    def _drop_package(self, why: str) -> None:
-        height, width = self._shape
+    def _drop_package(self, height: int, width: int, why: str) -> None:
         example = torch.zeros(self.batch_size, 3, height, width, device=self.device)
         record_failure(self.eager, example, self.dtype, compile_cache(None), why)
         self._package = None
@@ -112,7 +110,6 @@ class Scorer:
         """Load (or build) the model's package for this frame size; None when it cannot be."""
         if any(isinstance(part, torch.jit.ScriptModule) for part in self.eager.modules()):
             return None  # torch.export takes no TorchScript
-        self._shape = (height, width)
         try:
             example = torch.zeros(self.batch_size, 3, height, width, device=self.device)
             self._package, how = load_or_build(self.eager, example, self.dtype, compile_cache(None))
