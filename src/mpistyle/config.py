@@ -15,6 +15,7 @@ from .devices import PRECISIONS, check_device
 from .encode import EncodeSettings
 from .errors import ConfigError
 from .flow import FLOW_PRESETS
+from .hwcodecs import DECODERS, ENCODERS
 from .model.checksums import ARBITRARY_PREDICT_SHA256, ARBITRARY_TRANSFORM_SHA256, MULTISTYLE_SHA256
 
 PROGRESS_MODES = ("auto", "bar", "log", "off")
@@ -71,6 +72,9 @@ class VideoConfig(EncodeSettings):
     # scored and encoded on its own (it opens with a keyframe) and the root joins them by stream
     # copy. Larger: fewer keyframes, coarser load balance and resume; 0: a segment per input GOP.
     segment_seconds: float = 1.0
+    # auto: NVDEC (h264_cuvid, hevc_cuvid, ...) where every rank computes on a GPU that can
+    # decode the input's codec, else the CPU; cpu; cuvid.
+    decoder: str = "auto"
 
 
 @dataclass
@@ -193,6 +197,11 @@ def check(cfg: DictConfig) -> None:
     for key, value in cfg.limits.items():
         if not value > 0:  # also refuses nan
             raise ConfigError(f"limits.{key} must be positive, got {value}")
+    for key, allowed in (("decoder", DECODERS), ("encoder", ENCODERS)):
+        if cfg.video[key] not in allowed:
+            raise ConfigError(f"video.{key} must be one of {', '.join(allowed)}, got '{cfg.video[key]}'")
+    if not 0 <= cfg.video.nvenc_cq <= 51:
+        raise ConfigError(f"video.nvenc_cq must be 0 to 51, got {cfg.video.nvenc_cq}")
     if cfg.video.crf is not None and cfg.video.crf < 0:
         raise ConfigError(f"video.crf must be 0 or more, got {cfg.video.crf}")
     if not 0 <= cfg.temporal.alpha < 1:

@@ -30,6 +30,11 @@ class EncodeSettings:
     # the same bits whatever the rank count. 0: let the encoder choose.
     threads: int = 8
     format: str | None = None  # container; default: from the output's extension
+    # auto: NVENC (h264_nvenc for libx264, hevc_nvenc for libx265, av1_nvenc for libsvtav1)
+    # where every rank computes on a GPU that has one, else `codec` on the CPU; cpu; nvenc.
+    encoder: str = "auto"
+    nvenc_preset: str = "p5"  # p1 (fastest) to p7 (best)
+    nvenc_cq: int = 23  # constant quality, 0-51: lower is better (like crf)
 
     @classmethod
     def of(cls, video: Any) -> EncodeSettings:

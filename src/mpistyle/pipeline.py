@@ -19,12 +19,14 @@ from omegaconf import DictConfig
 
 from . import config, signals
 from .errors import InternalError, MpistyleError
+from .hwcodecs import on_gpu, on_nvenc, pick_decoder, pick_encoder
 from .join import join
 from .parallel import RankContext, Shift, attempt, unwrap
 from .plan import Plan, make_plan
 from .report import Progress, RankSummary, RunFacts, StageTimer, job_report, write_json, write_preview
 from .scoring import Scorer, build_scorer
 from .segment import Segment, largest_first
+from .video import Cuvid
 from .worker import Finished, Worker, score_segments
 
 log = logging.getLogger(__name__)
@@ -59,13 +61,15 @@ def run(cfg: DictConfig, ctx: RankContext | None = None, run_id: str | None = No
             # A frame's pixels would depend on which rank scored it: every rank goes eager.
             log.warning("the ranks compiled differently (%s): every rank scores eagerly", ", ".join(sorted(kinds)))
             scorer.use_eager()
-        plan = replace(plan, staging=plan.staging.scored_with(scorer.kernels))
+        plan, cuvid = ctx.check_all(lambda: _gpu_codecs(cfg, ctx, plan, scorer))
+        made_by = f"{scorer.kernels}-{plan.settings.codec}" if on_gpu(plan.settings) else scorer.kernels
+        plan = replace(plan, staging=plan.staging.scored_with(made_by))
         ctx.check_all(plan.staging.create)
     except MpistyleError as err:
         # The checks' own errors (2-6); a signal or a bug during them is not a refusal.
         err.before_work = not isinstance(err, InternalError) and 2 <= err.exit_code <= 6
         raise
-    scored = _score(job, plan, scorer, ctx)
+    scored = _score(job, plan, scorer, ctx, cuvid)
     return ctx.from_root(lambda: finish(job, plan, unwrap(scored)))
 
 
@@ -81,7 +85,28 @@ def _load_model(cfg: DictConfig, ctx: RankContext, plan: Plan) -> Scorer:
     return scorer
 
 
-def _score(job: Job, plan: Plan, scorer: Scorer, ctx: RankContext) -> tuple[bool, Any]:
+def _gpu_codecs(cfg: DictConfig, ctx: RankContext, plan: Plan, scorer: Scorer) -> tuple[Plan, Cuvid | None]:
+    """The plan with this rank's encoder, and its GPU decoder (None: the CPU's): the GPU's
+    (``video.decoder``, ``video.encoder``) only where every rank has it, so every segment is
+    encoded alike (they are joined by stream copy) and decoded alike (MPEG-2's GPU decoding may
+    round differently from the CPU's)."""
+    cuvid = pick_decoder(cfg.video.decoder, plan.info, scorer.device)
+    nvenc = pick_encoder(plan.settings, plan.info, scorer.device, plan.container_format)
+    decoders, encoders = zip(*ctx.gather_all((cuvid is not None, nvenc)), strict=True)
+    if not all(decoders):
+        if cuvid is not None:
+            log.info("decoding on the CPU: not every rank can decode on its GPU")
+        cuvid = None
+    if len(set(encoders)) > 1:
+        log.info("encoding on the CPU (%s): not every rank has a GPU encoder", plan.settings.codec)
+    elif nvenc is not None:
+        plan = replace(plan, settings=on_nvenc(plan.settings, nvenc, scorer.device))
+    if ctx.is_root:
+        log.info("decoder: %s; encoder: %s", cuvid.name if cuvid else f"{plan.info.codec} (CPU)", plan.settings.codec)
+    return plan, cuvid
+
+
+def _score(job: Job, plan: Plan, scorer: Scorer, ctx: RankContext, cuvid: Cuvid | None) -> tuple[bool, Any]:
     """Every rank scores the segments it is handed, until none are left, progress going to the
     root; what each returned, or failed with."""
     cfg = job.cfg
@@ -95,7 +120,7 @@ def _score(job: Job, plan: Plan, scorer: Scorer, ctx: RankContext) -> tuple[bool
             turn = shift.take()
             return None if turn is None else handout[turn]
 
-        worker = Worker(plan, scorer, shift.tick, take, cfg.on_damage, overlap)
+        worker = Worker(plan, scorer, shift.tick, take, cfg.on_damage, overlap, cuvid)
         return score_segments(worker, ctx.rank, ctx.host)
 
     with job.timer("score"):

@@ -158,6 +158,8 @@ class RankSummary:
     precision: str  # fp32, bf16 or fp16: what the model ran at
     compiled: bool  # through torch.compile (False: eager, asked for or fallen back to)
     overlap: bool  # decode and encode in threads beside the model
+    decoder: str  # FFmpeg's name for it: h264 (the CPU's), h264_cuvid (the GPU's), ...
+    encoder: str  # libx264 (the CPU's), h264_nvenc (the GPU's), ...
     frames: int  # frames of the segments it was handed
     segments: list[int]  # their numbers, in the order it took them
     frames_reused: int  # found staged by an earlier attempt
@@ -342,7 +344,7 @@ _PUBLIC_SECTIONS = {
     "output": ("codec", "segments", "width", "height", "frames", "bytes", "audio"),
 }
 _PUBLIC_RANK = (
-    "rank", "device", "threads", "precision", "compiled", "overlap", "frames", "segments", "frames_reused",
+    "rank", "device", "threads", "precision", "compiled", "overlap", "decoder", "encoder", "frames", "segments", "frames_reused",
     "frames_decoded", "damage", "seconds", "seconds_total", "peak_rss_mb", "fps",
 )
 

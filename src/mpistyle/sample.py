@@ -10,9 +10,11 @@ sine tone per audio track. Encoded with PyAV: H.264 (yuv420p) and AAC by default
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from fractions import Fraction
+from functools import partial
 from pathlib import Path
 from typing import cast
 
@@ -60,12 +62,14 @@ def make_video(
     bframes: int = 2,
     rotation: float = 0.0,
     keyframes: Sequence[int] | None = None,
+    processes: int = 1,
+    preset: str = "veryfast",
 ) -> Path:
     """Write a real video of ``frames`` frames with ``audio`` AAC tracks of sine tones.
 
     ``gop`` is the keyframe interval (H.264), or ``keyframes`` lists the frames that are (as
     scene cuts place them). ``pts`` (with ``time_base``) gives each frame its own timestamp, for
-    variable frame rate.
+    variable frame rate. ``processes`` draw the frames side by side (a long 1080p clip).
     """
     with av.open(str(path), "w") as out:
         video = cast(av.VideoStream, out.add_stream(codec, rate=fps))
@@ -78,7 +82,7 @@ def make_video(
                 "forced-idr": "1",
                 "sc_threshold": "0",
                 "bf": str(bframes),
-                "preset": "veryfast",
+                "preset": preset,
             }
         if rotation:
             video.set_display_rotation(rotation)  # as a phone held upright records it
@@ -90,8 +94,8 @@ def make_video(
             stream = out.add_stream("aac", rate=AUDIO_RATE)
             stream.layout = "mono"
             tones.append((stream, 220.0 * (track + 1)))
-        for index in range(frames):
-            frame = av.VideoFrame.from_ndarray(landscape(index, width, height, fps), format="rgb24")
+        for index, picture in enumerate(_pictures(frames, width, height, fps, processes)):
+            frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
             if keyframes is not None and index in keyframes:
                 frame.pict_type = av.video.frame.PictureType.I
             if pts is not None:
@@ -106,6 +110,16 @@ def make_video(
         for stream, hertz in tones:
             _write_tone(out, stream, hertz, seconds)
     return path
+
+
+def _pictures(frames: int, width: int, height: int, fps: float, processes: int) -> Iterator[np.ndarray]:
+    """The scene's frames in order, drawn by ``processes`` worker processes when more than one."""
+    draw = partial(landscape, width=width, height=height, fps=fps)
+    if processes <= 1:
+        yield from map(draw, range(frames))
+        return
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        yield from pool.imap(draw, range(frames), chunksize=4)
 
 
 def _write_tone(out: av.container.OutputContainer, stream: av.AudioStream, hertz: float, seconds: float) -> None:

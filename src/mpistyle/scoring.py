@@ -110,6 +110,11 @@ class Scorer:
         """Load (or build) the model's package for this frame size; None when it cannot be."""
         if any(isinstance(part, torch.jit.ScriptModule) for part in self.eager.modules()):
             return None  # torch.export takes no TorchScript
+        if self.device.type != "cpu":
+            # Loading a CUDA package crashed the process (a segmentation fault in torch's
+            # package loader, torch 2.11+cu130 on an H200: bench/results/gpu-*.json), which no
+            # fallback can catch: GPUs compile in the process.
+            return None
         try:
             example = torch.zeros(self.batch_size, 3, height, width, device=self.device)
             self._package, how = load_or_build(self.eager, example, self.dtype, compile_cache(None))
@@ -197,7 +202,7 @@ def build_scorer(cfg: DictConfig, local_rank: int, cpus: frozenset[int], job_pix
     ``batch_size``, ``compile``) for the ``local_rank``-th rank on its node, which runs on
     ``cpus``; ``job_pixels`` (every frame's pixels added up) decides ``compile=auto``."""
     device = pick_device(cfg.device, local_rank)
-    threads = set_threads(cfg.threads, cpus)
+    threads = set_threads(cfg.threads, cpus, gpu=device.type == "cuda")
     try:
         model = instantiate(cfg.model)
     except InstantiationException as err:

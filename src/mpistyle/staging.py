@@ -60,9 +60,10 @@ class Staging:
         self._job = job  # the key without the kernels' suffix (see scored_with)
 
     def scored_with(self, kernels: str) -> Staging:
-        """The staging folder for segments scored by these kernels: compiled and eager kernels
-        round differently, so a resumed job reuses only segments its own kind of kernels made
-        (the output stays one consistent file)."""
+        """The staging folder for segments scored by these kernels (and encoded by this
+        encoder, when named: ``aot-h264_nvenc``): compiled and eager kernels round differently,
+        and segments from two encoders do not join, so a resumed job reuses only segments made
+        its own way (the output stays one consistent file)."""
         return Staging(self.dir.parent, f"{self.dir.name}-{kernels}", self.dir.name)
 
     def create(self) -> None:
@@ -104,8 +105,8 @@ class Staging:
         else is there."""
         shutil.rmtree(self.dir, ignore_errors=True)
         if self._job is not None:
-            for kind in ("aot", "jit", "eager"):
-                shutil.rmtree(self.dir.parent / f"{self._job}-{kind}", ignore_errors=True)
+            for other in self.dir.parent.glob(f"{self._job}-*"):  # other kernels, another encoder
+                shutil.rmtree(other, ignore_errors=True)
         if remove_empty_root:
             try:
                 self.dir.parent.rmdir()

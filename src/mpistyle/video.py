@@ -19,6 +19,7 @@ from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from typing import cast
 
 import av
 import av.error
@@ -362,6 +363,28 @@ def _display_rotation(container: av.container.InputContainer, stream: av.VideoSt
     return 0.0
 
 
+@dataclass(frozen=True)
+class Cuvid:
+    """An NVDEC decoder (``h264_cuvid``, ``hevc_cuvid``, ...) on one GPU, by its index."""
+
+    name: str
+    gpu: int = 0
+
+    def open(self, stream: av.VideoStream) -> av.VideoCodecContext:
+        """A decoder for ``stream``'s packets; its frames come back to host memory (NV12)."""
+        codec = cast(av.VideoCodecContext, av.CodecContext.create(self.name, "r"))
+        source = stream.codec_context
+        codec.width, codec.height = source.width, source.height
+        if source.extradata:
+            codec.extradata = source.extradata
+        codec.options = {"gpu": str(self.gpu)}
+        try:
+            codec.open()
+        except (av.error.FFmpegError, ValueError) as err:
+            raise InputError(f"the GPU decoder {self.name} does not open on GPU {self.gpu} ({err})") from None
+        return codec
+
+
 @dataclass
 class Decoded:
     """Frames the decoder produced, the ones before a segment (from its keyframe on) included."""
@@ -384,7 +407,12 @@ class Damage:
 
 
 def decode_segment(
-    info: VideoInfo, segment: Segment, policy: str = "fail", damage: Damage | None = None, decoded: Decoded | None = None
+    info: VideoInfo,
+    segment: Segment,
+    policy: str = "fail",
+    damage: Damage | None = None,
+    decoded: Decoded | None = None,
+    cuvid: Cuvid | None = None,
 ) -> Generator[np.ndarray, None, None]:
     """Yield the segment's frames as RGB ``(H, W, 3)`` uint8 arrays, in presentation order.
 
@@ -396,6 +424,9 @@ def decode_segment(
     :class:`InputError` under ``policy="fail"``. Under ``"conceal"`` it is counted in
     ``damage``: corrupt frames are kept as FFmpeg concealed them, and a frame that never decodes
     is replaced by the one before it, so the output keeps every timestamp.
+
+    With ``cuvid``, the GPU decodes (NVDEC) and the frames come back to host memory; H.264,
+    HEVC, VP9 and AV1 decoding is exact, so the pictures are the CPU decoder's.
     """
     if segment.frames == 0:
         return
@@ -408,9 +439,10 @@ def decode_segment(
         stream = container.streams.video[0]
         # Frame threads speed decoding up without changing any decoded pixel.
         stream.thread_type = "AUTO"
+        codec = cuvid.open(stream) if cuvid else stream.codec_context
         if segment.seek_pts is not None:
             _seek_before(container, stream, info, segment.seek_pts)
-        for frame in _frames(container, stream, policy, damage, info.path, segment.seek_pts is not None):
+        for frame in _frames(container, stream, policy, damage, info.path, segment.seek_pts is not None, codec):
             if decoded is not None:
                 decoded.frames += 1
             if frame.pts is None or not first <= frame.pts <= last:
@@ -488,10 +520,12 @@ def _damaged(info: VideoInfo, frame: int, what: str) -> InputError:
 
 def _frames(
     container: av.container.InputContainer, stream: av.VideoStream, policy: str, damage: Damage, path: str,
-    from_keyframe: bool = False,
+    from_keyframe: bool = False, codec: av.VideoCodecContext | None = None,
 ) -> Iterator[av.VideoFrame]:
     """The stream's frames from where the container stands; with ``from_keyframe``, from the
-    first keyframe on (a seek may land mid-GOP, where nothing decodes)."""
+    first keyframe on (a seek may land mid-GOP, where nothing decodes). ``codec``: the decoder
+    (default: the stream's own)."""
+    codec = codec or stream.codec_context
     started = not from_keyframe
     # demux() ends with an empty packet whose decode() drains the decoder's last frames.
     try:
@@ -500,7 +534,7 @@ def _frames(
             if not started:
                 continue
             try:
-                yield from packet.decode()
+                yield from codec.decode(packet)
             except av.error.InvalidDataError:
                 if policy == "fail":
                     raise

@@ -26,7 +26,7 @@ from .report import RankFlicker, RankSummary, StageTimer, peak_rss_mb
 from .scoring import Scorer
 from .segment import Segment
 from .staging import SegmentWriter, Staging
-from .video import Damage, Decoded, VideoInfo, decode_segment
+from .video import Cuvid, Damage, Decoded, VideoInfo, decode_segment
 
 if TYPE_CHECKING:
     from .temporal import TemporalStage
@@ -61,6 +61,7 @@ class Worker:
     take: Callable[[], Segment | None]  # the next segment to do; None when there are no more
     on_damage: str = "fail"
     overlap: bool = False
+    cuvid: Cuvid | None = None  # the GPU decoder; None: the CPU's
 
 
 def score_segments(worker: Worker, rank: int, host: str) -> tuple[RankSummary, list[Finished]]:
@@ -117,7 +118,7 @@ def score_segments(worker: Worker, rank: int, host: str) -> tuple[RankSummary, l
 
 def _decoder(worker: Worker, segment: Segment, counted: Decoded) -> Batches:
     """The segment's frames in batches: decoded ahead in a thread with ``overlap``."""
-    batches = _decoded(worker.plan.info, segment, worker.scorer.batch_size, worker.on_damage, counted)
+    batches = _decoded(worker.plan.info, segment, worker.scorer.batch_size, worker.on_damage, counted, worker.cuvid)
     return ReadAhead(batches, _AHEAD_BATCHES, "mpistyle-decode") if worker.overlap else ReadInline(batches)
 
 
@@ -186,6 +187,8 @@ def _summary(
         precision=worker.scorer.precision,
         compiled=worker.scorer.compiled,
         overlap=worker.overlap,
+        decoder=worker.cuvid.name if worker.cuvid else worker.plan.info.codec,
+        encoder=worker.plan.settings.codec,
         frames=frames,
         segments=[s.number for s in segments],
         frames_reused=frames - scored,
@@ -217,7 +220,7 @@ def _log_summary(summary: RankSummary) -> None:
 
 
 def _decoded(
-    info: VideoInfo, segment: Segment, batch_size: int, on_damage: str, counted: Decoded
+    info: VideoInfo, segment: Segment, batch_size: int, on_damage: str, counted: Decoded, cuvid: Cuvid | None
 ) -> Iterator[tuple[np.ndarray, Damage]]:
     """The segment's frames in batches of up to ``batch_size``, each with the segment's damage
     count so far.
@@ -227,7 +230,7 @@ def _decoded(
     must not depend on the rank count.
     """
     met = Damage()
-    frames = decode_segment(info, segment, on_damage, met, counted)
+    frames = decode_segment(info, segment, on_damage, met, counted, cuvid)
     try:
         for first in range(segment.start, segment.stop, batch_size):
             batch = np.empty((min(batch_size, segment.stop - first), info.height, info.width, 3), np.uint8)

@@ -1,0 +1,374 @@
+"""The GPU figures, at 1080p: model only (per precision, eager and compiled), decode only (NVDEC
+and the CPU), encode only (x264 on the node's cores, NVENC where the GPU has one), and the
+default command end to end on a 30 s clip with 1 and 2 ranks. Run by ``bench/gpu.sh``, which
+installs what the machine lacks and runs the GPU tests first.
+
+    python bench/gpu.py OUT/gpu.json --budget-s 420
+    python bench/gpu.py OUT/gpu.json --dry-run      # every step on the CPU, tiny: the script works
+
+Each step runs in its own process with a time limit, and the JSON file is rewritten after each,
+so a step that fails or runs out of time costs only its own figures (``errors``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+
+
+# The steps, each run as `python bench/gpu.py --step NAME --work DIR`: returns its figures.
+
+
+def step_machine(args: argparse.Namespace) -> dict[str, Any]:
+    import ctypes.util
+
+    import av
+    import torch
+
+    facts: dict[str, Any] = {
+        "torch": torch.__version__, "cuda": torch.version.cuda, "pyav": av.__version__, "python": sys.version.split()[0],
+        "cpus": len(os.sched_getaffinity(0)), "cuda_available": torch.cuda.is_available(),
+        "gpu_codecs": sorted(name for name in av.codecs_available if name.endswith(("_cuvid", "_nvenc"))),
+        # The driver's video libraries (a container may lack them: NVIDIA_DRIVER_CAPABILITIES=video).
+        "driver_libraries": {lib: ctypes.util.find_library(lib) for lib in ("cuda", "nvcuvid", "nvidia-encode")},
+    }
+    if torch.cuda.is_available():
+        properties = torch.cuda.get_device_properties(0)
+        facts.update(gpu=properties.name, gpu_memory_gib=round(properties.total_memory / 2**30, 1),
+                     capability=f"{properties.major}.{properties.minor}", gpus=torch.cuda.device_count())
+    return facts
+
+
+def step_clip(args: argparse.Namespace) -> dict[str, Any]:
+    from mpistyle.sample import make_video
+
+    size = _size(args)
+    started = time.perf_counter()
+    # A user's kind of clip: x264's own keyframe interval (250 frames), B-frames, AAC.
+    make_video(_clip(args), frames=args.seconds * 30, width=size[0], height=size[1], fps=30, gop=250, bframes=3,
+               processes=len(os.sched_getaffinity(0)))
+    return {"path": _clip(args).name, "frames": args.seconds * 30, "size": f"{size[0]}x{size[1]}", "fps": 30,
+            "made_in_s": round(time.perf_counter() - started, 1)}
+
+
+def step_model(args: argparse.Namespace, compiled: bool = False) -> dict[str, Any]:
+    """The scorer a job uses (uint8 frames in and out of host memory), batch 8 on a GPU, and the
+    model alone on frames already on the device: the gap is the copies and conversions."""
+    import numpy as np
+    import torch
+
+    from mpistyle.devices import pick_device
+    from mpistyle.scoring import default_batch_size
+
+    device = pick_device("auto", 0)
+    width, height = _size(args)
+    batch = default_batch_size(device)
+    frames = np.random.default_rng(0).integers(0, 256, (batch, height, width, 3), dtype=np.uint8)
+    rounds = 3 if args.dry_run else 12
+    figures = []
+    for precision in ["bf16"] if compiled else ["fp32", "bf16", "fp16"]:
+        figures.append(_model_run(device, frames, precision, compiled, rounds))
+        print(json.dumps(figures[-1]), file=sys.stderr, flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {"device": str(device), "size": f"{width}x{height}", "runs": figures}
+
+
+def _model_run(device: Any, frames: Any, precision: str, compiled: bool, rounds: int) -> dict[str, Any]:
+    import torch
+
+    from mpistyle.model.loading import load_multistyle
+    from mpistyle.scoring import Scorer
+
+    batch, height, width = frames.shape[:3]
+    started = time.perf_counter()
+    scorer = Scorer(load_multistyle(), device, batch, precision, compile_model=compiled)
+    how = scorer.prepare(height, width)
+    figure: dict[str, Any] = {
+        "precision": precision, "kernels": scorer.kernels, "prepare": how,
+        "prepare_s": round(time.perf_counter() - started, 1), "batch": batch,
+        "frames_per_s": _rate(lambda: scorer(frames), batch, rounds, device),
+    }
+    if compiled:
+        return figure
+    if device.type == "cuda" and precision == "fp32":  # once: what copying a batch costs
+        figure["copy_ms_per_batch"] = _copies(frames, device)
+    model, x = scorer.eager, torch.rand(batch, 3, height, width, device=device)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=scorer.dtype, enabled=scorer.dtype is not None):
+        figure["on_device_frames_per_s"] = _rate(lambda: model(x), batch, rounds, device)
+        if device.type == "cuda" and precision == "bf16":
+            torch.backends.cudnn.benchmark = True
+            figure["on_device_cudnn_benchmark_frames_per_s"] = _rate(lambda: model(x), batch, rounds, device)
+            torch.backends.cudnn.benchmark = False
+            model.to(memory_format=torch.channels_last)
+            x = x.to(memory_format=torch.channels_last)
+            figure["on_device_channels_last_frames_per_s"] = _rate(lambda: model(x), batch, rounds, device)
+    return figure
+
+
+def step_model_compiled(args: argparse.Namespace) -> dict[str, Any]:
+    """bf16 compiled ahead of time (the package is built here: its build time is ``prepare_s``)."""
+    return step_model(args, compiled=True)
+
+
+def step_decode(args: argparse.Namespace) -> dict[str, Any]:
+    """Every frame of the clip to RGB in host memory, as a rank gets it: the CPU decoder (all
+    the node's cores) and NVDEC."""
+    import torch
+
+    from mpistyle.hwcodecs import pick_decoder
+    from mpistyle.segment import Segment
+    from mpistyle.video import decode_segment, probe
+
+    info = probe(str(_clip(args)))
+    whole = Segment(0, 0, info.frames, None)
+    runs = []
+    decoders: list[tuple[str, Any]] = [("cpu", None)]
+    if torch.cuda.is_available():
+        try:
+            decoders.append(("cuvid", pick_decoder("cuvid", info, torch.device("cuda", 0))))
+        except Exception as err:  # no NVDEC here: the CPU's figure still counts
+            runs.append({"decoder": "cuvid", "error": str(err)})
+    for _, cuvid in decoders:
+        started = time.perf_counter()
+        count = sum(1 for _ in decode_segment(info, whole, cuvid=cuvid))
+        seconds = time.perf_counter() - started
+        runs.append({"decoder": cuvid.name if cuvid else info.codec, "frames": count, "frames_per_s": round(count / seconds, 1)})
+        print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
+    return {"runs": runs}
+
+
+def step_encode(args: argparse.Namespace) -> dict[str, Any]:
+    """The segment encoder on decoded frames: x264 at the default settings (8 threads, preset
+    medium), faster presets and all the cores; NVENC where it opens."""
+    from dataclasses import replace
+
+    import numpy as np
+    import torch
+
+    from mpistyle.encode import EncodeSettings, SegmentEncoder
+    from mpistyle.hwcodecs import on_nvenc, pick_encoder
+    from mpistyle.segment import Segment
+    from mpistyle.video import decode_segment, probe
+
+    info = probe(str(_clip(args)))
+    count = min(info.frames, 30 if args.dry_run else 150)
+    frames = np.stack(list(decode_segment(info, Segment(0, 0, count, None))))
+    cores = len(os.sched_getaffinity(0))
+    default = EncodeSettings()
+    settings = [default, replace(default, threads=cores)]
+    settings += [replace(default, preset=preset, threads=cores) for preset in ("fast", "veryfast", "superfast")]
+    gpu = torch.device("cuda", 0)
+    nvenc = pick_encoder(replace(default, encoder="auto"), info, gpu, "mp4") if torch.cuda.is_available() else None
+    if nvenc:
+        settings += [on_nvenc(default, nvenc, gpu), on_nvenc(replace(default, nvenc_preset="p1"), nvenc, gpu)]
+    runs = []
+    for setting in settings:
+        started = time.perf_counter()
+        encoder = SegmentEncoder(info, setting, 0, "mp4")
+        size = sum(len(p.data) for p in encoder.encode(frames)) + sum(len(p.data) for p in encoder.finish())
+        seconds = time.perf_counter() - started
+        runs.append({"encoder": setting.codec, "preset": setting.preset or setting.options.get("preset"),
+                     "threads": setting.threads, "frames_per_s": round(count / seconds, 1),
+                     "kbit_per_s": round(size * 8 / 1000 / (count / 30), 0)})
+        print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
+    return {"frames": count, "nvenc": nvenc, "runs": runs}
+
+
+def _end_to_end(args: argparse.Namespace, ranks: int, *overrides: str) -> dict[str, Any]:
+    """The default command, whole, as a user types it (process start and model load included)."""
+    out = Path(args.work) / f"e2e-{ranks}-{len(overrides)}.mp4"
+    command = [sys.executable, "-m", "mpistyle", f"input={_clip(args)}", f"output={out}", *overrides]
+    if args.dry_run:
+        command.append("device=cpu")
+    if ranks > 1:
+        command = [shutil.which("mpirun") or "mpirun", "-n", str(ranks), *command]
+    env = {**os.environ, **MPI_ENV, "MPISTYLE_RUNS_DIR": str(Path(args.work) / "runs")}
+    started = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=args.limit_s)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"exit {done.returncode}: {done.stderr[-1500:]}")
+    report = json.loads(Path(f"{out}.report.json").read_text())
+    frames = report["frames"]
+    return {
+        "ranks": ranks, "overrides": list(overrides), "seconds": round(seconds, 1), "frames_per_s": round(frames / seconds, 1),
+        "stages_s": report.get("stages_s"),
+        "per_rank": [{k: r.get(k) for k in ("device", "precision", "compiled", "decoder", "encoder", "frames", "seconds")}
+                     for r in report["per_rank"]],
+    }
+
+
+def step_e2e_1(args: argparse.Namespace) -> dict[str, Any]:
+    return _end_to_end(args, 1)
+
+
+def step_e2e_2(args: argparse.Namespace) -> dict[str, Any]:
+    return _end_to_end(args, 2)
+
+
+def step_e2e_compiled(args: argparse.Namespace) -> dict[str, Any]:
+    return _end_to_end(args, 1, "compile=true")
+
+
+def step_e2e_cpu_decoder(args: argparse.Namespace) -> dict[str, Any]:
+    return _end_to_end(args, 1, "video.decoder=cpu")
+
+
+STEPS: dict[str, tuple[Callable[[argparse.Namespace], dict[str, Any]], float]] = {
+    # name: (step, the seconds it may take at most)
+    "machine": (step_machine, 60),
+    "clip": (step_clip, 120),
+    "model": (step_model, 120),
+    "model_compiled": (step_model_compiled, 240),
+    "decode": (step_decode, 90),
+    "encode": (step_encode, 120),
+    "e2e_1": (step_e2e_1, 150),
+    "e2e_2": (step_e2e_2, 150),
+    "e2e_compiled": (step_e2e_compiled, 150),
+    "e2e_cpu_decoder": (step_e2e_cpu_decoder, 150),
+}
+
+
+def goals(results: dict[str, Any]) -> dict[str, Any]:
+    """Issue 17's goals on one H100 at 1080p, from what was measured."""
+    def best(step: str, key: str, **match: Any) -> float | None:
+        runs = results.get(step, {}).get("runs", [])
+        values = [r[key] for r in runs if key in r and all(r.get(k) == v for k, v in match.items())]
+        return max(values) if values else None
+
+    model = max((v for v in (best("model", "frames_per_s", precision="bf16"),
+                              best("model_compiled", "frames_per_s")) if v), default=None)
+    decode = best("decode", "frames_per_s")
+    encode = best("encode", "frames_per_s", threads=8, preset="medium")  # the default encoder
+    e2e = max((results[s]["frames_per_s"] for s in ("e2e_1", "e2e_2") if s in results), default=None)
+    slowest = min((v for v in (model, decode, encode) if v), default=None)
+    return {
+        "model_bf16_frames_per_s": model, "model_goal_300": None if model is None else model >= 300,
+        "slowest_stage_alone_frames_per_s": slowest, "end_to_end_frames_per_s": e2e,
+        "end_to_end_vs_slowest_stage": None if not (e2e and slowest) else round(e2e / slowest, 2),
+    }
+
+
+def run_all(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + args.budget_s
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    results: dict[str, Any] = {"commit": commit or None, "started_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+                               "dry_run": args.dry_run, "errors": {}}
+    if args.tests_log and Path(args.tests_log).exists():
+        lines = Path(args.tests_log).read_text(errors="replace").strip().splitlines()
+        results["tests"] = {"summary": lines[-1] if lines else "", "log": Path(args.tests_log).name}
+    for name, (_, limit) in STEPS.items():
+        if args.steps and name not in args.steps.split(","):
+            continue
+        left = deadline - time.monotonic()
+        if left < 20:
+            results["errors"][name] = "skipped: out of time"
+            continue
+        command = [sys.executable, __file__, str(out), "--step", name, "--work", str(work), "--seconds", str(args.seconds),
+                   "--limit-s", str(min(limit, left))] + (["--dry-run"] if args.dry_run else [])
+        started = time.perf_counter()
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=min(limit, left))
+            if done.returncode != 0:
+                results["errors"][name] = done.stderr[-2000:]
+            else:
+                results[name] = json.loads(done.stdout.strip().splitlines()[-1])
+            print(done.stderr[-3000:], end="", flush=True)
+        except subprocess.TimeoutExpired as err:
+            results["errors"][name] = f"timed out after {min(limit, left):.0f} s"
+            print(_text(err.stderr)[-3000:], end="", flush=True)
+        print(f"== {name}: {time.perf_counter() - started:.1f} s{' FAILED' if name in results['errors'] else ''}", flush=True)
+        results["goals"] = goals(results)
+        out.write_text(json.dumps(results, indent=1) + "\n")
+    print(json.dumps(results.get("goals"), indent=1))
+    return 1 if results["errors"] else 0
+
+
+def _copies(frames: Any, device: Any) -> dict[str, float]:
+    """Milliseconds to copy a uint8 batch to the GPU and back, from ordinary and from pinned memory."""
+    import torch
+
+    figures = {}
+    for pinned in (False, True):
+        host = torch.from_numpy(frames)
+        host = host.pin_memory() if pinned else host
+        back = torch.empty_like(host).pin_memory() if pinned else torch.empty_like(host)
+
+        def there_and_back(host: Any = host, back: Any = back) -> None:
+            back.copy_(host.to(device, non_blocking=True), non_blocking=True)
+
+        figures["pinned" if pinned else "pageable"] = round(1000 / _rate(there_and_back, 1, 10, device), 2)
+    return figures
+
+
+def _text(output: str | bytes | None) -> str:
+    return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
+
+
+def _clip(args: argparse.Namespace) -> Path:
+    return Path(args.work) / "clip.mp4"
+
+
+def _size(args: argparse.Namespace) -> tuple[int, int]:
+    return (160, 90) if args.dry_run else (1920, 1080)
+
+
+def _rate(call: Callable[[], Any], batch: int, rounds: int, device: Any) -> float:
+    import torch
+
+    for _ in range(2):
+        call()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(rounds):
+        call()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return round(batch * rounds / (time.perf_counter() - started), 1)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", help="the JSON file to write")
+    parser.add_argument("--dry-run", action="store_true", help="on the CPU, at 160x90: check the script, measure nothing")
+    parser.add_argument("--budget-s", type=float, default=420, help="stop starting steps after this long")
+    parser.add_argument("--seconds", type=int, default=30, help="the clip's length")
+    parser.add_argument("--steps", help="only these steps, comma-separated (default: all)")
+    parser.add_argument("--tests-log", help="the GPU tests' log: its summary line goes into the JSON")
+    parser.add_argument("--step", choices=STEPS, help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    parser.add_argument("--limit-s", type=float, default=150, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    # Not beside the JSON: the GPU machine returns that folder's few files, not clips.
+    args.work = args.work or str(Path(tempfile.gettempdir()) / "mpistyle-gpu-work")
+    work = Path(args.work)
+    # Every step and job keeps its compiled kernels here, not in the user's cache: a job compiled
+    # after the model step loads that step's package, as a user's second job would.
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(work.absolute() / "compile-cache")
+    if args.step is None:
+        if args.dry_run:
+            args.seconds = min(args.seconds, 4)
+        return run_all(args)
+    print(json.dumps(STEPS[args.step][0](args)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

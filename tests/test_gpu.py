@@ -1,0 +1,121 @@
+"""The CUDA path: scoring at each precision, NVDEC decoding, NVENC encoding, ranks sharing a GPU.
+
+These are the only tests that skip: without a CUDA GPU (every CI run), and NVENC's where the
+GPU has no encoder (A100, H100, H200). ``bench/gpu.sh`` runs them on a GPU machine.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mpistyle.devices import pick_precision
+from mpistyle.encode import EncodeSettings
+from mpistyle.hwcodecs import cuvid_name, pick_decoder, pick_encoder
+from mpistyle.model.loading import load_multistyle
+from mpistyle.scoring import Scorer
+from mpistyle.segment import Segment
+from mpistyle.video import Cuvid, decode_segment, probe
+
+from conftest import run_mpistyle
+from media import audio_packets, decode_all
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+GPU = torch.device("cuda", 0)
+
+
+def psnr(reference: np.ndarray, other: np.ndarray) -> float:
+    error = np.mean((reference.astype(np.float64) - other.astype(np.float64)) ** 2)
+    return float("inf") if error == 0 else float(10 * np.log10(255.0**2 / error))
+
+
+@pytest.fixture(scope="module")
+def astronaut() -> np.ndarray:
+    """A real photograph (scikit-image's, public domain), 256x256, as one frame."""
+    from skimage import data
+
+    return np.ascontiguousarray(data.astronaut()[::2, ::2])[None]
+
+
+@pytest.mark.parametrize(
+    "precision, compiled",
+    [("fp32", False), ("bf16", False), ("fp16", False), ("auto", True)],  # auto + compiled: a long job's default
+    ids=["fp32", "bf16", "fp16", "default-path"],
+)
+def test_cuda_output_within_40_db_of_cpu_fp32_on_a_real_picture(astronaut: np.ndarray, precision: str, compiled: bool) -> None:
+    model = load_multistyle(style=19)
+    reference = Scorer(load_multistyle(style=19), torch.device("cpu"), 1, "fp32")(astronaut)
+    scorer = Scorer(model, GPU, 8, pick_precision(precision, GPU), compile_model=compiled)
+    how = scorer.prepare(*astronaut.shape[1:3])
+    assert (how == "eager") is not compiled, how
+    if compiled:
+        assert scorer.kernels == "jit", how  # compiled in the process (a CUDA package crashed torch 2.11's loader)
+    assert psnr(reference, scorer(astronaut)) >= 40.0
+
+
+def _clip(video: Callable[..., Path], name: str = "in.mp4", **kwargs: object) -> Path:
+    defaults: dict[str, object] = {"frames": 48, "width": 320, "height": 180, "fps": 24, "gop": 12}
+    return video(name, **{**defaults, **kwargs})
+
+
+@pytest.mark.parametrize("codec, name", [("libx264", "in.mp4"), ("libx265", "in.mkv")])
+def test_cuvid_decodes_the_same_frames_and_timestamps_as_the_cpu(video: Callable[..., Path], codec: str, name: str) -> None:
+    info = probe(str(_clip(video, name, codec=codec)))
+    cuvid_codec = cuvid_name(info.codec)
+    assert cuvid_codec is not None, f"this PyAV build has no {info.codec}_cuvid"
+    chosen = pick_decoder("cuvid", info, GPU)
+    assert chosen == Cuvid(cuvid_codec, 0)
+    for segment in (Segment(0, 0, info.frames, None), info.segments(0.7)[1]):  # whole, and one from a seek
+        cpu = list(decode_segment(info, segment))
+        gpu = list(decode_segment(info, segment, cuvid=chosen))
+        assert len(gpu) == len(cpu) == segment.frames
+        worst = max(int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(cpu, gpu, strict=True))
+        assert worst == 0, f"cuvid frames differ from the CPU decoder's by up to {worst}"
+
+
+def _nvenc_or_skip(info_path: Path) -> str:
+    info = probe(str(info_path))
+    name = pick_encoder(EncodeSettings(), info, GPU, "mp4")
+    if name is None:
+        pytest.skip(f"this GPU ({torch.cuda.get_device_name(GPU)}) has no NVENC encoder (A100, H100 and H200 have none)")
+    return name
+
+
+def test_nvenc_output_keeps_every_frame_timestamp_and_the_audio(video: Callable[..., Path], tmp_path: Path) -> None:
+    source = _clip(video)
+    name = _nvenc_or_skip(source)
+    out = tmp_path / "out.mp4"
+    done = run_mpistyle(f"input={source}", f"output={out}", "device=cuda", "video.encoder=nvenc", "report.preview_frames=0")
+    assert done.returncode == 0, done.stderr
+    assert probe(str(out)).frame_pts == probe(str(source)).frame_pts
+    assert audio_packets(out) == audio_packets(source)
+    report = json.loads(out.with_suffix(".mp4.report.json").read_text())
+    assert {rank["encoder"] for rank in report["per_rank"]} == {name}
+
+
+def _job(source: Path, out: Path, ranks: int | None, *extra: str) -> dict[str, object]:
+    done = run_mpistyle(f"input={source}", f"output={out}", "device=cuda", "report.preview_frames=0", *extra, ranks=ranks)
+    assert done.returncode == 0, done.stderr
+    return json.loads(Path(f"{out}.report.json").read_text())
+
+
+def test_two_ranks_share_one_gpu_and_write_the_same_file_as_one(video: Callable[..., Path], tmp_path: Path) -> None:
+    source = _clip(video, frames=96)
+    one = _job(source, tmp_path / "one.mp4", None)
+    two = _job(source, tmp_path / "two.mp4", 2)
+    assert [rank["device"] for rank in two["per_rank"]] == ["cuda:0", "cuda:0"]  # type: ignore[index]
+    assert all(rank["frames"] > 0 for rank in two["per_rank"])  # type: ignore[attr-defined]
+    decoders = {rank["decoder"] for rank in two["per_rank"]}  # type: ignore[attr-defined]
+    assert decoders == {"h264_cuvid"}, decoders
+    assert (tmp_path / "one.mp4").read_bytes() == (tmp_path / "two.mp4").read_bytes()
+    frames, _ = decode_all(tmp_path / "two.mp4")
+    assert len(frames) == 96
+    assert one["frames"] == two["frames"] == 96
