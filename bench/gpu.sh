@@ -11,7 +11,11 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=.whl
 LIST=bench/gpu-wheels.txt
-PYTHON=${PYTHON:-python3}
+# The GPU machine's python3 holds PyTorch; here, the project's virtual environment.
+if [[ -z ${PYTHON:-} ]]; then
+    PYTHON=python3
+    [[ -x .venv/bin/python ]] && PYTHON=.venv/bin/python
+fi
 
 wanted() { sed -e 's/#.*//' -e 's/[[:space:]]//g' "$LIST" | grep -v '^$'; }
 

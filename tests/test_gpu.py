@@ -9,6 +9,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 import torch
@@ -66,19 +67,31 @@ def _clip(video: Callable[..., Path], name: str = "in.mp4", **kwargs: object) ->
     return video(name, **{**defaults, **kwargs})
 
 
+def _timestamps(path: Path, cuvid: Cuvid | None) -> list[int]:
+    """Every frame's pts as the decoder gives it, in output order."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        codec = cuvid.open(stream) if cuvid else stream.codec_context
+        return [frame.pts for packet in container.demux(stream) for frame in codec.decode(packet)]
+
+
 @pytest.mark.parametrize("codec, name", [("libx264", "in.mp4"), ("libx265", "in.mkv")])
 def test_cuvid_decodes_the_same_frames_and_timestamps_as_the_cpu(video: Callable[..., Path], codec: str, name: str) -> None:
-    info = probe(str(_clip(video, name, codec=codec)))
+    path = _clip(video, name, codec=codec)
+    info = probe(str(path))
     cuvid_codec = cuvid_name(info.codec)
     assert cuvid_codec is not None, f"this PyAV build has no {info.codec}_cuvid"
     chosen = pick_decoder("cuvid", info, GPU)
     assert chosen == Cuvid(cuvid_codec, 0)
+    assert pick_decoder("auto", info, GPU) is None  # the CPU's, until cuvid measures faster
+    assert _timestamps(path, chosen) == _timestamps(path, None)
     for segment in (Segment(0, 0, info.frames, None), info.segments(0.7)[1]):  # whole, and one from a seek
-        cpu = list(decode_segment(info, segment))
-        gpu = list(decode_segment(info, segment, cuvid=chosen))
+        cpu = np.stack(list(decode_segment(info, segment)))
+        gpu = np.stack(list(decode_segment(info, segment, cuvid=chosen)))
         assert len(gpu) == len(cpu) == segment.frames
-        worst = max(int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(cpu, gpu, strict=True))
-        assert worst == 0, f"cuvid frames differ from the CPU decoder's by up to {worst}"
+        # The same pictures up to the rounding of the conversion to RGB (NV12 from the GPU,
+        # yuv420p from the CPU): an H200 once gave pixels up to 49 levels apart.
+        assert psnr(cpu, gpu) >= 40.0
 
 
 def _nvenc_or_skip(info_path: Path) -> str:

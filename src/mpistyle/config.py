@@ -72,8 +72,8 @@ class VideoConfig(EncodeSettings):
     # scored and encoded on its own (it opens with a keyframe) and the root joins them by stream
     # copy. Larger: fewer keyframes, coarser load balance and resume; 0: a segment per input GOP.
     segment_seconds: float = 1.0
-    # auto: NVDEC (h264_cuvid, hevc_cuvid, ...) where every rank computes on a GPU that can
-    # decode the input's codec, else the CPU; cpu; cuvid.
+    # cuvid: NVDEC (h264_cuvid, hevc_cuvid, ...) on each rank's GPU; cpu; auto: the faster as
+    # measured, the CPU for now (docs/gpu.md).
     decoder: str = "auto"
 
 
