@@ -34,6 +34,9 @@ class EncodeSettings:
     # where every rank computes on a GPU that has one, else `codec` on the CPU; cpu; nvenc.
     encoder: str = "auto"
     nvenc_preset: str = "p5"  # p1 (fastest) to p7 (best)
+    # The CPU encoder's preset where every rank's model runs on a GPU with no NVENC: there x264
+    # is the slowest step (docs/gpu.md). null: `preset` everywhere.
+    gpu_preset: str | None = "veryfast"
     nvenc_cq: int = 23  # constant quality, 0-51: lower is better (like crf)
 
     @classmethod

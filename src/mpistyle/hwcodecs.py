@@ -8,6 +8,8 @@ have both. Whether a GPU has one is learnt the only reliable way: by opening it.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import replace
 from typing import TYPE_CHECKING
@@ -96,9 +98,19 @@ def pick_encoder(settings: EncodeSettings, info: VideoInfo, device: torch.device
     return name
 
 
-def on_gpu(settings: EncodeSettings) -> bool:
-    """Whether ``settings`` encode with NVENC."""
-    return settings.codec in _NVENC.values()
+def beside_gpu(settings: EncodeSettings) -> EncodeSettings:
+    """The CPU encoder's settings for ranks whose model runs on a GPU (``video.gpu_preset``):
+    x264 is then their slowest step, and on styled frames veryfast encoded 2.4x as fast as
+    medium at the same size (crf 18, 1080p, bench in docs/gpu.md)."""
+    return replace(settings, preset=settings.gpu_preset) if settings.gpu_preset else settings
+
+
+def encoder_key(settings: EncodeSettings) -> str:
+    """A short name for the encoder as opened (``h264_nvenc-1a2b3c4d``): staged segments made
+    with other encoder settings than the plan's are kept apart (they would not join)."""
+    options = {key: value for key, value in settings.encoder_options().items() if key != "gpu"}  # the same on every rank
+    opened = json.dumps([settings.codec, options], sort_keys=True)
+    return f"{settings.codec}-{hashlib.sha256(opened.encode()).hexdigest()[:8]}"
 
 
 def on_nvenc(settings: EncodeSettings, name: str, device: torch.device | None = None) -> EncodeSettings:

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from . import config, signals
 from .errors import InternalError, MpistyleError
-from .hwcodecs import on_gpu, on_nvenc, pick_decoder, pick_encoder
+from .hwcodecs import beside_gpu, encoder_key, on_nvenc, pick_decoder, pick_encoder
 from .join import join
 from .parallel import RankContext, Shift, attempt, unwrap
 from .plan import Plan, make_plan
@@ -61,8 +61,9 @@ def run(cfg: DictConfig, ctx: RankContext | None = None, run_id: str | None = No
             # A frame's pixels would depend on which rank scored it: every rank goes eager.
             log.warning("the ranks compiled differently (%s): every rank scores eagerly", ", ".join(sorted(kinds)))
             scorer.use_eager()
-        plan, cuvid = ctx.check_all(lambda: _gpu_codecs(cfg, ctx, plan, scorer))
-        made_by = f"{scorer.kernels}-{plan.settings.codec}" if on_gpu(plan.settings) else scorer.kernels
+        planned = plan
+        plan, cuvid = ctx.check_all(lambda: _gpu_codecs(cfg, ctx, planned, scorer))
+        made_by = scorer.kernels if plan.settings == planned.settings else f"{scorer.kernels}-{encoder_key(plan.settings)}"
         plan = replace(plan, staging=plan.staging.scored_with(made_by))
         ctx.check_all(plan.staging.create)
     except MpistyleError as err:
@@ -97,12 +98,18 @@ def _gpu_codecs(cfg: DictConfig, ctx: RankContext, plan: Plan, scorer: Scorer) -
         if cuvid is not None:
             log.info("decoding on the CPU: not every rank can decode on its GPU")
         cuvid = None
+    on_gpus = all(ctx.gather_all(scorer.device.type == "cuda"))
     if len(set(encoders)) > 1:
         log.info("encoding on the CPU (%s): not every rank has a GPU encoder", plan.settings.codec)
-    elif nvenc is not None:
+    if len(set(encoders)) == 1 and nvenc is not None:
         plan = replace(plan, settings=on_nvenc(plan.settings, nvenc, scorer.device))
+    elif on_gpus and cfg.video.encoder == "auto":
+        plan = replace(plan, settings=beside_gpu(plan.settings))
     if ctx.is_root:
-        log.info("decoder: %s; encoder: %s", cuvid.name if cuvid else f"{plan.info.codec} (CPU)", plan.settings.codec)
+        log.info(
+            "decoder: %s; encoder: %s%s", cuvid.name if cuvid else f"{plan.info.codec} (CPU)", plan.settings.codec,
+            f", preset {plan.settings.preset}" if plan.settings.preset else "",
+        )
     return plan, cuvid
 
 

@@ -19,6 +19,7 @@ from .encode import EncodeSettings, check_encoder
 from .errors import ConfigError, OutputError
 from .files import fingerprint, same_file, writable_dir
 from .formats import READABLE_OUTPUTS
+from .hwcodecs import beside_gpu
 from .mux import AUDIO_FALLBACK, AudioTrack, plan_audio
 from .segment import Segment
 from .staging import DEFAULT_STAGING, Staging, job_key
@@ -62,6 +63,11 @@ def make_plan(cfg: DictConfig) -> Plan:
     report, preview = _outputs(cfg, output)
     settings = EncodeSettings.of(cfg.video)
     check_encoder(settings, info, container_format)
+    if settings.gpu_preset not in (None, settings.preset):  # the CPU encoder's settings beside GPUs
+        try:
+            check_encoder(beside_gpu(settings), info, container_format)
+        except ConfigError as err:
+            raise ConfigError(f"video.gpu_preset={settings.gpu_preset}: {err}") from None
     # The audio plan changes the output's audio, never the staged video: not in the staging key.
     audio = plan_audio(info, container_format)
     segments = info.segments(cfg.video.segment_seconds)
