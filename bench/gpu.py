@@ -109,6 +109,11 @@ def _model_run(device: Any, frames: Any, precision: str, compiled: bool, rounds:
     with torch.inference_mode(), torch.autocast(device.type, dtype=scorer.dtype, enabled=scorer.dtype is not None):
         figure["on_device_frames_per_s"] = _rate(lambda: model(x), batch, rounds, device)
         if device.type == "cuda" and precision == "bf16":
+            for size in (4, 16, 32):  # batches sized to the GPU
+                xs = torch.rand(size, 3, height, width, device=device)
+                fps = _rate(lambda xs=xs: model(xs), size, max(2, rounds * 8 // size), device)
+                figure[f"on_device_batch_{size}_frames_per_s"] = fps
+                del xs
             torch.backends.cudnn.benchmark = True
             figure["on_device_cudnn_benchmark_frames_per_s"] = _rate(lambda: model(x), batch, rounds, device)
             torch.backends.cudnn.benchmark = False

@@ -41,7 +41,8 @@ DOCS = [ROOT / "README.md", ROOT / "cyclecloud" / "README.md", *sorted((ROOT / "
 NOT_RUN = re.compile(r"\(not run by the tests: ([^)]*)\)")
 # Why a command may be left out: what this machine lacks, or what runs elsewhere.
 ALLOWED_REASONS = (
-    "needs Azure", "needs a GPU", "CI runs it", "takes 10 minutes", "installs system packages", "fetches wheels for the GPU machine",
+    "needs Azure", "needs a GPU", "CI runs it", "takes 10 minutes", "installs system packages",
+    "fetches wheels for the GPU machine",
 )
 PROGRAMS = ("mpistyle", "mpistyle-train", "mpistyle-watch", "mpistyle-sample", "mpirun", "sbatch", "python", "./scripts/")
 TINY_TRAINING = ["steps=2", "image_size=32", "batch_size=1", "log_every=1", "sample_every=0", "checkpoint_every=2"]

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_mpistyle
 from mpistyle.encode import EncodeSettings
 from mpistyle.errors import ConfigError
 from mpistyle.hwcodecs import beside_gpu, encoder_key, on_nvenc, pick_decoder, pick_encoder
 from mpistyle.video import probe
+
+from conftest import run_mpistyle
 
 CPU = torch.device("cpu")
 
@@ -25,9 +26,9 @@ def test_a_cpu_rank_decodes_and_encodes_on_the_cpu_unless_told_otherwise(video: 
     assert pick_decoder("auto", info, CPU) is None
     assert pick_decoder("cpu", info, CPU) is None
     assert pick_encoder(EncodeSettings(), info, CPU, "mp4") is None
-    with pytest.raises(ConfigError, match="video.decoder=cuvid but this rank computes on cpu"):
+    with pytest.raises(ConfigError, match=r"video\.decoder=cuvid but this rank computes on cpu"):
         pick_decoder("cuvid", info, CPU)
-    with pytest.raises(ConfigError, match="video.encoder=nvenc but this rank computes on cpu"):
+    with pytest.raises(ConfigError, match=r"video\.encoder=nvenc but this rank computes on cpu"):
         pick_encoder(replace(EncodeSettings(), encoder="nvenc"), info, CPU, "mp4")
 
 
