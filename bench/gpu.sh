@@ -60,7 +60,9 @@ if [[ ${#DRY[@]} -eq 0 ]]; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --prefix "$PREFIX" "$WHEELS"/*.whl || exit 2
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --no-build-isolation --prefix "$PREFIX" . \
         || exit 2
-    SITE=$("$PYTHON" -c "import sysconfig; print(sysconfig.get_path('purelib', vars={'base': '$PREFIX'}))")
+    SITE=$("$PYTHON" -c "import sysconfig
+paths = {sysconfig.get_path(k, vars={'base': '$PREFIX', 'platbase': '$PREFIX'}) for k in ('purelib', 'platlib')}
+print(':'.join(sorted(paths)))")
     export PATH="$PREFIX/bin:$PATH" PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
     export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 fi

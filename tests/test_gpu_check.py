@@ -30,7 +30,7 @@ def test_the_gpu_check_dry_runs_every_step(tmp_path: Path) -> None:
     assert figures["model_compiled"]["runs"][0]["kernels"] in ("aot", "jit")
     assert figures["decode"]["runs"][0]["frames"] == figures["clip"]["frames"]
     assert figures["encode"]["runs"][0]["encoder"] == "libx264"
-    for step, ranks in (("e2e_1", 1), ("e2e_2", 2), ("e2e_compiled", 1), ("e2e_cpu_decoder", 1)):
+    for step, ranks in (("e2e_1", 1), ("e2e_2", 2), ("e2e_compiled", 1)):
         assert figures[step]["ranks"] == ranks
         assert [rank["device"] for rank in figures[step]["per_rank"]] == ["cpu"] * ranks
     assert figures["goals"]["end_to_end_frames_per_s"] > 0

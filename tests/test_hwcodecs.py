@@ -46,6 +46,8 @@ def test_beside_a_gpu_the_cpu_encoder_takes_the_gpu_preset() -> None:
     assert beside_gpu(EncodeSettings()).preset == "veryfast"
     assert beside_gpu(replace(EncodeSettings(), gpu_preset=None)).preset == "medium"
     assert encoder_key(beside_gpu(EncodeSettings())) != encoder_key(EncodeSettings())
+    svt = replace(EncodeSettings(), codec="libsvtav1", preset="8")  # another encoder's presets: its own
+    assert beside_gpu(svt) == svt
 
 
 @pytest.mark.parametrize(

@@ -34,8 +34,8 @@ class EncodeSettings:
     # where every rank computes on a GPU that has one, else `codec` on the CPU; cpu; nvenc.
     encoder: str = "auto"
     nvenc_preset: str = "p5"  # p1 (fastest) to p7 (best)
-    # The CPU encoder's preset where every rank's model runs on a GPU with no NVENC: there x264
-    # is the slowest step (docs/gpu.md). null: `preset` everywhere.
+    # x264's preset where every rank's model runs on a GPU with no NVENC: there x264 is the
+    # slowest step (docs/gpu.md). null: `preset` everywhere. Other encoders keep `preset`.
     gpu_preset: str | None = "veryfast"
     nvenc_cq: int = 23  # constant quality, 0-51: lower is better (like crf)
 
@@ -65,7 +65,7 @@ class EncodeSettings:
             options.setdefault("crf", str(self.crf))
         if self.preset is not None:
             options.setdefault("preset", self.preset)
-        if self.codec in _X264:
+        if self.codec in X264:
             options["x264-params"] = _cpu_independent(options.get("x264-params", ""))
         return options
 
@@ -75,7 +75,7 @@ class EncodeSettings:
 # is not a multiple of 8 macroblocks): the same frames then encode to different bits from one
 # run, or one node, to the next. cpu-independent keeps those parts to one exact algorithm, for
 # ~1% more encoder time, so a segment is the same bytes whichever rank, node or CPU encodes it.
-_X264 = ("libx264", "libx264rgb")
+X264 = ("libx264", "libx264rgb")
 
 
 def _cpu_independent(x264_params: str) -> str:

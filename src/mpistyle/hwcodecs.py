@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 import av
 
-from .encode import EncodeSettings, SegmentEncoder
-from .errors import ConfigError, InputError, OutputError
+from .encode import X264, EncodeSettings, SegmentEncoder
+from .errors import ConfigError, OutputError
 from .video import Cuvid, VideoInfo, open_input
 
 if TYPE_CHECKING:
@@ -32,9 +32,13 @@ ENCODERS = ("auto", "cpu", "nvenc")
 _NVENC = {"libx264": "h264_nvenc", "libx265": "hevc_nvenc", "libsvtav1": "av1_nvenc"}
 
 
+# FFmpeg's NVDEC decoders are named after the codec, except these.
+_CUVID = {"mpeg2video": "mpeg2_cuvid", "mpeg1video": "mpeg1_cuvid"}
+
+
 def cuvid_name(codec: str) -> str | None:
     """The NVDEC decoder for a stream's codec in this PyAV build (``h264`` -> ``h264_cuvid``)."""
-    name = f"{codec}_cuvid"
+    name = _CUVID.get(codec, f"{codec}_cuvid")
     return name if name in av.codecs_available else None
 
 
@@ -64,7 +68,7 @@ def _cuvid_refusal(cuvid: Cuvid, info: VideoInfo) -> str | None:
     try:
         with open_input(info.path) as container:
             cuvid.open(container.streams.video[0])
-    except InputError as err:
+    except ConfigError as err:
         return str(err)
     return None
 
@@ -102,7 +106,7 @@ def beside_gpu(settings: EncodeSettings) -> EncodeSettings:
     """The CPU encoder's settings for ranks whose model runs on a GPU (``video.gpu_preset``):
     x264 is then their slowest step, and on styled frames veryfast encoded 2.4x as fast as
     medium at the same size (crf 18, 1080p, bench in docs/gpu.md)."""
-    return replace(settings, preset=settings.gpu_preset) if settings.gpu_preset else settings
+    return replace(settings, preset=settings.gpu_preset) if settings.gpu_preset and settings.codec in X264 else settings
 
 
 def encoder_key(settings: EncodeSettings) -> str:

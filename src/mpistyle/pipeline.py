@@ -62,7 +62,7 @@ def run(cfg: DictConfig, ctx: RankContext | None = None, run_id: str | None = No
             log.warning("the ranks compiled differently (%s): every rank scores eagerly", ", ".join(sorted(kinds)))
             scorer.use_eager()
         planned = plan
-        plan, cuvid = ctx.check_all(lambda: _gpu_codecs(cfg, ctx, planned, scorer))
+        plan, cuvid = _gpu_codecs(cfg, ctx, planned, scorer)
         made_by = scorer.kernels if plan.settings == planned.settings else f"{scorer.kernels}-{encoder_key(plan.settings)}"
         plan = replace(plan, staging=plan.staging.scored_with(made_by))
         ctx.check_all(plan.staging.create)
@@ -91,8 +91,11 @@ def _gpu_codecs(cfg: DictConfig, ctx: RankContext, plan: Plan, scorer: Scorer) -
     (``video.decoder``, ``video.encoder``) only where every rank has it, so every segment is
     encoded alike (they are joined by stream copy) and decoded alike (MPEG-2's GPU decoding may
     round differently from the CPU's)."""
-    cuvid = pick_decoder(cfg.video.decoder, plan.info, scorer.device)
-    nvenc = pick_encoder(plan.settings, plan.info, scorer.device, plan.container_format)
+    # Every rank asks its own GPU first (a refusal is every rank's error), then they compare.
+    cuvid, nvenc = ctx.check_all(
+        lambda: (pick_decoder(cfg.video.decoder, plan.info, scorer.device),
+                 pick_encoder(plan.settings, plan.info, scorer.device, plan.container_format))
+    )
     decoders, encoders = zip(*ctx.gather_all((cuvid is not None, nvenc)), strict=True)
     if not all(decoders):
         if cuvid is not None:

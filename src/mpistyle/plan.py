@@ -63,7 +63,7 @@ def make_plan(cfg: DictConfig) -> Plan:
     report, preview = _outputs(cfg, output)
     settings = EncodeSettings.of(cfg.video)
     check_encoder(settings, info, container_format)
-    if settings.gpu_preset not in (None, settings.preset):  # the CPU encoder's settings beside GPUs
+    if beside_gpu(settings) != settings:  # x264's settings beside GPUs
         try:
             check_encoder(beside_gpu(settings), info, container_format)
         except ConfigError as err:

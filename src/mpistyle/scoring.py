@@ -35,7 +35,8 @@ _DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 # half the model's time from then on, so below this (about 7 s of 640x360 video) eager is as fast.
 # On a GPU (an H200 at 1080p, bf16): compiling in the process took 29 s cold and took the
 # scorer from 61 to 88 frames/s, 5 ms a frame, so a cold compile pays after about 5,800 frames
-# of 1080p (12 gigapixels, 3 min at 30 fps).
+# of 1080p (12 gigapixels, 3 min at 30 fps) on one rank. The rule counts the job's pixels, never
+# the ranks: compiled kernels round differently, and the output must not depend on the rank count.
 _COMPILE_AUTO_PIXELS = {"cpu": 40_000_000, "cuda": 12_000_000_000}
 
 

@@ -25,7 +25,7 @@ import av
 import av.error
 import numpy as np
 
-from .errors import InputError
+from .errors import ConfigError, InputError
 from .formats import FORMAT_WHITELIST, PROTOCOL_WHITELIST, describe
 from .segment import Segment
 
@@ -381,7 +381,10 @@ class Cuvid:
         try:
             codec.open()
         except (av.error.FFmpegError, ValueError) as err:
-            raise InputError(f"the GPU decoder {self.name} does not open on GPU {self.gpu} ({err})") from None
+            # Not the input's fault (exit 3 would make the watcher quarantine a good video).
+            raise ConfigError(
+                f"the GPU decoder {self.name} does not open on GPU {self.gpu} ({err}): use video.decoder=cpu"
+            ) from None
         return codec
 
 
@@ -425,8 +428,8 @@ def decode_segment(
     ``damage``: corrupt frames are kept as FFmpeg concealed them, and a frame that never decodes
     is replaced by the one before it, so the output keeps every timestamp.
 
-    With ``cuvid``, the GPU decodes (NVDEC) and the frames come back to host memory; H.264,
-    HEVC, VP9 and AV1 decoding is exact, so the pictures are the CPU decoder's.
+    With ``cuvid``, the GPU decodes (NVDEC) and the frames come back to host memory (NV12),
+    converted to RGB here: not always the CPU decoder's pictures to the bit (docs/gpu.md).
     """
     if segment.frames == 0:
         return
@@ -540,6 +543,10 @@ def _frames(
                     raise
                 damage.packet_errors += 1
     except av.error.FFmpegError as err:
+        if codec is not stream.codec_context:  # the GPU's decoder: the GPU or its driver may be at fault
+            raise ConfigError(
+                f"the GPU decoder {codec.name} failed ({err.strerror}) on {path}: try video.decoder=cpu"
+            ) from None
         raise InputError(f"input is damaged: reading or decoding failed ({err.strerror}): {path}") from None
 
 
