@@ -180,7 +180,9 @@ def test_every_inline_override_is_accepted(override: str) -> None:
 def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder holding every file the docs' commands name, each tiny and real."""
     folder = tmp_path_factory.mktemp("docs")
-    for name in ("in.mp4", "in.mov", "in.mkv", "clip.mp4", "my clip (1).mov", "shared/in.mp4", "inbox/holiday.mp4"):
+    names = ("in.mp4", "in.mov", "in.mkv", "clip.mp4", "my clip (1).mov", "shared/in.mp4", "inbox/holiday.mp4",
+             "videos/a.mp4", "videos/b.mov")
+    for name in names:
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         make_video(folder / name, frames=8, width=64, height=48, gop=4)
     torch.manual_seed(0)
@@ -203,6 +205,8 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "def build_model(strength: float = 0.5) -> torch.nn.Module:\n"
         "    return Brighter(strength)\n"
     )
+    (folder / "list.txt").write_text("videos/a.mp4\nvideos/b.mov\n")
+    (folder / "jobs.jsonl").write_text('{"input": "in.mp4", "output": "styled/in-5.mp4", "model.style": 5}\n')
     (folder / "slurm").symlink_to(ROOT / "slurm")
     (folder / "scripts").symlink_to(ROOT / "scripts")
     (folder / "bench").symlink_to(ROOT / "bench")

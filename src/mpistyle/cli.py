@@ -44,9 +44,16 @@ def _restyle(cfg: DictConfig, launch: Launch) -> None:
     with exit_on_error(launch.ctx, run_dir):
         with open_dict(cfg):
             cfg.run_dir = str(run_dir)
-        from .pipeline import run  # after logging is set up: importing torch takes a moment
+        # After logging is set up: importing torch takes a moment.
+        if cfg.inputs:
+            from .batch import run_batch
 
-        run(cfg, launch.ctx, launch.run_id)
+            config.check(cfg)
+            run_batch(cfg, launch.ctx, launch.run_id)
+        else:
+            from .pipeline import run
+
+            run(cfg, launch.ctx, launch.run_id)
 
 
 def start(config_name: str, register: Callable[[], None]) -> Launch:

@@ -122,6 +122,11 @@ class LimitsConfig:
 class JobConfig:
     input: str | None = None
     output: str | None = None
+    # Many videos in one job (instead of input/output): a folder, a list file (one path a line)
+    # or a .jsonl file (one {"input": ..., "output": ..., per-video settings} a line); the styled
+    # videos go to output_dir (docs/batch.md).
+    inputs: str | None = None
+    output_dir: str | None = None
     device: str = "auto"  # auto: cuda:<local rank> where there is a GPU, else cpu
     batch_size: int | None = None  # frames per model call; default 1 on CPU, 8 on a GPU
     # Torch threads per rank. Default: the rank moves onto its share of the node's CPUs and takes
@@ -175,10 +180,27 @@ def register() -> None:
 
 def check(cfg: DictConfig) -> None:
     """Checks beyond types, with messages that say which override to fix."""
+    if cfg.inputs:
+        if cfg.input or cfg.output:
+            raise ConfigError("inputs= (a batch) takes output_dir=, not input= or output=: give one or the other")
+        for key in ("path", "preview"):
+            if cfg.report[key]:
+                raise ConfigError(f"report.{key} names one file, and a batch writes one per video: leave it out")
+        check_job(cfg)
+        return
+    if cfg.output_dir:
+        raise ConfigError("output_dir= is for a batch (inputs=); one video takes output=PATH")
     if not cfg.input:
-        raise ConfigError("no input video: add input=PATH")
+        raise ConfigError("no input video: add input=PATH (or inputs=FOLDER output_dir=FOLDER for many)")
     if not cfg.output:
         raise ConfigError("no output path: add output=PATH (e.g. output=styled.mp4)")
+    if Path(cfg.input).expanduser().resolve() == Path(cfg.output).expanduser().resolve():
+        raise ConfigError(f"output is the input ({cfg.input}): choose another output path")
+    check_job(cfg)
+
+
+def check_job(cfg: DictConfig) -> None:
+    """The checks of every setting but the input and output."""
     if cfg.batch_size is not None and cfg.batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {cfg.batch_size}")
     if cfg.threads is not None and cfg.threads < 1:
@@ -212,5 +234,3 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError(f"video.segment_seconds must be 0 or more, got {cfg.video.segment_seconds}")
     if "_target_" not in cfg.model:
         raise ConfigError("model has no _target_: pick one with model=multistyle|arbitrary|transformer_net|torchscript")
-    if Path(cfg.input).expanduser().resolve() == Path(cfg.output).expanduser().resolve():
-        raise ConfigError(f"output is the input ({cfg.input}): choose another output path")

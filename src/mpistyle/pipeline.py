@@ -9,22 +9,25 @@ of the steps lives here; each step is owned by one module:
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 from omegaconf import DictConfig
 
 from . import config, signals
+from .devices import pick_device
 from .errors import InternalError, MpistyleError
 from .hwcodecs import beside_gpu, encoder_key, on_nvenc, pick_decoder, pick_encoder
 from .join import join
 from .parallel import RankContext, Shift, attempt, unwrap
 from .plan import Plan, make_plan
 from .report import Progress, RankSummary, RunFacts, StageTimer, job_report, write_json, write_preview
-from .scoring import Scorer, build_scorer
+from .scoring import Scorer, build_scorer, wants_compile
 from .segment import Segment, largest_first
 from .video import Cuvid
 from .worker import Finished, Worker, score_segments
@@ -40,10 +43,23 @@ class Job:
     run_id: str
     timer: StageTimer
     started: float
+    delivered: Callable[[], None] | None = None  # called on the root the moment the output is in place
 
 
-def run(cfg: DictConfig, ctx: RankContext | None = None, run_id: str | None = None) -> dict[str, Any]:
+# Scorers loaded by earlier videos of a batch (mpistyle.batch), by what they were built from.
+Scorers = dict[str, Scorer]
+
+
+def run(
+    cfg: DictConfig,
+    ctx: RankContext | None = None,
+    run_id: str | None = None,
+    scorers: Scorers | None = None,
+    delivered: Callable[[], None] | None = None,
+) -> dict[str, Any]:
     """Restyle ``cfg.input`` into ``cfg.output``. Returns the job report (on every rank).
+    ``scorers``: models loaded for earlier videos of the same batch, reused where they fit;
+    ``delivered``: called on the root right after the output is renamed into place.
 
     Raises an :class:`~mpistyle.errors.MpistyleError` subclass, the same on every rank, when
     the job cannot be done; the input is never modified and no partial output is left.
@@ -51,11 +67,11 @@ def run(cfg: DictConfig, ctx: RankContext | None = None, run_id: str | None = No
     try:
         config.check(cfg)
         ctx = ctx or RankContext.world()
-        job = Job(cfg, run_id or f"{os.getpid()}", StageTimer(), time.perf_counter())
+        job = Job(cfg, run_id or f"{os.getpid()}", StageTimer(), time.perf_counter(), delivered)
         with job.timer("probe"):
             plan = ctx.from_root(lambda: make_plan(cfg))
         with job.timer("load_model"):
-            scorer = ctx.check_all(lambda: _then_check(_load_model(cfg, ctx, plan)))
+            scorer = ctx.check_all(lambda: _then_check(_load_model(cfg, ctx, plan, scorers)))
         kinds = set(ctx.gather_all(scorer.kernels))
         if len(kinds) > 1:
             # A frame's pixels would depend on which rank scored it: every rank goes eager.
@@ -74,11 +90,24 @@ def run(cfg: DictConfig, ctx: RankContext | None = None, run_id: str | None = No
     return ctx.from_root(lambda: finish(job, plan, unwrap(scored)))
 
 
-def _load_model(cfg: DictConfig, ctx: RankContext, plan: Plan) -> Scorer:
-    """This rank's scorer, run once on a blank frame so compiling happens here, not mid-job."""
+def _load_model(cfg: DictConfig, ctx: RankContext, plan: Plan, scorers: Scorers | None) -> Scorer:
+    """This rank's scorer, run once on a blank frame so compiling happens here, not mid-job;
+    one an earlier video of the batch loaded for the same setting and frame size, if any."""
     info = plan.info
-    scorer = build_scorer(cfg, ctx.local_rank, ctx.cpus, info.frames * info.width * info.height)
+    pixels = info.frames * info.width * info.height
+    key = json.dumps(
+        [config.plain(cfg.model), cfg.device, cfg.precision, str(cfg.compile), cfg.compile_cache, cfg.batch_size,
+         cfg.threads, info.height, info.width, wants_compile(cfg.compile, pick_device(cfg.device, ctx.local_rank), pixels)],
+        sort_keys=True, default=str,
+    )
+    if scorers is not None and key in scorers:
+        scorer = scorers[key]
+        log.info("rank %d/%d: the model an earlier video loaded (%s kernels)", ctx.rank, ctx.size, scorer.kernels)
+        return scorer
+    scorer = build_scorer(cfg, ctx.local_rank, ctx.cpus, pixels)
     how = scorer.prepare(info.height, info.width)
+    if scorers is not None:
+        scorers[key] = scorer
     log.info(
         "rank %d/%d on %s: %s, %s, %s, %d thread(s)",
         ctx.rank, ctx.size, ctx.host, scorer.device, scorer.precision, how, scorer.threads,
@@ -145,6 +174,8 @@ def finish(job: Job, plan: Plan, results: list[tuple[RankSummary, list[Finished]
     cfg = job.cfg
     with job.timer("join"):
         join(plan, [done for _, finished in results for done in finished])
+    if job.delivered:
+        job.delivered()
     with job.timer("preview"):
         previewed = write_preview(plan, cfg.report.preview_frames)
     total = time.perf_counter() - job.started
