@@ -81,6 +81,30 @@ def default_command(clip: Path, work: Path, name: str, ranks: int = 2, *options:
     }
 
 
+def batch_vs_single(work: Path, clips: int, seconds: int, ranks: int = 2) -> dict:
+    """``clips`` clips of ``seconds`` (640x360, sound) as one batch job (``inputs=``) against one
+    job per clip back to back, each command timed whole, ``ranks`` ranks each. The compile
+    cache is warm for both (the cold/warm figures above show what a first job pays)."""
+    from mpistyle.sample import make_video
+
+    folder = work / "batch-clips"
+    folder.mkdir()
+    for number in range(clips):
+        make_video(folder / f"clip{number:02d}.mp4", frames=24 * seconds, width=640, height=360, fps=24, gop=48)
+    mpirun = ["mpirun", "-n", str(ranks)] if ranks > 1 else []
+    program = [*mpirun, sys.executable, "-m", "mpistyle"]
+    start = time.perf_counter()
+    for clip in sorted(folder.iterdir()):
+        sh([*program, f"input={clip}", f"output={work / 'single' / clip.name}"], cwd=work)
+    single = time.perf_counter() - start
+    start = time.perf_counter()
+    sh([*program, f"inputs={folder}", f"output_dir={work / 'batch'}"], cwd=work)
+    batch = time.perf_counter() - start
+    report = json.loads((work / "batch" / "batch-report.json").read_text())
+    return {"clips": clips, "seconds_each": seconds, "ranks": ranks, "single_jobs_wall_s": single, "batch_wall_s": batch,
+            "batch_per_rank_busy": report["per_rank_busy"], "frames": report["frames"]}
+
+
 def reference_pipeline(clip: Path, work: Path, threads: int) -> dict:
     """What the pipeline mpistyle replaces does: images on disk at each step, batch-1 onnxruntime."""
     ffmpeg = shutil.which("ffmpeg")
@@ -212,7 +236,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short clips and few frames, to try the script out")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--batch-only", action="store_true", help="only batch_vs_single_20clips (about 10 minutes)")
     args = parser.parse_args()
+    if args.batch_only:
+        return batch_only(args)
     from mpistyle.devices import cpu_share
     from mpistyle.sample import make_video
 
@@ -298,6 +325,24 @@ def main() -> None:
     for name, value in results["ratios"].items():
         print(f"ratio {name}: {'n/a' if value is None else f'{value:.2f}'}")
     print(f"\nbench: results in {json_path} and {json_path.with_suffix('.png')}")
+
+
+def batch_only(args: argparse.Namespace) -> None:
+    """The batch figure alone, in its own results file (``<date>-<commit>-batch.json``)."""
+    results: dict = {"machine": machine()}
+    with tempfile.TemporaryDirectory(prefix="mpistyle-bench-") as temp:
+        work = Path(temp)
+        os.environ["XDG_CACHE_HOME"] = str(work / "cache")
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        figures = results["batch_vs_single"] = batch_vs_single(work, 4 if args.quick else 20, 1 if args.quick else 3)
+    results["ratios"] = {"batch_vs_single_20clips": figures["single_jobs_wall_s"] / figures["batch_wall_s"]}
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"{datetime.now(UTC).strftime('%Y%m%d')}-{results['machine']['commit']}{'-quick' if args.quick else ''}-batch"
+    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"{figures['clips']} clips of {figures['seconds_each']} s, {figures['ranks']} ranks: one job per clip "
+          f"{figures['single_jobs_wall_s']:.1f} s, one batch {figures['batch_wall_s']:.1f} s "
+          f"(ranks busy {figures['batch_per_rank_busy']}); ratio batch_vs_single_20clips "
+          f"{results['ratios']['batch_vs_single_20clips']:.2f}; results in {args.out / (stem + '.json')}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from mpistyle.video import probe
+from test_bad_inputs import _corrupt_packets
 
 from conftest import MPI_ENV, TESTS, mpistyle_command, run_mpistyle
 
@@ -93,8 +95,8 @@ def test_a_jsonl_file_gives_each_video_its_own_style_and_refuses_what_a_line_may
 def test_a_killed_batch_resumes_without_delivering_anything_twice(video: Callable[..., Path], tmp_path: Path) -> None:
     videos = tmp_path / "videos"
     videos.mkdir()
-    for name in ("a", "b", "c"):
-        video(f"videos/{name}.mp4", frames=72, width=64, height=48, gop=6)
+    for name, frames in (("a", 72), ("b", 66), ("c", 60)):
+        video(f"videos/{name}.mp4", frames=frames, width=64, height=48, gop=6)
     styled = tmp_path / "styled"
     args = [f"inputs={videos}", f"output_dir={styled}", "video.segment_seconds=0.5", *TINY]
     env = {**os.environ, **MPI_ENV, "PYTHONPATH": str(TESTS) + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -104,16 +106,17 @@ def test_a_killed_batch_resumes_without_delivering_anything_twice(video: Callabl
     while not (styled / "a.mp4").exists() and job.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     os.killpg(job.pid, signal.SIGTERM)  # mpirun and both ranks, as scancel would
-    job.communicate(timeout=60)
+    _, stopped_log = job.communicate(timeout=60)
     assert (styled / "a.mp4").exists()
     first = (styled / "a.mp4").stat().st_mtime_ns
     done = run_mpistyle(*args, ranks=2)
     assert done.returncode == 0, done.stderr
-    assert (styled / "a.mp4").stat().st_mtime_ns == first  # delivered once
+    markers = sorted(p.name for p in (styled / ".mpistyle-delivered").glob("*"))
+    assert (styled / "a.mp4").stat().st_mtime_ns == first, (markers, stopped_log[-3000:], done.stderr[-3000:])  # delivered once
     report = json.loads((styled / "batch-report.json").read_text())
     assert report["per_video"][0]["status"] == "delivered before"
-    for name in ("a", "b", "c"):
-        assert len(probe(str(styled / f"{name}.mp4")).frame_pts) == 72
+    for name, frames in (("a", 72), ("b", 66), ("c", 60)):
+        assert len(probe(str(styled / f"{name}.mp4")).frame_pts) == frames
 
 
 @pytest.mark.parametrize(
@@ -136,3 +139,57 @@ def test_a_batch_that_cannot_be_done_is_refused_before_work(
     assert done.returncode == 2, done.stderr
     assert message in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_two_videos_with_the_same_contents_are_each_delivered_once(video: Callable[..., Path], tmp_path: Path) -> None:
+    (tmp_path / "videos").mkdir()
+    clip = video("videos/a.mp4")
+    (tmp_path / "videos" / "copy.mp4").write_bytes(clip.read_bytes())  # the same upload under two names
+    styled = tmp_path / "styled"
+    first = run_mpistyle(f"inputs={tmp_path / 'videos'}", f"output_dir={styled}", *TINY)
+    assert first.returncode == 0, first.stderr
+    again = run_mpistyle(f"inputs={tmp_path / 'videos'}", f"output_dir={styled}", *TINY)
+    assert again.returncode == 0, again.stderr
+    report = json.loads((styled / "batch-report.json").read_text())
+    assert [v["status"] for v in report["per_video"]] == ["delivered before", "delivered before"]
+    assert (styled / "a.mp4").read_bytes() == (styled / "copy.mp4").read_bytes()
+
+
+def test_two_stop_signals_never_come_between_an_output_and_its_delivered_record(tmp_path: Path) -> None:
+    # The second of two signals ends the process at once (scancel's SIGTERM and mpirun's copy of
+    # it): with both arriving as the output is renamed into place, the record is still written.
+    script = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from mpistyle import signals\n"
+        "from mpistyle.files import replacing\n"
+        "signals.install()\n"
+        "out = Path(sys.argv[1])\n"
+        "def record():\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    Path(str(out) + '.delivered').write_text('yes')\n"
+        "with replacing(out, then=record) as partial:\n"
+        "    partial.write_bytes(b'video')\n"
+        "print('not reached: the second signal ends the process')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out.mp4")], capture_output=True, text=True)
+    assert done.returncode == -signal.SIGTERM, done.stderr
+    assert (tmp_path / "out.mp4").read_bytes() == b"video"
+    assert (tmp_path / "out.mp4.delivered").read_text() == "yes"
+    assert "not reached" not in done.stdout
+
+
+@pytest.mark.mpi
+def test_a_video_that_fails_while_scored_leaves_the_next_video_whole(video: Callable[..., Path], tmp_path: Path) -> None:
+    # The ranks stop mid-video; the next video starts with no stale message between them.
+    damaged = _corrupt_packets(tmp_path)
+    good = video("good.mp4", frames=30, width=64, height=48)
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{damaged}\n{good}\n")
+    styled = tmp_path / "styled"
+    done = run_mpistyle(f"inputs={listing}", f"output_dir={styled}", "on_damage=fail", "video.segment_seconds=0", *TINY, ranks=2)
+    assert done.returncode == 8, done.stderr
+    failure = json.loads((styled / "corrupt-packets.mp4.error.json").read_text())
+    assert failure["exit_code"] == 3 and "damaged" in failure["error"]
+    assert _times(styled / "good.mp4") == _times(good)

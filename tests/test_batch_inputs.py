@@ -94,3 +94,30 @@ def test_a_jsonl_line_without_an_output_needs_output_dir(tmp_path: Path) -> None
     assert items[0].error is None
     assert items[1].error == 'names no "output", and the job has no output_dir='
 
+
+
+def test_a_jsonl_setting_takes_one_kind_of_value_and_never_code_or_an_interpolation(tmp_path: Path) -> None:
+    _files(tmp_path, "a.mp4")
+    lines = [
+        {"input": "a.mp4", "output": "1.mp4", "model.blend": {"_target_": "os.system", "_args_": ["touch pwned"]}},
+        {"input": "a.mp4", "output": "2.mp4", "video.preset": "${oc.env:AZURE_STORAGE_KEY}"},
+        {"input": "a.mp4", "output": "3.mp4", "model.style": "5"},
+        {"input": "a.mp4", "output": "${oc.env:HOME}.mp4"},
+        {"input": "a.mp4", "output": "5.mp4", "model.blend": {"3": 0.5, "19": 0.5}},
+    ]
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    nested, interpolated, text, path, fine = read_inputs(str(jobs), None)
+    assert nested.error is not None and nested.error.startswith("model.blend must be style numbers to weights")
+    assert interpolated.error is not None and interpolated.error.startswith("video.preset must be a preset's name")
+    assert text.error == 'model.style must be a whole number, got "5"'
+    assert path.error == "a path holds '${': rename it"
+    assert fine.error is None
+
+
+def test_no_output_may_be_another_videos_input(tmp_path: Path) -> None:
+    _files(tmp_path, "a.mp4", "b.mp4")
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"input": "a.mp4", "output": "sub/../b.mp4"}\n{"input": "b.mp4", "output": "b-out.mp4"}\n')
+    with pytest.raises(ConfigError, match=r"jobs\.jsonl:1 would write over jobs\.jsonl:2.s input"):
+        read_inputs(str(jobs), None)

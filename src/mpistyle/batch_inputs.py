@@ -22,14 +22,39 @@ from typing import Any
 
 from .errors import ConfigError
 
-# Per-video settings a JSONL line may set: what changes a video's look, never where the job
-# writes, which code runs (model._target_, weights), its limits, or Hydra's own keys.
-PER_VIDEO_SETTINGS = frozenset(
-    {
-        "model.style", "model.blend", "model.style_image", "model.style_strength",
-        "temporal.alpha", "video.crf", "video.preset",
-    }
-)
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _text(value: object) -> bool:
+    return isinstance(value, str) and "${" not in value
+
+
+def _blend(value: object) -> bool:
+    """``"3:0.5,19:0.5"`` or ``{"3": 0.5, "19": 0.5}``: flat, style numbers to weights."""
+    if isinstance(value, dict):
+        return all(str(key).isdigit() and _number(weight) for key, weight in value.items())
+    return _text(value)
+
+
+# Per-video settings a JSONL line may set, each with the one kind of value it takes: what changes
+# a video's look, never where the job writes, which code runs (model._target_, weights, anything
+# nested), its limits, or Hydra's own keys.
+_SETTINGS = {
+    "model.style": (_whole, "a whole number"),
+    "model.blend": (_blend, 'style numbers to weights, {"3": 0.5, "19": 0.5} or "3:0.5,19:0.5"'),
+    "model.style_image": (_text, "a path"),
+    "model.style_strength": (_number, "a number"),
+    "temporal.alpha": (_number, "a number"),
+    "video.crf": (_whole, "a whole number"),
+    "video.preset": (lambda value: isinstance(value, str) and value.isalpha(), "a preset's name"),
+}
+PER_VIDEO_SETTINGS = frozenset(_SETTINGS)
 # What a folder's files must end in to be taken as videos (any other file there is left alone).
 VIDEO_SUFFIXES = frozenset(
     {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".ts", ".m2ts", ".mts", ".flv", ".mpg", ".mpeg", ".mxf", ".3gp"}
@@ -65,7 +90,7 @@ def read_inputs(inputs: str, output_dir: str | None) -> list[BatchItem]:
     source = Path(inputs).expanduser()
     out_dir = Path(output_dir).expanduser().absolute() if output_dir else None
     if source.is_dir():
-        if out_dir is not None and out_dir == source.absolute():
+        if out_dir is not None and out_dir.resolve() == source.resolve():
             raise ConfigError(f"output_dir={output_dir} is the inputs folder: the next batch would take the outputs for inputs")
         items = _folder(source, _needs(out_dir, "a folder"))
     elif not source.is_file():
@@ -88,8 +113,11 @@ def _needs(out_dir: Path | None, what: str) -> Path:
 
 def _folder(folder: Path, out_dir: Path) -> list[BatchItem]:
     """Every video file directly in ``folder`` (not its subfolders), by name."""
-    videos = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
-    return [BatchItem(str(p), p.absolute(), out_dir / f"{p.stem}{OUTPUT_SUFFIX}") for p in videos]
+    try:
+        videos = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
+    except OSError as err:
+        raise ConfigError(f"inputs={folder}: cannot list it ({err.strerror})") from None
+    return [_checked(BatchItem(str(p), p.absolute(), out_dir / f"{p.stem}{OUTPUT_SUFFIX}")) for p in videos]
 
 
 def _lines(path: Path) -> Iterable[tuple[int, str]]:
@@ -143,19 +171,29 @@ def _entry(where: str, entry: object, base: Path, out_dir: Path | None) -> Batch
             where, video_path, output_path,
             error=f"sets {', '.join(refused)}, which a batch line may not (allowed: {', '.join(sorted(PER_VIDEO_SETTINGS))})",
         )
+    for key, value in entry.items():
+        takes, kind = _SETTINGS[key]
+        if not takes(value):
+            return BatchItem(where, video_path, output_path, error=f"{key} must be {kind}, got {json.dumps(value)[:80]}")
     settings = {key: str(_resolve(base, value)) if key in _PATH_SETTINGS and isinstance(value, str) else value
                 for key, value in entry.items()}
     return _checked(BatchItem(where, video_path, output_path, settings))
 
 
 def _resolve(base: Path, path: str) -> Path:
-    candidate = Path(path).expanduser()
+    try:
+        candidate = Path(path).expanduser()
+    except RuntimeError:  # ~someone who is not a user here
+        candidate = Path(path)
     return (candidate if candidate.is_absolute() else base / candidate).absolute()
 
 
 def _checked(item: BatchItem) -> BatchItem:
-    """``item``, or the same with an error if its input is not a file here (it fails alone)."""
+    """``item``, or the same with an error if its input is not a file here, or a path holds
+    ``${`` (the config would read it as an interpolation): it fails alone."""
     assert item.input is not None
+    if any("${" in str(path) for path in (item.input, item.output)):
+        return BatchItem(item.source, item.input, item.output, item.settings, error="a path holds '${': rename it")
     if not item.input.is_file():
         return BatchItem(item.source, item.input, item.output, item.settings, error=f"input not found: {item.input}")
     return item
@@ -178,10 +216,14 @@ def _first_of_each(items: list[BatchItem]) -> list[BatchItem]:
 
 def _refuse_shared_outputs(items: list[BatchItem]) -> None:
     """Two videos writing one output would overwrite each other: the batch is refused."""
+    inputs = {item.input.resolve(): item.source for item in items if item.error is None and item.input is not None}
+    for item in items:
+        if item.error is None and item.output is not None and item.output.resolve() in inputs:
+            raise ConfigError(f"{item.source} would write over {inputs[item.output.resolve()]}'s input {item.output}")
     writers: dict[Path, list[str]] = {}
     for item in items:
         if item.error is None and item.output is not None:
-            writers.setdefault(item.output, []).append(item.source)
+            writers.setdefault(item.output.resolve(), []).append(item.source)
     clashes = {output: sources for output, sources in writers.items() if len(sources) > 1}
     if clashes:
         output, sources = next(iter(clashes.items()))

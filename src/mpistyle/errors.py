@@ -48,6 +48,13 @@ class StagingError(MpistyleError):
     exit_code = 6
 
 
+class SomeVideosFailed(MpistyleError):
+    """A batch (``inputs=``) finished; some of its videos could not be done (the batch report
+    and each one's error file say why)."""
+
+    exit_code = 8
+
+
 class StorageError(MpistyleError):
     """Storage or scheduler calls that failed for good after retries, or an unusable name."""
 

@@ -6,11 +6,12 @@ import hashlib
 import os
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from . import signals
 from .errors import MpistyleError, OutputError, StagingError
 
 
@@ -21,18 +22,22 @@ def partial_path(path: Path) -> Path:
 
 
 @contextmanager
-def replacing(path: Path, durable: bool = False) -> Iterator[Path]:
+def replacing(path: Path, durable: bool = False, then: Callable[[], None] | None = None) -> Iterator[Path]:
     """Yield a partial path to write; when the block completes, rename it over ``path``, after
-    an fsync if ``durable`` (on NFS a rename can reach the server before the data). If the
-    block fails, the partial file is removed and ``path`` is left as it was. OSError passes
-    through for the caller to word."""
+    an fsync if ``durable`` (on NFS a rename can reach the server before the data), and call
+    ``then`` with stop signals held, so no signal comes between the two. If the block fails,
+    the partial file is removed and ``path`` is left as it was. OSError passes through for the
+    caller to word."""
     partial = partial_path(path)
     try:
         yield partial
         if durable:
             with partial.open("rb") as handle:
                 os.fsync(handle.fileno())
-        os.replace(partial, path)
+        with signals.held():
+            os.replace(partial, path)
+            if then is not None:
+                then()
     finally:
         partial.unlink(missing_ok=True)
 

@@ -2,7 +2,7 @@
 the input's audio, into the output file, which appears under its name only when complete."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from . import signals
 from .errors import InternalError, OutputError
@@ -12,8 +12,9 @@ from .plan import Plan
 from .worker import Finished
 
 
-def join(plan: Plan, finished: Sequence[Finished]) -> None:
-    """Write ``plan.output`` from the staged segments that ``finished`` (every rank's) reports."""
+def join(plan: Plan, finished: Sequence[Finished], delivered: Callable[[], None] | None = None) -> None:
+    """Write ``plan.output`` from the staged segments that ``finished`` (every rank's) reports;
+    ``delivered`` is called the moment it is in place, no stop signal between the two."""
     done = {f.segment.number for f in finished}
     missing = [s for s in plan.segments if s.number not in done]
     if missing:
@@ -22,7 +23,7 @@ def join(plan: Plan, finished: Sequence[Finished]) -> None:
     # The segments' pts are the input's, each frame's once: sorted, they are the whole stream's.
     dts = stream_dts(sorted(info.frame_pts), max((f.reorder_depth for f in finished), default=0))
     try:
-        with replacing(plan.output) as partial:
+        with replacing(plan.output, then=delivered) as partial:
             with Muxer(partial, info, plan.settings, dts, plan.container_format, plan.audio) as muxer:
                 for segment in plan.segments:
                     staged = plan.staging.read(segment)

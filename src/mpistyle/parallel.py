@@ -211,13 +211,15 @@ class RankContext:
     def _ask(self) -> int | None:
         """Another rank's take: ask the root, and wait for its answer (or for a stop)."""
         self.comm.send(None, dest=0, tag=_TAG_WANT)
-        while True:
-            if self.comm.iprobe(source=0, tag=_TAG_ITEM):
-                item: int | None = self.comm.recv(source=0, tag=_TAG_ITEM)
-                return item
-            if self.comm.iprobe(source=0, tag=_TAG_STOP):
-                raise JobStopped("stopped because another rank failed")
+        # The root answers every request, a stop or not: wait for the answer even after a STOP,
+        # or it would be taken for the answer to this rank's first request of a later job (a
+        # batch's next video) and that job's own answer lost.
+        while not self.comm.iprobe(source=0, tag=_TAG_ITEM):
             time.sleep(_POLL_S)
+        item: int | None = self.comm.recv(source=0, tag=_TAG_ITEM)
+        if self.comm.iprobe(source=0, tag=_TAG_STOP):
+            raise JobStopped("stopped because another rank failed")
+        return item
 
     def _take_messages(
         self, on_frames: Callable[[int], None], results: dict[int, Any], take: Callable[[], int | None]

@@ -46,8 +46,10 @@ class Job:
     delivered: Callable[[], None] | None = None  # called on the root the moment the output is in place
 
 
-# Scorers loaded by earlier videos of a batch (mpistyle.batch), by what they were built from.
+# Scorers loaded by earlier videos of a batch (mpistyle.batch), by what they were built from;
+# the last few only, so a batch of many styles or frame sizes does not fill the GPU's memory.
 Scorers = dict[str, Scorer]
+_SCORERS_KEPT = 2
 
 
 def run(
@@ -56,10 +58,13 @@ def run(
     run_id: str | None = None,
     scorers: Scorers | None = None,
     delivered: Callable[[], None] | None = None,
+    compile_pixels: int | None = None,
 ) -> dict[str, Any]:
     """Restyle ``cfg.input`` into ``cfg.output``. Returns the job report (on every rank).
     ``scorers``: models loaded for earlier videos of the same batch, reused where they fit;
-    ``delivered``: called on the root right after the output is renamed into place.
+    ``delivered``: called on the root right after the output is renamed into place;
+    ``compile_pixels``: the work a compiled model would serve, for ``compile=auto`` (a batch's
+    videos of the same model and frame size; default: this video's pixels).
 
     Raises an :class:`~mpistyle.errors.MpistyleError` subclass, the same on every rank, when
     the job cannot be done; the input is never modified and no partial output is left.
@@ -71,7 +76,7 @@ def run(
         with job.timer("probe"):
             plan = ctx.from_root(lambda: make_plan(cfg))
         with job.timer("load_model"):
-            scorer = ctx.check_all(lambda: _then_check(_load_model(cfg, ctx, plan, scorers)))
+            scorer = ctx.check_all(lambda: _then_check(_load_model(cfg, ctx, plan, scorers, compile_pixels)))
         kinds = set(ctx.gather_all(scorer.kernels))
         if len(kinds) > 1:
             # A frame's pixels would depend on which rank scored it: every rank goes eager.
@@ -90,11 +95,13 @@ def run(
     return ctx.from_root(lambda: finish(job, plan, unwrap(scored)))
 
 
-def _load_model(cfg: DictConfig, ctx: RankContext, plan: Plan, scorers: Scorers | None) -> Scorer:
+def _load_model(
+    cfg: DictConfig, ctx: RankContext, plan: Plan, scorers: Scorers | None, compile_pixels: int | None
+) -> Scorer:
     """This rank's scorer, run once on a blank frame so compiling happens here, not mid-job;
     one an earlier video of the batch loaded for the same setting and frame size, if any."""
     info = plan.info
-    pixels = info.frames * info.width * info.height
+    pixels = compile_pixels or info.frames * info.width * info.height
     key = json.dumps(
         [config.plain(cfg.model), cfg.device, cfg.precision, str(cfg.compile), cfg.compile_cache, cfg.batch_size,
          cfg.threads, info.height, info.width, wants_compile(cfg.compile, pick_device(cfg.device, ctx.local_rank), pixels)],
@@ -107,6 +114,8 @@ def _load_model(cfg: DictConfig, ctx: RankContext, plan: Plan, scorers: Scorers 
     scorer = build_scorer(cfg, ctx.local_rank, ctx.cpus, pixels)
     how = scorer.prepare(info.height, info.width)
     if scorers is not None:
+        while len(scorers) >= _SCORERS_KEPT:  # a batch of many styles or sizes: the oldest goes
+            scorers.pop(next(iter(scorers)))
         scorers[key] = scorer
     log.info(
         "rank %d/%d on %s: %s, %s, %s, %d thread(s)",
@@ -173,9 +182,7 @@ def finish(job: Job, plan: Plan, results: list[tuple[RankSummary, list[Finished]
     """Root: join the staged segments into the output, then the preview and the job report."""
     cfg = job.cfg
     with job.timer("join"):
-        join(plan, [done for _, finished in results for done in finished])
-    if job.delivered:
-        job.delivered()
+        join(plan, [done for _, finished in results for done in finished], job.delivered)
     with job.timer("preview"):
         previewed = write_preview(plan, cfg.report.preview_frames)
     total = time.perf_counter() - job.started
