@@ -212,3 +212,9 @@ def png_picture() -> bytes:
     codec.width, codec.height, codec.pix_fmt = 16, 16, "rgb24"
     frame = av.VideoFrame.from_ndarray(np.zeros((16, 16, 3), np.uint8), format="rgb24")
     return b"".join(bytes(p) for p in codec.encode(frame) + codec.encode(None))
+
+
+def psnr(reference: np.ndarray, other: np.ndarray) -> float:
+    """Peak signal-to-noise ratio of two uint8 pictures (or stacks), in dB."""
+    error = np.mean((reference.astype(np.float64) - other.astype(np.float64)) ** 2)
+    return float("inf") if error == 0 else float(10 * np.log10(255.0**2 / error))

@@ -74,8 +74,8 @@ def test_a_jsonl_file_gives_each_video_its_output_and_allowed_settings(tmp_path:
     jobs.write_text("\n".join(json.dumps(line) for line in lines) + "\n{not json\n")
     items = read_inputs(str(jobs), str(tmp_path / "out"))
     first, mix, painting, hydra, target, no_input, array, broken = items
-    assert (first.output, first.overrides()) == (tmp_path / "styled" / "a-5.mp4", ["model.style=5"])
-    assert mix.overrides() == ['model.blend={"3": 0.5, "19": 0.5}']
+    assert (first.output, first.settings) == (tmp_path / "styled" / "a-5.mp4", {"model.style": 5})
+    assert mix.settings == {"model.blend": {"3": 0.5, "19": 0.5}}
     assert painting.output == tmp_path / "out" / "b.mp4"
     assert painting.settings["model.style_image"] == str(tmp_path / "painting.jpg")  # from the file's folder
     assert hydra.error is not None and "sets hydra.run.dir, which a batch line may not" in hydra.error

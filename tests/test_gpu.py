@@ -23,7 +23,7 @@ from mpistyle.segment import Segment
 from mpistyle.video import Cuvid, decode_segment, probe
 
 from conftest import run_mpistyle
-from media import audio_packets, decode_all
+from media import audio_packets, decode_all, psnr
 
 pytestmark = [
     pytest.mark.gpu,
@@ -31,11 +31,6 @@ pytestmark = [
 ]
 
 GPU = torch.device("cuda", 0)
-
-
-def psnr(reference: np.ndarray, other: np.ndarray) -> float:
-    error = np.mean((reference.astype(np.float64) - other.astype(np.float64)) ** 2)
-    return float("inf") if error == 0 else float(10 * np.log10(255.0**2 / error))
 
 
 @pytest.fixture(scope="module")

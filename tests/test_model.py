@@ -20,6 +20,8 @@ from mpistyle.model.multistyle import NUM_STYLES
 from mpistyle.model.transformer_net import TransformerNet
 from mpistyle.scoring import Scorer
 
+from media import psnr
+
 
 @pytest.fixture(scope="module")
 def session() -> ort.InferenceSession:
@@ -163,11 +165,6 @@ def test_missing_checkpoint() -> None:
         load_transformer_net(None)
     with pytest.raises(ModelError, match="not found"):
         load_transformer_net("/nonexistent/candy.pth")
-
-
-def psnr(reference: np.ndarray, other: np.ndarray) -> float:
-    error = np.mean((reference.astype(np.float64) - other.astype(np.float64)) ** 2)
-    return float("inf") if error == 0 else float(10 * np.log10(255.0**2 / error))
 
 
 @pytest.fixture(scope="module")

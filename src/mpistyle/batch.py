@@ -116,7 +116,8 @@ def _one(
         # Marked on the root the moment the output is in place: a stop after it (during the
         # preview or report) does not deliver the video again.
         report = run(
-            video_cfg, ctx, run_id, scorers, delivered=lambda: _mark_delivered(item, key), compile_pixels=compile_pixels
+            video_cfg, ctx, run_id, scorers, delivered=lambda: _mark_delivered(item, key), compile_pixels=compile_pixels,
+            planned=planned,
         )
     except ModelError as err:
         if not item.settings:  # the job's own model setting: not this video's fault, every video's

@@ -74,15 +74,6 @@ class BatchItem:
     settings: Mapping[str, Any] = field(default_factory=dict)  # from PER_VIDEO_SETTINGS
     error: str | None = None
 
-    @property
-    def name(self) -> str:
-        """The video's name in reports and error files: its output's stem, else its source."""
-        return self.output.stem if self.output else self.source
-
-    def overrides(self) -> list[str]:
-        """Its settings as Hydra overrides (``model.style=5``), values in JSON."""
-        return [f"{key}={json.dumps(value)}" for key, value in sorted(self.settings.items())]
-
 
 def read_inputs(inputs: str, output_dir: str | None) -> list[BatchItem]:
     """The batch ``inputs`` names, in order, each with its output (in ``output_dir`` unless a

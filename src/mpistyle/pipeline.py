@@ -59,12 +59,14 @@ def run(
     scorers: Scorers | None = None,
     delivered: Callable[[], None] | None = None,
     compile_pixels: int | None = None,
+    planned: Plan | None = None,
 ) -> dict[str, Any]:
     """Restyle ``cfg.input`` into ``cfg.output``. Returns the job report (on every rank).
     ``scorers``: models loaded for earlier videos of the same batch, reused where they fit;
     ``delivered``: called on the root right after the output is renamed into place;
     ``compile_pixels``: the work a compiled model would serve, for ``compile=auto`` (a batch's
-    videos of the same model and frame size; default: this video's pixels).
+    videos of the same model and frame size; default: this video's pixels); ``planned``: the
+    plan, when the caller made it already (every rank holds it).
 
     Raises an :class:`~mpistyle.errors.MpistyleError` subclass, the same on every rank, when
     the job cannot be done; the input is never modified and no partial output is left.
@@ -74,7 +76,7 @@ def run(
         ctx = ctx or RankContext.world()
         job = Job(cfg, run_id or f"{os.getpid()}", StageTimer(), time.perf_counter(), delivered)
         with job.timer("probe"):
-            plan = ctx.from_root(lambda: make_plan(cfg))
+            plan = planned or ctx.from_root(lambda: make_plan(cfg))
         with job.timer("load_model"):
             scorer = ctx.check_all(lambda: _then_check(_load_model(cfg, ctx, plan, scorers, compile_pixels)))
         kinds = set(ctx.gather_all(scorer.kernels))
@@ -134,17 +136,16 @@ def _gpu_codecs(cfg: DictConfig, ctx: RankContext, plan: Plan, scorer: Scorer) -
         lambda: (pick_decoder(cfg.video.decoder, plan.info, scorer.device),
                  pick_encoder(plan.settings, plan.info, scorer.device, plan.container_format))
     )
-    decoders, encoders = zip(*ctx.gather_all((cuvid is not None, nvenc)), strict=True)
+    decoders, encoders, gpus = zip(*ctx.gather_all((cuvid is not None, nvenc, scorer.device.type == "cuda")), strict=True)
     if not all(decoders):
         if cuvid is not None:
             log.info("decoding on the CPU: not every rank can decode on its GPU")
         cuvid = None
-    on_gpus = all(ctx.gather_all(scorer.device.type == "cuda"))
     if len(set(encoders)) > 1:
         log.info("encoding on the CPU (%s): not every rank has a GPU encoder", plan.settings.codec)
     if len(set(encoders)) == 1 and nvenc is not None:
         plan = replace(plan, settings=on_nvenc(plan.settings, nvenc, scorer.device))
-    elif on_gpus and cfg.video.encoder == "auto":
+    elif all(gpus) and cfg.video.encoder == "auto":
         plan = replace(plan, settings=beside_gpu(plan.settings))
     if ctx.is_root:
         log.info(
