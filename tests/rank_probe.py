@@ -31,7 +31,22 @@ def main(case: str, out_dir: Path) -> None:
         result = {"summaries": summaries, "frames": sum(seen)}
     elif case == "handout":
         slow = ctx.size > 1 and ctx.rank == ctx.size - 1  # four times slower than the others
-        result = {"taken": ctx.run_everywhere(lambda shift: _take_all(shift, 0.04 if slow else 0.01), lambda n: None, 40)}
+        taken = ctx.run_everywhere(lambda shift: _take_all(shift, 0.04 if slow else 0.01), lambda n: None, iter(range(40)))
+        result = {"taken": taken}
+    elif case == "notes":
+        # Each rank notes every item it takes: the root hears them all, each from its taker.
+        noted: list[list[int]] = []
+
+        def work(shift: Shift) -> list[int]:
+            taken = []
+            while (item := shift.take()) is not None:
+                taken.append(item)
+                shift.note(item)
+                shift.tick(1)
+            return taken
+
+        taken = ctx.run_everywhere(work, lambda n: None, iter(range(30)), lambda rank, item: noted.append([rank, item]))
+        result = {"noted": noted, "taken": taken}
     elif case == "cpus":
         bound = sorted(os.sched_getaffinity(0))
         threads = set_threads(None, ctx.cpus)

@@ -7,13 +7,15 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from mpistyle import batch
+from mpistyle.batch_inputs import BatchItem
+from mpistyle.files import replacing
 from mpistyle.video import probe
 from test_bad_inputs import _corrupt_packets
 
@@ -155,29 +157,28 @@ def test_two_videos_with_the_same_contents_are_each_delivered_once(video: Callab
     assert (styled / "a.mp4").read_bytes() == (styled / "copy.mp4").read_bytes()
 
 
-def test_two_stop_signals_never_come_between_an_output_and_its_delivered_record(tmp_path: Path) -> None:
-    # The second of two signals ends the process at once (scancel's SIGTERM and mpirun's copy of
-    # it): with both arriving as the output is renamed into place, the record is still written.
-    script = (
-        "import os, signal, sys\n"
-        "from pathlib import Path\n"
-        "from mpistyle import signals\n"
-        "from mpistyle.files import replacing\n"
-        "signals.install()\n"
-        "out = Path(sys.argv[1])\n"
-        "def record():\n"
-        "    os.kill(os.getpid(), signal.SIGTERM)\n"
-        "    os.kill(os.getpid(), signal.SIGTERM)\n"
-        "    Path(str(out) + '.delivered').write_text('yes')\n"
-        "with replacing(out, then=record) as partial:\n"
-        "    partial.write_bytes(b'video')\n"
-        "print('not reached: the second signal ends the process')\n"
-    )
-    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out.mp4")], capture_output=True, text=True)
-    assert done.returncode == -signal.SIGTERM, done.stderr
-    assert (tmp_path / "out.mp4").read_bytes() == b"video"
-    assert (tmp_path / "out.mp4.delivered").read_text() == "yes"
-    assert "not reached" not in done.stdout
+def test_a_delivered_record_holds_only_once_its_output_is_in_place(tmp_path: Path) -> None:
+    # The record is written just before the rename (from the root's delivery thread, where no
+    # signal can be held off): a stop between the two leaves a record no output matches.
+    output = tmp_path / "styled" / "a.mp4"
+    output.parent.mkdir()
+    item = BatchItem("videos/a.mp4", tmp_path / "a.mp4", output)
+
+    class Killed(Exception):
+        pass
+
+    def killed_after_the_record(partial: Path) -> None:
+        batch._mark_delivered(item, "key", partial)
+        raise Killed
+
+    with pytest.raises(Killed), replacing(output, ready=killed_after_the_record) as partial:
+        partial.write_bytes(b"new video")
+    assert not output.exists() and not batch._delivered(item, "key")  # done again
+    output.write_bytes(b"an older video")  # what an earlier run left there does not match it either
+    assert not batch._delivered(item, "key")
+    with replacing(output, ready=lambda partial: batch._mark_delivered(item, "key", partial)) as partial:
+        partial.write_bytes(b"new video")
+    assert batch._delivered(item, "key") and not batch._delivered(item, "other settings")
 
 
 @pytest.mark.mpi
@@ -193,3 +194,25 @@ def test_a_video_that_fails_while_scored_leaves_the_next_video_whole(video: Call
     failure = json.loads((styled / "corrupt-packets.mp4.error.json").read_text())
     assert failure["exit_code"] == 3 and "damaged" in failure["error"]
     assert _times(styled / "good.mp4") == _times(good)
+
+
+@pytest.mark.mpi
+def test_one_queue_feeds_every_rank_and_delivers_each_video_while_the_next_are_scored(
+    video: Callable[..., Path], tmp_path: Path
+) -> None:
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for number in range(6):  # one segment each, each its own contents (no staged segment shared)
+        video(f"videos/v{number}.mp4", frames=12, width=64, height=48, fps=12, gop=12, start=12 * number)
+    styled = tmp_path / "styled"
+    done = run_mpistyle(f"inputs={videos}", f"output_dir={styled}", "staging.keep=true", *TINY, ranks=2)
+    assert done.returncode == 0, done.stderr
+    reports = [json.loads((styled / f"v{number}.mp4.report.json").read_text()) for number in range(6)]
+    assert all(report["output"]["segments"] == 1 for report in reports)
+    # A video of one segment is scored by one rank: both ranks scored videos, taken from one queue
+    # (video by video, the ranks would take turns waiting).
+    assert {rank["rank"] for report in reports for rank in report["per_rank"] if rank["frames"]} == {0, 1}
+    # Delivered as it was done: the first video was in place before the last one was staged.
+    last_staged = max(p.stat().st_mtime_ns for p in Path(reports[-1]["staging"]).glob("segment-*.h5"))
+    assert (styled / "v0.mp4").stat().st_mtime_ns < last_staged
+    assert [v["status"] for v in json.loads((styled / "batch-report.json").read_text())["per_video"]] == ["done"] * 6

@@ -83,6 +83,14 @@ def test_items_are_handed_out_on_demand_each_to_exactly_one_rank(
         assert len(taken[-1]) < min(len(items) for items in taken[:-1])
 
 
+@pytest.mark.parametrize("ranks", [1, 3])
+def test_each_rank_s_notes_reach_the_root_in_order(ranks_run: Callable[[str, int], list[dict]], ranks: int) -> None:
+    result = ranks_run("notes", ranks)[0]["result"]
+    for rank, taken in enumerate(result["taken"]):
+        assert [item for source, item in result["noted"] if source == rank] == taken
+    assert sorted(item for _, item in result["noted"]) == list(range(30))
+
+
 @pytest.mark.parametrize("ranks", [1, 2, 3])
 def test_training_collectives(ranks_run: Callable[[str, int], list[dict]], ranks: int) -> None:
     lines = ranks_run("training", ranks)

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -21,10 +22,10 @@ from mpistyle import pipeline
 from mpistyle.errors import ConfigError, InputError, JobStopped, ModelError, OutputError
 from mpistyle.pipeline import run
 from mpistyle.plan import Plan, make_plan
-from mpistyle.report import StageTimer
+from mpistyle.report import RankFacts, SegmentDone, StageTimer, rank_summary
 from mpistyle.scoring import Scorer, build_scorer
 from mpistyle.segment import Segment
-from mpistyle.worker import Worker, score_segments
+from mpistyle.worker import Video, Worker, score_segments
 
 from media import audio_packets, decode_all, keyframe_flags, open_gop_ts, stream_summary
 
@@ -366,12 +367,15 @@ def run_split(config: DictConfig, ranks: int) -> dict:
     plan = make_plan(config)
     plan.staging.create()
     scorer = this_process_scorer(config, plan)
-    results = []
+    video = this_process_video(config, plan, scorer, ranks)
+    staged: list[SegmentDone] = []
     for rank in range(ranks):
         take = _handing_out(plan.segments[rank::ranks])
-        worker = Worker(plan, scorer, lambda frames: True, take, config.on_damage, bool(config.overlap))
-        results.append(score_segments(worker, rank, "here"))
-    return pipeline.finish(pipeline.Job(config, "split", StageTimer(), time.perf_counter()), plan, results)
+        worker = Worker([video], lambda frames: True, take, _keeping(staged), bool(config.overlap))
+        score_segments(worker, rank)
+    summaries = [rank_summary(facts, [s for s in staged if s.rank == facts.rank]) for facts in video.ranks]
+    job = pipeline.Job(config, "split", StageTimer(), time.perf_counter())
+    return pipeline.finish(job, plan, summaries, staged, time.perf_counter() - job.started)
 
 
 def this_process_scorer(config: DictConfig, plan: Plan) -> Scorer:
@@ -380,10 +384,28 @@ def this_process_scorer(config: DictConfig, plan: Plan) -> Scorer:
     return build_scorer(config, 0, frozenset(os.sched_getaffinity(0)), info.frames * info.width * info.height)
 
 
-def _handing_out(segments: Sequence[Segment]) -> Callable[[], Segment | None]:
-    """A rank's take: these segments, then None."""
+def this_process_video(config: DictConfig, plan: Plan, scorer: Scorer, ranks: int = 1) -> Video:
+    """The one video of a queue, as ``ranks`` ranks in this process would hold it."""
+    facts = [
+        RankFacts(rank, "here", "cpu", scorer.threads, scorer.precision, scorer.compiled, bool(config.overlap),
+                  plan.info.codec, plan.settings.codec)
+        for rank in range(ranks)
+    ]
+    return Video(plan, scorer, tuple(facts), config.on_damage)
+
+
+def _handing_out(segments: Sequence[Segment]) -> Callable[[], tuple[int, int] | None]:
+    """A rank's take: these segments (of the queue's one video), then None."""
     remaining = iter(segments)
-    return lambda: next(remaining, None)
+    return lambda: next(((0, segment.number) for segment in remaining), None)
+
+
+def _keeping(staged: list[SegmentDone]) -> Callable[[Any], None]:
+    """A rank's note: each segment staged, kept (a failed video is an error here)."""
+    def note(message: Any) -> None:
+        assert isinstance(message, SegmentDone), message
+        staged.append(message)
+    return note
 
 
 def test_segments_with_other_b_frame_delays_join_into_a_valid_stream(
@@ -538,8 +560,9 @@ def test_a_stop_with_overlap_keeps_the_segments_scored_whole(
         seen += frames
         return seen < stop_after
 
+    video = this_process_video(config, plan, scorer)
     with pytest.raises(JobStopped):
-        score_segments(Worker(plan, scorer, tick, _handing_out(plan.segments), config.on_damage, overlap=True), 0, "here")
+        score_segments(Worker([video], tick, _handing_out(plan.segments), _keeping([]), overlap=True), 0)
     # Stopped inside the second segment (frame 9) or right after it (frame 12): every segment
     # scored whole is staged, the one cut short is not, and no partial file is left.
     staged = sorted(p.name for p in plan.staging.dir.iterdir())

@@ -47,6 +47,34 @@ def test_job_restyles_a_video_on_two_ranks(slurm: SlurmCluster, video: Callable[
     assert "2 rank(s)" in log
 
 
+def test_a_batch_job_delivers_each_video_and_a_bad_one_fails_alone(
+    slurm: SlurmCluster, video: Callable[..., Path], tmp_path: Path
+) -> None:
+    (tmp_path / "in").mkdir()
+    good = [video(f"in/{name}", frames=frames, gop=4, start=index * 100)
+            for index, (name, frames) in enumerate((("a.mp4", 24), ("b.mkv", 16)))]
+    (tmp_path / "in" / "bad.mp4").write_bytes(b"not a video" * 50)
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(json.dumps(line) + "\n" for line in (
+        {"input": str(good[0]), "output": str(tmp_path / "out" / "a.mp4"), "model.style": 3},
+        {"input": str(tmp_path / "in" / "bad.mp4"), "output": str(tmp_path / "out" / "bad.mp4")},
+        {"input": str(good[1]), "output": str(tmp_path / "out" / "b.mp4")},
+    )))
+    job = slurm.sbatch("--ntasks=2", "--cpus-per-task=1", str(SCRIPT), f"inputs={jobs}", "report.preview_frames=0",
+                       cwd=tmp_path, env=job_env(tmp_path))
+    info = slurm.wait(job)
+    log = (tmp_path / f"mpistyle-{job}.out").read_text()
+    assert info["ExitCode"] == "8:0", log  # finished, some videos failed
+    assert "1 of 3 videos failed" in log and "Traceback" not in log
+    for source, name in zip(good, ("a", "b"), strict=True):
+        assert len(decode_all(tmp_path / "out" / f"{name}.mp4")[0]) == len(decode_all(source)[0])
+        assert json.loads((tmp_path / "out" / f"{name}.mp4.report.json").read_text())["ranks"] == 2
+    assert json.loads((tmp_path / "out" / "a.mp4.report.json").read_text())["model"]["style"] == 3
+    assert json.loads((tmp_path / "out" / "bad.mp4.error.json").read_text())["exit_code"] == 3
+    report = json.loads((tmp_path / "batch-report.json").read_text())
+    assert [v["status"] for v in report["per_video"]] == ["done", "failed", "done"]
+
+
 def test_bad_input_fails_with_the_clear_error_in_the_log(slurm: SlurmCluster, tmp_path: Path) -> None:
     job = slurm.sbatch("--ntasks=2", "--cpus-per-task=1", str(SCRIPT), f"input={tmp_path / 'missing.mp4'}",
                        f"output={tmp_path / 'out.mp4'}", cwd=tmp_path, env=job_env(tmp_path))

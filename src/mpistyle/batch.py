@@ -1,7 +1,10 @@
-"""Many videos in one job (``inputs=``, :mod:`mpistyle.batch_inputs`): every rank works on each
-video in turn through :func:`mpistyle.pipeline.run`, so a batch keeps every guarantee of a single
-job (the same bits for any rank count, atomic output, resume from staging), while the start-up
-and each model's load and compile are paid once for the whole batch, not once per video.
+"""Many videos in one job (``inputs=``, :mod:`mpistyle.batch_inputs`): the videos are set up a
+few dozen at a time (:func:`mpistyle.pipeline.prepare`) and their segments scored through one
+queue (:func:`mpistyle.pipeline.run_queue`), so no rank waits while any video has work left and
+each video is delivered the moment its last segment is staged, while the next ones are scored.
+A batch keeps every guarantee of a single job (the same bits for any rank count, atomic output,
+resume from staging), while the start-up and each model's load and compile are paid once for
+the whole batch, not once per video.
 
 A video that cannot be done (unreadable, hostile, refused settings, damaged under
 ``on_damage=fail``) fails alone: the error every rank agreed on is written next to its output
@@ -16,6 +19,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,17 +31,23 @@ from omegaconf.errors import OmegaConfBaseException
 
 from . import config
 from .batch_inputs import BatchItem, read_inputs
+from .delivery import Outcome
 from .errors import ConfigError, InputError, ModelError, MpistyleError, OutputError, SomeVideosFailed
 from .files import write_atomic
 from .parallel import RankContext
-from .pipeline import Scorers, run
+from .pipeline import Job, Scorers, prepare, run_queue
 from .plan import make_plan
-from .report import write_json
+from .report import StageTimer, write_json
 from .staging import Staging
 from .video import open_input
+from .worker import Video
 
 log = logging.getLogger(__name__)
 
+# Videos set up at a time, then scored through one queue: enough that the wait at the end of a
+# queue is rare, few enough that set-up does not hold the first delivery back for long.
+_QUEUED = 32
+_SCORERS_KEPT = 2  # models kept from one queue to the next
 # What fails one video and not the batch: the video itself, its settings, its output location
 # or its model setting. A staging, storage or internal error, a stop or a signal ends the job.
 _PER_VIDEO = (ConfigError, InputError, OutputError, ModelError)
@@ -57,6 +67,7 @@ class VideoOutcome:
     fps: float | None = None
     exit_code: int | None = None
     error: str | None = None
+    per_rank_s: list[float] | None = None  # each rank's time on it
 
 
 def run_batch(cfg: DictConfig, ctx: RankContext | None = None, run_id: str | None = None) -> dict[str, Any]:
@@ -73,33 +84,50 @@ def run_batch(cfg: DictConfig, ctx: RankContext | None = None, run_id: str | Non
         if shape is not None:
             served[shape[0]] = served.get(shape[0], 0) + shape[1]
     scorers: Scorers = {}  # the models loaded so far, by setting and frame size: each loaded once
-    outcomes: list[VideoOutcome] = []
-    per_rank_busy = [0.0] * ctx.size
-    for number, (item, shape) in enumerate(zip(items, shapes, strict=True), 1):
-        pixels = served[shape[0]] if shape is not None else None
-        outcome = _one(cfg, ctx, item, scorers, f"{run_id or 'batch'}-{number}", per_rank_busy, pixels)
-        outcomes.append(outcome)
+    outcomes: list[VideoOutcome | None] = [None] * len(items)
+    ended: list[VideoOutcome] = []  # root: in the order they ended, for the progress lines
+
+    def end(index: int, outcome: VideoOutcome) -> None:
+        outcomes[index] = outcome
         if ctx.is_root:
-            _log_progress(number, len(items), outcome, outcomes, time.perf_counter() - started)
-    report = _batch_report(cfg, items, outcomes, per_rank_busy, time.perf_counter() - started)
+            ended.append(outcome)
+            _log_progress(len(ended), len(items), outcome, ended, time.perf_counter() - started)
+
+    for first in range(0, len(items), _QUEUED):
+        # Set up the next videos, one after another (every rank takes part in each), then score
+        # them all through one queue, each delivered as soon as its last segment is staged.
+        queued: list[tuple[int, Job, Video]] = []
+        for index in range(first, min(first + _QUEUED, len(items))):
+            pixels = served[shapes[index][0]] if shapes[index] is not None else None  # type: ignore[index]
+            prepared = _prepare(cfg, ctx, items[index], scorers, f"{run_id or 'batch'}-{index + 1}", pixels)
+            if isinstance(prepared, VideoOutcome):
+                end(index, prepared)
+            else:
+                queued.append((index, *prepared))
+        if queued:
+            _score(ctx, items, queued, end)
+        while len(scorers) > _SCORERS_KEPT:  # a batch of many styles or sizes: the oldest go
+            scorers.pop(next(iter(scorers)))
+    done = [o for o in outcomes if o is not None]
+    report = _batch_report(cfg, items, done, time.perf_counter() - started, ctx.size)
     ctx.from_root(lambda: write_json(report_path(cfg), report))
     if ctx.is_root:
         log.info("batch report: %s", report_path(cfg))
-    failed = [o for o in outcomes if o.status == "failed"]
+    failed = [o for o in done if o.status == "failed"]
     if failed:
         raise SomeVideosFailed(
-            f"{len(failed)} of {len(outcomes)} videos failed (first: {failed[0].source}: {failed[0].error}); "
+            f"{len(failed)} of {len(done)} videos failed (first: {failed[0].source}: {failed[0].error}); "
             f"the others are done: see {report_path(cfg)}"
         )
     return report
 
 
-def _one(
-    cfg: DictConfig, ctx: RankContext, item: BatchItem, scorers: Scorers, run_id: str, busy: list[float],
-    compile_pixels: int | None,
-) -> VideoOutcome:
-    """Do one video (every rank calls this with the same item) and say how it went."""
-    where = VideoOutcome(item.source, str(item.input) if item.input else None, str(item.output) if item.output else None, "")
+def _prepare(
+    cfg: DictConfig, ctx: RankContext, item: BatchItem, scorers: Scorers, run_id: str, compile_pixels: int | None,
+) -> VideoOutcome | tuple[Job, Video]:
+    """Set one video up for the queue (every rank calls this with the same item); or how it
+    ended already: refused, or delivered by an earlier attempt."""
+    where = _where(item)
     if item.error is not None:
         return _failed(where, ConfigError(item.error), item, ctx.is_root)
     try:
@@ -112,13 +140,10 @@ def _one(
                 _tidy_delivered(item, planned.staging, key, video_cfg.staging.keep)
             where.status = "delivered before"
             return where
-        began = time.perf_counter()
-        # Marked on the root the moment the output is in place: a stop after it (during the
+        # Recorded on the root as the output is renamed into place: a stop after it (during the
         # preview or report) does not deliver the video again.
-        report = run(
-            video_cfg, ctx, run_id, scorers, delivered=lambda: _mark_delivered(item, key), compile_pixels=compile_pixels,
-            planned=planned,
-        )
+        job = Job(video_cfg, run_id, StageTimer(), None, ready=lambda partial: _mark_delivered(item, key, partial))
+        return job, prepare(job, ctx, scorers, compile_pixels, planned)
     except ModelError as err:
         if not item.settings:  # the job's own model setting: not this video's fault, every video's
             raise _job_error(err) from None
@@ -127,12 +152,40 @@ def _one(
         return _failed(where, err, item, ctx.is_root)
     except MpistyleError as err:
         raise _job_error(err) from None
-    seconds = time.perf_counter() - began
-    for rank in report["per_rank"]:
-        busy[rank["rank"]] += rank["seconds_total"]
-    where.status, where.frames, where.seconds = "done", report["frames"], round(seconds, 3)
-    where.fps = round(report["frames"] / seconds, 3) if seconds else None
-    return where
+
+
+def _score(
+    ctx: RankContext, items: list[BatchItem], queued: list[tuple[int, Job, Video]],
+    end: Callable[[int, VideoOutcome], None],
+) -> None:
+    """Score the queued videos through one queue; each one's outcome to ``end`` as it ends (on
+    the root: as it is delivered or fails; on the others: once every one has)."""
+
+    def outcome(number: int, result: Outcome, write: bool) -> VideoOutcome:
+        item = items[queued[number][0]]
+        if isinstance(result, MpistyleError):
+            return _failed(_where(item), result, item, write)
+        where = _where(item)
+        seconds = result["stages_s"]["total"]
+        where.status, where.frames, where.seconds = "done", result["frames"], round(seconds, 3)
+        where.fps = round(result["frames"] / seconds, 3) if seconds else None
+        where.per_rank_s = [rank["seconds_total"] for rank in result["per_rank"]]
+        return where
+
+    try:
+        results = run_queue(
+            ctx, [(job, video) for _, job, video in queued],
+            lambda number, result: end(queued[number][0], outcome(number, result, write=True)),
+        )
+    except MpistyleError as err:
+        raise _job_error(err) from None
+    if not ctx.is_root:
+        for number, result in enumerate(results):
+            end(queued[number][0], outcome(number, result, write=False))
+
+
+def _where(item: BatchItem) -> VideoOutcome:
+    return VideoOutcome(item.source, str(item.input) if item.input else None, str(item.output) if item.output else None, "")
 
 
 def _shape(cfg: DictConfig, item: BatchItem) -> tuple[str, int] | None:
@@ -180,9 +233,10 @@ def video_config(cfg: DictConfig, item: BatchItem) -> DictConfig:
 
 
 def _failed(outcome: VideoOutcome, err: MpistyleError, item: BatchItem, write: bool) -> VideoOutcome:
-    """Record a video that failed (``write``: its error file too, on the root alone)."""
+    """Record a video that failed (``write``: log it and write its error file: the root alone)."""
     outcome.status, outcome.exit_code, outcome.error = "failed", err.exit_code, str(err).splitlines()[0]
-    log.warning("video %s failed (exit %d): %s", item.source, err.exit_code, outcome.error)
+    if write:
+        log.warning("video %s failed (exit %d): %s", item.source, err.exit_code, outcome.error)
     if write and item.output is not None:
         try:
             item.output.parent.mkdir(parents=True, exist_ok=True)
@@ -216,12 +270,14 @@ def _delivered(item: BatchItem, key: str) -> bool:
     return bool(record == {"key": key, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
 
 
-def _mark_delivered(item: BatchItem, key: str) -> None:
-    """Root, the moment the output is in place: record it, and drop an earlier failure's file."""
+def _mark_delivered(item: BatchItem, key: str, partial: Path) -> None:
+    """Root, with the complete output ``partial`` about to be renamed into place: record it (the
+    record names its size and time, so it holds only once the rename is done: a stop between the
+    two leaves a record no output matches), and drop an earlier failure's file."""
     assert item.output is not None
     error_path(item.output).unlink(missing_ok=True)
     marker = _marker(item)
-    stat = item.output.stat()
+    stat = partial.stat()
     marker.parent.mkdir(exist_ok=True)
     write_atomic(marker, json.dumps({"key": key, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}).encode())
 
@@ -241,8 +297,9 @@ def report_path(cfg: DictConfig) -> Path:
 
 
 def _batch_report(
-    cfg: DictConfig, items: list[BatchItem], outcomes: list[VideoOutcome], busy: list[float], wall: float
+    cfg: DictConfig, items: list[BatchItem], outcomes: list[VideoOutcome], wall: float, ranks: int
 ) -> dict[str, Any]:
+    busy = [sum(o.per_rank_s[rank] for o in outcomes if o.per_rank_s) for rank in range(ranks)]
     frames = sum(o.frames or 0 for o in outcomes if o.status == "done")
     counts = {status: sum(o.status == status for o in outcomes) for status in ("done", "delivered before", "failed")}
     return {
@@ -252,8 +309,8 @@ def _batch_report(
         "frames": frames,
         "wall_s": round(wall, 3),
         "fps": round(frames / wall, 3) if wall else None,
-        # Each rank's share of the wall time spent inside a video's scoring (the rest: start-up,
-        # planning, joining, and waiting at the end of each video for the others).
+        # Each rank's share of the wall time spent scoring segments (the rest: start-up, each
+        # video's set-up, and waiting for the others at the end of each queue).
         "per_rank_busy": [round(seconds / wall, 3) if wall else None for seconds in busy],
         "per_video": [asdict(o) for o in outcomes],
         "settings": config.plain(cfg.model),

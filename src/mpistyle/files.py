@@ -11,7 +11,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from . import signals
 from .errors import MpistyleError, OutputError, StagingError
 
 
@@ -22,22 +21,22 @@ def partial_path(path: Path) -> Path:
 
 
 @contextmanager
-def replacing(path: Path, durable: bool = False, then: Callable[[], None] | None = None) -> Iterator[Path]:
+def replacing(path: Path, durable: bool = False, ready: Callable[[Path], None] | None = None) -> Iterator[Path]:
     """Yield a partial path to write; when the block completes, rename it over ``path``, after
-    an fsync if ``durable`` (on NFS a rename can reach the server before the data), and call
-    ``then`` with stop signals held, so no signal comes between the two. If the block fails,
-    the partial file is removed and ``path`` is left as it was. OSError passes through for the
-    caller to word."""
+    an fsync if ``durable`` (on NFS a rename can reach the server before the data). ``ready``
+    is called with the complete partial file just before the rename (the rename keeps its size
+    and modification time: a record of them holds once the file is in place, and never for
+    what was there before). If the block fails, the partial file is removed and ``path`` is
+    left as it was. OSError passes through for the caller to word."""
     partial = partial_path(path)
     try:
         yield partial
         if durable:
             with partial.open("rb") as handle:
                 os.fsync(handle.fileno())
-        with signals.held():
-            os.replace(partial, path)
-            if then is not None:
-                then()
+        if ready is not None:
+            ready(partial)
+        os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
 

@@ -13,7 +13,7 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -31,23 +31,29 @@ _TAG_DONE = 12
 _TAG_STOP = 13
 _TAG_FROM_ROOT = 14
 _TAG_WANT = 15  # a rank asks the root for its next item
-_TAG_ITEM = 16  # the root's answer: an item's number, or None
+_TAG_ITEM = 16  # the root's answer: an item, or None
+_TAG_NOTE = 17  # a rank tells the root something as it goes (a segment staged, a video failed)
 # How often a waiting rank checks for its message: short next to any stage, long for a CPU.
 _POLL_S = 0.02
 
 
 class Shift:
     """What one rank's work gets during the scoring phase: ``tick(n)`` reports ``n`` more
-    frames done and is False once the job is stopping (the work should then give up), and
-    ``take()`` is the number of the next item to do, or None once every item is handed out.
+    frames done and is False once the job is stopping (the work should then give up),
+    ``take()`` is the next item to do, or None once every item is handed out, and
+    ``note(message)`` hands the root a message as the work goes (in the order they were sent).
 
     Items are handed out on demand, in order, to whichever rank asks next, so a faster rank
-    does more of them and a slower one fewer; every item goes to exactly one rank.
+    does more of them and a slower one fewer; every item goes to exactly one rank. A rank's
+    notes reach the root before its next request does.
     """
 
-    def __init__(self, tick: Callable[[int], bool], take: Callable[[], int | None]) -> None:
+    def __init__(
+        self, tick: Callable[[int], bool], take: Callable[[], Any | None], note: Callable[[Any], None]
+    ) -> None:
         self.tick = tick
         self.take = take
+        self.note = note
 
 
 @dataclass
@@ -110,7 +116,7 @@ class RankContext:
         errors = self.gather_all(None if outcome[0] else outcome[1])
         for rank, error in enumerate(errors):
             if error is not None:
-                raise _from_rank(error, rank) if rank != self.rank else error
+                raise from_rank(error, rank) if rank != self.rank else error
         return outcome[1]
 
     def gather_all(self, value: T) -> list[T]:
@@ -152,26 +158,35 @@ class RankContext:
 
     # -- the scoring phase: every rank works, progress flows to the root -----------------------
 
-    def run_everywhere(self, work: Callable[[Shift], T], on_frames: Callable[[int], None], items: int = 0) -> list[T]:
-        """Every rank runs ``work(shift)`` (:class:`Shift`), taking items ``0 .. items - 1``
-        from the root as it goes; progress reaches the root through ``on_frames``.
+    def run_everywhere(
+        self,
+        work: Callable[[Shift], T],
+        on_frames: Callable[[int], None],
+        items: Iterator[Any] | None = None,
+        on_note: Callable[[int, Any], None] | None = None,
+    ) -> list[T]:
+        """Every rank runs ``work(shift)`` (:class:`Shift`), taking the root's ``items`` one at
+        a time as it goes (the iterator is read on the root alone, as items are asked for, so
+        it may change course on what the notes said); progress reaches the root through
+        ``on_frames``, and each rank's notes through ``on_note(rank, message)``.
 
         The root returns every rank's result in rank order, or raises the first real error
         once every rank has stopped (no rank is left waiting). Other ranks return ``[]``.
         """
         if not self.is_root:
-            outcome = attempt(lambda: work(Shift(self._report, self._ask)))
+            outcome = attempt(lambda: work(Shift(self._report, self._ask, self._note)))
             self.comm.send(outcome[1], dest=0, tag=_TAG_DONE)
             return []
 
-        handed = iter(range(items))
+        handed = items if items is not None else iter(())
+        noted = on_note or _drop_note
         results: dict[int, Any] = {}
         stopped: set[int] = set()
 
         def failed() -> bool:
             return any(isinstance(r, MpistyleError) for r in results.values())
 
-        def take() -> int | None:
+        def take() -> Any | None:
             # Nothing more once a rank failed: the asking rank finishes instead of starting anew.
             return None if failed() else next(handed, None)
 
@@ -183,24 +198,24 @@ class RankContext:
 
         def tick(frames: int) -> bool:
             on_frames(frames)
-            self._take_messages(on_frames, results, take)
+            self._take_messages(on_frames, noted, results, take)
             if failed():
                 stop_others()
                 return False
             return True
 
-        outcome = attempt(lambda: work(Shift(tick, take)))
+        outcome = attempt(lambda: work(Shift(tick, take, lambda message: noted(0, message))))
         results[0] = outcome[1]
         while len(results) < self.size:
             if failed():
                 stop_others()
-            if not self._take_messages(on_frames, results, take):
+            if not self._take_messages(on_frames, noted, results, take):
                 time.sleep(_POLL_S)
         errors = [(r, e) for r, e in sorted(results.items()) if isinstance(e, MpistyleError)]
         if errors:
             # A rank that only stopped because another failed is not the story; the failure is.
             rank, error = next(((r, e) for r, e in errors if not isinstance(e, JobStopped)), errors[0])
-            raise _from_rank(error, rank) if rank else error
+            raise from_rank(error, rank) if rank else error
         return [results[rank] for rank in range(self.size)]
 
     def _report(self, frames: int) -> bool:
@@ -208,7 +223,11 @@ class RankContext:
         self.comm.send(frames, dest=0, tag=_TAG_PROGRESS)
         return not self.comm.iprobe(source=0, tag=_TAG_STOP)
 
-    def _ask(self) -> int | None:
+    def _note(self, message: Any) -> None:
+        """Another rank's note: to the root."""
+        self.comm.send(message, dest=0, tag=_TAG_NOTE)
+
+    def _ask(self) -> Any | None:
         """Another rank's take: ask the root, and wait for its answer (or for a stop)."""
         self.comm.send(None, dest=0, tag=_TAG_WANT)
         # The root answers every request, a stop or not: wait for the answer even after a STOP,
@@ -216,15 +235,19 @@ class RankContext:
         # batch's next video) and that job's own answer lost.
         while not self.comm.iprobe(source=0, tag=_TAG_ITEM):
             time.sleep(_POLL_S)
-        item: int | None = self.comm.recv(source=0, tag=_TAG_ITEM)
+        item = self.comm.recv(source=0, tag=_TAG_ITEM)
         if self.comm.iprobe(source=0, tag=_TAG_STOP):
             raise JobStopped("stopped because another rank failed")
         return item
 
     def _take_messages(
-        self, on_frames: Callable[[int], None], results: dict[int, Any], take: Callable[[], int | None]
+        self,
+        on_frames: Callable[[int], None],
+        on_note: Callable[[int, Any], None],
+        results: dict[int, Any],
+        take: Callable[[], Any | None],
     ) -> bool:
-        """Root: handle every progress, request or result message that has arrived; False if none had."""
+        """Root: handle every progress, note, request or result message that has arrived; False if none had."""
         from mpi4py import MPI
 
         status = MPI.Status()
@@ -235,6 +258,8 @@ class RankContext:
             took = True
             if tag == _TAG_PROGRESS:
                 on_frames(message)
+            elif tag == _TAG_NOTE:
+                on_note(source, message)
             elif tag == _TAG_WANT:
                 self.comm.send(take(), dest=source, tag=_TAG_ITEM)
             elif tag == _TAG_DONE:
@@ -250,11 +275,15 @@ class RankContext:
             self.comm.Abort(code)
 
 
-def _from_rank(error: MpistyleError, rank: int) -> MpistyleError:
+def from_rank(error: MpistyleError, rank: int) -> MpistyleError:
     """The same error, its message naming the rank it came from."""
     copy = copy_module.copy(error)
     copy.args = (f"rank {rank}: {error}",)
     return copy
+
+
+def _drop_note(rank: int, message: Any) -> None:
+    del rank, message
 
 
 def _wait(request: Any) -> None:

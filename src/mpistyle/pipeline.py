@@ -1,9 +1,12 @@
-"""``run(cfg)``: one job from input video to output video, on one rank or many. Only the order
-of the steps lives here; each step is owned by one module:
+"""``run(cfg)``: one job from input video to output video, on one rank or many; ``prepare`` and
+``run_queue``: the same steps for many videos (a batch, :mod:`mpistyle.batch`) through one
+queue. Only the order of the steps lives here; each step is owned by one module:
 
   plan (root: plan.py)  ->  load the model (all: scoring.py)
-    ->  decode, score, encode, stage segments, each rank taking the next as it goes (all: worker.py)
-    ->  join the staged segments with the audio (root: join.py)  ->  report, preview (root: report.py)
+    ->  decode, score, encode, stage segments of any video, each rank taking the next as it goes
+        (all: worker.py; the queue: delivery.py)
+    ->  as each video's last segment is staged: join the segments with the audio (root: join.py)
+        ->  report, preview (root: report.py)
 
 :mod:`mpistyle.parallel` is the only place ranks are handled.
 """
@@ -13,68 +16,94 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
 from . import config, signals
+from .delivery import Deliveries, Outcome
 from .devices import pick_device
 from .errors import InternalError, MpistyleError
 from .hwcodecs import beside_gpu, encoder_key, on_nvenc, pick_decoder, pick_encoder
 from .join import join
 from .parallel import RankContext, Shift, attempt, unwrap
 from .plan import Plan, make_plan
-from .report import Progress, RankSummary, RunFacts, StageTimer, job_report, write_json, write_preview
+from .report import (
+    Progress,
+    RankFacts,
+    RankSummary,
+    RunFacts,
+    SegmentDone,
+    StageTimer,
+    job_report,
+    write_json,
+    write_preview,
+)
 from .scoring import Scorer, build_scorer, wants_compile
-from .segment import Segment, largest_first
 from .video import Cuvid
-from .worker import Finished, Worker, score_segments
+from .worker import Video, Worker, score_segments
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Job:
-    """One run's settings and its clock, as the steps after scoring need them."""
+    """One video's settings and its clock, as the steps after scoring need them."""
 
     cfg: DictConfig
     run_id: str
     timer: StageTimer
-    started: float
-    delivered: Callable[[], None] | None = None  # called on the root the moment the output is in place
+    started: float | None  # None: a batch's video, counted from its first segment handed out
+    # Called on the root with the complete output file just before it is renamed into place.
+    ready: Callable[[Path], None] | None = None
 
 
-# Scorers loaded by earlier videos of a batch (mpistyle.batch), by what they were built from;
-# the last few only, so a batch of many styles or frame sizes does not fill the GPU's memory.
+# Scorers loaded by earlier videos of a batch (mpistyle.batch), by what they were built from.
 Scorers = dict[str, Scorer]
-_SCORERS_KEPT = 2
 
 
 def run(
     cfg: DictConfig,
     ctx: RankContext | None = None,
     run_id: str | None = None,
-    scorers: Scorers | None = None,
-    delivered: Callable[[], None] | None = None,
-    compile_pixels: int | None = None,
-    planned: Plan | None = None,
 ) -> dict[str, Any]:
     """Restyle ``cfg.input`` into ``cfg.output``. Returns the job report (on every rank).
-    ``scorers``: models loaded for earlier videos of the same batch, reused where they fit;
-    ``delivered``: called on the root right after the output is renamed into place;
-    ``compile_pixels``: the work a compiled model would serve, for ``compile=auto`` (a batch's
-    videos of the same model and frame size; default: this video's pixels); ``planned``: the
-    plan, when the caller made it already (every rank holds it).
 
     Raises an :class:`~mpistyle.errors.MpistyleError` subclass, the same on every rank, when
     the job cannot be done; the input is never modified and no partial output is left.
     """
+    ctx = ctx or RankContext.world()
+    job = Job(cfg, run_id or f"{os.getpid()}", StageTimer(), time.perf_counter())
+    video = prepare(job, ctx)
+    outcome = run_queue(ctx, [(job, video)])[0]
+    if isinstance(outcome, MpistyleError):
+        raise outcome
+    return outcome
+
+
+def prepare(
+    job: Job,
+    ctx: RankContext,
+    scorers: Scorers | None = None,
+    compile_pixels: int | None = None,
+    planned: Plan | None = None,
+) -> Video:
+    """Every rank: set up one video for the queue: its plan, each rank's model (and codecs), its
+    staging folder. ``scorers``: models loaded for earlier videos of the same batch, reused
+    where they fit (a new one is added); ``compile_pixels``: the work a compiled model would
+    serve, for ``compile=auto`` (a batch's videos of the same model and frame size; default:
+    this video's pixels); ``planned``: the plan, when the caller made it already (every rank
+    holds it).
+
+    Raises, the same on every rank, what stops the video before any frame is scored.
+    """
+    cfg = job.cfg
     try:
         config.check(cfg)
-        ctx = ctx or RankContext.world()
-        job = Job(cfg, run_id or f"{os.getpid()}", StageTimer(), time.perf_counter(), delivered)
         with job.timer("probe"):
             plan = planned or ctx.from_root(lambda: make_plan(cfg))
         with job.timer("load_model"):
@@ -93,8 +122,64 @@ def run(
         # The checks' own errors (2-6); a signal or a bug during them is not a refusal.
         err.before_work = not isinstance(err, InternalError) and 2 <= err.exit_code <= 6
         raise
-    scored = _score(job, plan, scorer, ctx, cuvid)
-    return ctx.from_root(lambda: finish(job, plan, unwrap(scored)))
+    overlap = cfg.overlap if cfg.overlap is not None else scorer.device.type != "cpu"
+    facts = RankFacts(
+        ctx.rank, ctx.host, str(scorer.device), scorer.threads if scorer.device.type == "cpu" else None,
+        scorer.precision, scorer.compiled, overlap, cuvid.name if cuvid else plan.info.codec, plan.settings.codec,
+    )
+    return Video(plan, scorer, tuple(ctx.gather_all(facts)), cfg.on_damage, cuvid)
+
+
+def run_queue(
+    ctx: RankContext,
+    videos: Sequence[tuple[Job, Video]],
+    on_outcome: Callable[[int, Outcome], None] | None = None,
+) -> list[Outcome]:
+    """Every rank scores the segments of every video from one queue; the root delivers each
+    video the moment its last segment is staged (:mod:`mpistyle.delivery`). Returns each
+    video's outcome, in order, on every rank: its report, or the error it failed alone with
+    (``on_outcome``: called on the root as each video ends). Raises, the same on every rank,
+    what ends the job (every video delivered by then stays delivered)."""
+    own = [video for _, video in videos]
+    progress = deliveries = None
+    if ctx.is_root:
+        shown = videos[0][0].cfg.report
+        progress = Progress(sum(video.plan.info.frames for video in own), shown.progress, shown.progress_interval_s)
+
+        # Videos of the same contents and settings share a staging folder: it goes with the last.
+        users = Counter(video.plan.staging.dir for video in own)
+
+        def finish_one(number: int, summaries: list[RankSummary], staged: list[SegmentDone], score_s: float) -> Any:
+            plan = own[number].plan
+            users[plan.staging.dir] -= 1
+            return finish(videos[number][0], plan, summaries, staged, score_s, last=not users[plan.staging.dir])
+
+        deliveries = Deliveries(own, finish_one, on_outcome, lambda number: _start_clock(videos[number][0]))
+    overlap = own[0].ranks[ctx.rank].overlap
+
+    def work(shift: Shift) -> list[SegmentDone]:
+        return score_segments(Worker(own, shift.tick, shift.take, shift.note, overlap), ctx.rank)
+
+    scored = attempt(lambda: ctx.run_everywhere(
+        work, progress.add if progress else _ignore, deliveries.items() if deliveries else None,
+        deliveries.note if deliveries else None,
+    ))
+    if progress:
+        progress.close()
+
+    def outcomes() -> list[Outcome]:
+        assert deliveries is not None
+        delivered = deliveries.close()  # the videos done before any failure are delivered first
+        unwrap(scored)
+        return [delivered[number] for number in range(len(videos))]
+
+    return ctx.from_root(outcomes)
+
+
+def _start_clock(job: Job) -> None:
+    """A batch's video is timed from its first segment handed out, after its own set-up."""
+    if job.started is None:
+        job.started = time.perf_counter() - sum(job.timer.seconds.values())
 
 
 def _load_model(
@@ -111,13 +196,11 @@ def _load_model(
     )
     if scorers is not None and key in scorers:
         scorer = scorers[key]
-        log.info("rank %d/%d: the model an earlier video loaded (%s kernels)", ctx.rank, ctx.size, scorer.kernels)
+        log.debug("rank %d/%d: the model an earlier video loaded (%s kernels)", ctx.rank, ctx.size, scorer.kernels)
         return scorer
     scorer = build_scorer(cfg, ctx.local_rank, ctx.cpus, pixels)
     how = scorer.prepare(info.height, info.width)
     if scorers is not None:
-        while len(scorers) >= _SCORERS_KEPT:  # a batch of many styles or sizes: the oldest goes
-            scorers.pop(next(iter(scorers)))
         scorers[key] = scorer
     log.info(
         "rank %d/%d on %s: %s, %s, %s, %d thread(s)",
@@ -155,49 +238,31 @@ def _gpu_codecs(cfg: DictConfig, ctx: RankContext, plan: Plan, scorer: Scorer) -
     return plan, cuvid
 
 
-def _score(job: Job, plan: Plan, scorer: Scorer, ctx: RankContext, cuvid: Cuvid | None) -> tuple[bool, Any]:
-    """Every rank scores the segments it is handed, until none are left, progress going to the
-    root; what each returned, or failed with."""
+def finish(
+    job: Job, plan: Plan, summaries: Sequence[RankSummary], staged: Sequence[SegmentDone], score_s: float,
+    last: bool = True,
+) -> dict[str, Any]:
+    """Root: join the staged segments into the output, then the preview and the job report;
+    the staging folder is removed (unless kept) if ``last`` (no video after it in the queue reads it)."""
     cfg = job.cfg
-    progress = Progress(plan.info.frames, cfg.report.progress, cfg.report.progress_interval_s) if ctx.is_root else None
-    overlap = cfg.overlap if cfg.overlap is not None else scorer.device.type != "cpu"
-
-    handout = largest_first(plan.segments)
-
-    def work(shift: Shift) -> tuple[RankSummary, list[Finished]]:
-        def take() -> Segment | None:
-            turn = shift.take()
-            return None if turn is None else handout[turn]
-
-        worker = Worker(plan, scorer, shift.tick, take, cfg.on_damage, overlap, cuvid)
-        return score_segments(worker, ctx.rank, ctx.host)
-
-    with job.timer("score"):
-        scored = attempt(lambda: ctx.run_everywhere(work, progress.add if progress else _ignore, len(plan.segments)))
-    if progress:
-        progress.close()
-    return scored
-
-
-def finish(job: Job, plan: Plan, results: list[tuple[RankSummary, list[Finished]]]) -> dict[str, Any]:
-    """Root: join the staged segments into the output, then the preview and the job report."""
-    cfg = job.cfg
+    job.timer.seconds["score"] = score_s
     with job.timer("join"):
-        join(plan, [done for _, finished in results for done in finished], job.delivered)
+        join(plan, staged, job.ready)
     with job.timer("preview"):
         previewed = write_preview(plan, cfg.report.preview_frames)
+    assert job.started is not None
     total = time.perf_counter() - job.started
     facts = RunFacts(
         job.run_id, config.plain(cfg.model), cfg.on_damage, dict(job.timer.seconds), total, cfg.staging.keep, previewed
     )
-    report = job_report(plan, [summary for summary, _ in results], facts).as_dict()
+    report = job_report(plan, summaries, facts).as_dict()
     write_json(plan.report, report)
-    if not cfg.staging.keep:
+    if not cfg.staging.keep and last:
         plan.staging.remove(remove_empty_root=not cfg.staging.root)
     frames = plan.info.frames
     log.info(
         "wrote %s: %d frames in %.1f s (%.2f fps end to end) on %d rank(s)",
-        plan.output, frames, total, frames / total if total else 0.0, len(results),
+        plan.output, frames, total, frames / total if total else 0.0, len(summaries),
     )
     log.info("report: %s", plan.report)
     if previewed:

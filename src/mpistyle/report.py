@@ -148,8 +148,68 @@ class RankFlicker:
 
 
 @dataclass(frozen=True)
+class RankFacts:
+    """How one rank is set up for one video: every rank knows every rank's, once set up."""
+
+    rank: int
+    host: str
+    device: str
+    threads: int | None  # torch CPU threads (None on a GPU)
+    precision: str
+    compiled: bool
+    overlap: bool
+    decoder: str
+    encoder: str
+
+
+@dataclass(frozen=True)
+class SegmentDone:
+    """A rank's note to the root: one segment of one video staged (now, or by an earlier
+    attempt), with what it took; the root adds these up into the video's ``per_rank``."""
+
+    video: int  # its place in the job's queue
+    rank: int
+    number: int  # the segment's
+    frames: int
+    reused: bool
+    frames_decoded: int
+    damage: Damage
+    reorder_depth: int  # of its packets (mux.reorder_depth): the join's decode timestamps need it
+    seconds: dict[str, float]  # decode, score, temporal, encode, stage, waited
+    total_s: float  # the rank's time on it, from taking it to handing its last frames to the encoder
+    flicker: RankFlicker | None  # the rank's sums for this video so far
+    peak_rss_mb: float
+
+
+def rank_summary(facts: RankFacts, done: Sequence[SegmentDone]) -> RankSummary:
+    """What one rank did for one video, from its notes (none: it scored none of the video)."""
+    seconds = dict.fromkeys(("decode", "score", "temporal", "encode", "stage", "waited"), 0.0)
+    damage = Damage()
+    for segment in done:
+        damage.add(segment.damage)
+        for stage, spent in segment.seconds.items():
+            seconds[stage] += spent
+    frames = sum(s.frames for s in done)
+    scored = frames - sum(s.frames for s in done if s.reused)
+    total = sum(s.total_s for s in done)
+    return RankSummary(
+        **asdict(facts),
+        frames=frames,
+        segments=[s.number for s in done],
+        frames_reused=frames - scored,
+        frames_decoded=sum(s.frames_decoded for s in done),
+        damage=damage,
+        seconds=seconds,
+        seconds_total=total,
+        peak_rss_mb=max((s.peak_rss_mb for s in done), default=0.0),
+        flicker=done[-1].flicker if done else None,
+        fps=scored / total if total > 0 and scored > 0 else None,
+    )
+
+
+@dataclass(frozen=True)
 class RankSummary:
-    """What one rank did, for the job report's ``per_rank``."""
+    """What one rank did for one video, for the job report's ``per_rank``."""
 
     rank: int
     host: str

@@ -64,12 +64,14 @@ def make_video(
     keyframes: Sequence[int] | None = None,
     processes: int = 1,
     preset: str = "veryfast",
+    start: int = 0,
 ) -> Path:
     """Write a real video of ``frames`` frames with ``audio`` AAC tracks of sine tones.
 
     ``gop`` is the keyframe interval (H.264), or ``keyframes`` lists the frames that are (as
     scene cuts place them). ``pts`` (with ``time_base``) gives each frame its own timestamp, for
     variable frame rate. ``processes`` draw the frames side by side (a long 1080p clip).
+    ``start``: the scene's first frame drawn (clips of one scene, each its own contents).
     """
     with av.open(str(path), "w") as out:
         video = cast(av.VideoStream, out.add_stream(codec, rate=fps))
@@ -94,7 +96,7 @@ def make_video(
             stream = out.add_stream("aac", rate=AUDIO_RATE)
             stream.layout = "mono"
             tones.append((stream, 220.0 * (track + 1)))
-        for index, picture in enumerate(_pictures(frames, width, height, fps, processes)):
+        for index, picture in enumerate(_pictures(start, frames, width, height, fps, processes)):
             frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
             if keyframes is not None and index in keyframes:
                 frame.pict_type = av.video.frame.PictureType.I
@@ -112,14 +114,14 @@ def make_video(
     return path
 
 
-def _pictures(frames: int, width: int, height: int, fps: float, processes: int) -> Iterator[np.ndarray]:
+def _pictures(start: int, frames: int, width: int, height: int, fps: float, processes: int) -> Iterator[np.ndarray]:
     """The scene's frames in order, drawn by ``processes`` worker processes when more than one."""
     draw = partial(landscape, width=width, height=height, fps=fps)
     if processes <= 1:
-        yield from map(draw, range(frames))
+        yield from map(draw, range(start, start + frames))
         return
     with multiprocessing.get_context("spawn").Pool(processes) as pool:
-        yield from pool.imap(draw, range(frames), chunksize=4)
+        yield from pool.imap(draw, range(start, start + frames), chunksize=4)
 
 
 def _write_tone(out: av.container.OutputContainer, stream: av.AudioStream, hertz: float, seconds: float) -> None:

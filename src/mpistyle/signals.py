@@ -9,11 +9,7 @@ answers a SIGTERM of its own by killing the step outright).
 """
 from __future__ import annotations
 
-import os
 import signal
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from types import FrameType
 
 from .errors import JobInterrupted
@@ -25,25 +21,6 @@ _STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 def install() -> None:
     for signum in _STOPS:
         signal.signal(signum, _note)
-
-
-@contextmanager
-def held() -> Iterator[None]:
-    """Stop signals arriving in the block wait for its end: for steps that must happen together
-    (an output renamed into place and the record that it was delivered), which a second signal,
-    ending the process at once, would otherwise split."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # handlers can only be changed from the main thread
-        return
-    waiting: list[int] = []
-    previous = {stop: signal.signal(stop, lambda signum, frame: waiting.append(signum)) for stop in _STOPS}
-    try:
-        yield
-    finally:
-        for stop, handler in previous.items():
-            signal.signal(stop, signal.SIG_DFL if handler is None else handler)
-        for signum in waiting:
-            os.kill(os.getpid(), signum)  # now, to whatever handles it after the block
 
 
 def _note(signum: int, frame: FrameType | None) -> None:
