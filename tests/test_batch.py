@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from mpistyle import batch
 from mpistyle.batch_inputs import BatchItem
@@ -141,6 +142,17 @@ def test_a_batch_that_cannot_be_done_is_refused_before_work(
     assert done.returncode == 2, done.stderr
     assert message in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="refused only where there is no GPU")
+def test_a_batch_asking_for_a_gpu_where_there_is_none_is_refused_once(video: Callable[..., Path], tmp_path: Path) -> None:
+    (tmp_path / "videos").mkdir()
+    video("videos/a.mp4")
+    video("videos/b.mp4", start=24)
+    done = run_mpistyle("inputs=videos", "output_dir=out", "report.preview_frames=0", "device=cuda", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "device=cuda but this node has no usable CUDA GPU" in done.stderr
+    assert not (tmp_path / "out" / "a.mp4.error.json").exists()  # not every video's failure, the job's
 
 
 def test_two_videos_with_the_same_contents_are_each_delivered_once(video: Callable[..., Path], tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from omegaconf.errors import OmegaConfBaseException
 from . import config
 from .batch_inputs import BatchItem, read_inputs
 from .delivery import Outcome
+from .devices import pick_device
 from .errors import ConfigError, InputError, ModelError, MpistyleError, OutputError, SomeVideosFailed
 from .files import write_atomic
 from .parallel import RankContext
@@ -76,6 +77,12 @@ def run_batch(cfg: DictConfig, ctx: RankContext | None = None, run_id: str | Non
     ctx = ctx or RankContext.world()
     started = time.perf_counter()
     items = ctx.from_root(lambda: read_inputs(cfg.inputs, cfg.output_dir))
+    try:
+        # The job's own device is every video's: refused once, not video by video.
+        ctx.check_all(lambda: pick_device(cfg.device, ctx.local_rank))
+    except ConfigError as err:
+        err.before_work = True
+        raise
     # compile=auto weighs the work a compile serves: every video of the batch with the same model
     # setting and frame size (a batch of short clips pays one compile for all of them).
     shapes = ctx.from_root(lambda: [_shape(cfg, item) for item in items])
