@@ -51,15 +51,19 @@ class Deliveries:
         self._staged: list[list[SegmentDone]] = [[] for _ in videos]
         self._left = [{s.number for s in video.plan.segments} for video in videos]
         self._handed_at: dict[int, float] = {}
+        self._fatal: BaseException | None = None  # a delivery's error that ends the job
         self.outcomes: dict[int, Outcome] = {}
         # Never full: a note must not wait for a delivery (the other ranks would wait for the root).
         self._behind = RunBehind(len(videos) + 1, "mpistyle-deliver")
 
     def items(self) -> Iterator[tuple[int, int]]:
         """(video, segment number), video by video, each video's longest segments first; the
-        rest of a video that failed is skipped."""
+        rest of a video that failed is skipped, and nothing more goes out once a delivery failed
+        in a way that ends the job (the ranks finish what they hold)."""
         for number, video in enumerate(self._videos):
             for segment in largest_first(video.plan.segments):
+                if self._fatal is not None or self._behind.failed:
+                    return
                 if number in self.outcomes:
                     break
                 if number not in self._handed_at:
@@ -69,7 +73,8 @@ class Deliveries:
                 yield number, segment.number
 
     def note(self, rank: int, message: SegmentDone | VideoFailed) -> None:
-        """A rank's note (the root's own included), in the order that rank sent them."""
+        """A rank's note (the root's own included), in the order that rank sent them. Never
+        raises: the root may be past its own work, answering the others, when it is called."""
         del rank  # each note names its rank
         number = message.video
         if number in self.outcomes:
@@ -81,7 +86,10 @@ class Deliveries:
         self._left[number].discard(message.number)
         if not self._left[number]:
             seconds = time.perf_counter() - self._handed_at[number]
-            self._behind.submit(partial(self._deliver, number, seconds))
+            try:
+                self._behind.submit(partial(self._deliver, number, seconds))
+            except BaseException as err:  # an earlier delivery's: raised by close, once the ranks are done
+                self._fatal = self._fatal or err
 
     def close(self) -> dict[int, Outcome]:
         """Wait for the deliveries under way; every video's outcome so far (a video neither
@@ -91,6 +99,8 @@ class Deliveries:
             self._behind.drain()
         finally:
             self._behind.close()
+        if self._fatal is not None:
+            raise self._fatal
         return dict(self.outcomes)
 
     def _deliver(self, number: int, score_s: float) -> None:

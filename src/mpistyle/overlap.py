@@ -109,6 +109,11 @@ class RunBehind:
                 except BaseException as err:  # raised in the submitter
                     self._error, self._failed = err, True
 
+    @property
+    def failed(self) -> bool:
+        """Whether a call has failed (its error not necessarily raised yet)."""
+        return self._failed
+
     def _raise(self) -> None:
         if self._error is not None:
             error, self._error = self._error, None
