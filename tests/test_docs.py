@@ -10,6 +10,8 @@ the reasons allowed are few (below). What the harness changes, and only this:
   filesystem in the docs) is the sandbox's ``shared/``;
 - ``mpistyle-train`` gets ``steps=2`` and tiny crops appended (later overrides win), since its
   documented recipes take minutes to hours;
+- ``mpistyle-sample`` gets ``--seconds 1 --size 160x90`` appended (later options win): the
+  sandbox's clips stay tiny for the commands after it, which read the clip it writes;
 - ``sbatch`` goes to the suite's single-node Slurm, and the job must complete.
 """
 from __future__ import annotations
@@ -45,6 +47,7 @@ ALLOWED_REASONS = (
     "fetches wheels for the GPU machine",
 )
 PROGRAMS = ("mpistyle", "mpistyle-train", "mpistyle-watch", "mpistyle-sample", "mpirun", "sbatch", "python", "./scripts/")
+TINY_SAMPLE = ["--seconds", "1", "--size", "160x90"]
 TINY_TRAINING = ["steps=2", "image_size=32", "batch_size=1", "log_every=1", "sample_every=0", "checkpoint_every=2"]
 
 
@@ -233,6 +236,8 @@ def _as_run_here(text: str, sandbox: Path) -> str:
     text = text.replace("/shared/", f"{sandbox}/shared/")
     if re.search(r"(^|\s)mpistyle-train\s", text):
         text = shlex.join([*shlex.split(text, comments=True), *TINY_TRAINING])
+    elif re.search(r"(^|\s)mpistyle-sample\s", text):
+        text = shlex.join([*shlex.split(text, comments=True), *TINY_SAMPLE])
     return text
 
 
