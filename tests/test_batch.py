@@ -228,3 +228,5 @@ def test_one_queue_feeds_every_rank_and_delivers_each_video_while_the_next_are_s
     last_staged = max(p.stat().st_mtime_ns for p in Path(reports[-1]["staging"]).glob("segment-*.h5"))
     assert (styled / "v0.mp4").stat().st_mtime_ns < last_staged
     assert [v["status"] for v in json.loads((styled / "batch-report.json").read_text())["per_video"]] == ["done"] * 6
+    # Rank 0's progress across the batch: a line per video, with the time left once it can tell.
+    assert "video 1/6 done" in done.stderr and "video 6/6 done" in done.stderr and " s to go" in done.stderr

@@ -92,13 +92,12 @@ def run_batch(cfg: DictConfig, ctx: RankContext | None = None, run_id: str | Non
             served[shape[0]] = served.get(shape[0], 0) + shape[1]
     scorers: Scorers = {}  # the models loaded so far, by setting and frame size: each loaded once
     outcomes: list[VideoOutcome | None] = [None] * len(items)
-    ended: list[VideoOutcome] = []  # root: in the order they ended, for the progress lines
+    progress = _Progress([shape[1] if shape else 0 for shape in shapes], started)
 
     def end(index: int, outcome: VideoOutcome) -> None:
         outcomes[index] = outcome
         if ctx.is_root:
-            ended.append(outcome)
-            _log_progress(len(ended), len(items), outcome, ended, time.perf_counter() - started)
+            progress.ended(index, outcome)
 
     for first in range(0, len(items), _QUEUED):
         # Set up the next videos, one after another (every rank takes part in each), then score
@@ -324,13 +323,33 @@ def _batch_report(
     }
 
 
-def _log_progress(number: int, total: int, outcome: VideoOutcome, outcomes: list[VideoOutcome], elapsed: float) -> None:
-    done = sum(o.status == "done" for o in outcomes)
-    failed = sum(o.status == "failed" for o in outcomes)
-    eta = elapsed / number * (total - number)
-    what = f"{outcome.frames} frames in {outcome.seconds:.1f} s" if outcome.status == "done" else outcome.status
-    log.info(
-        "video %d/%d %s: %s (%s); batch: %d done, %d failed, %d frames, %.0f s, about %.0f s to go",
-        number, total, outcome.status, outcome.source, what, done, failed,
-        sum(o.frames or 0 for o in outcomes), elapsed, eta,
-    )
+class _Progress:
+    """Rank 0's line as each video ends: the batch's counts so far, and the time left from the
+    pixels still to score (read from the containers' headers) at the rate since the first video
+    ended (the start-up and the first compile left out)."""
+
+    def __init__(self, pixels: list[int], started: float) -> None:
+        self._pixels = pixels
+        self._left = sum(pixels)
+        self._started = started
+        self._first: tuple[float, int] | None = None  # when the first video ended, and what was left
+        self._ended: list[VideoOutcome] = []
+
+    def ended(self, index: int, outcome: VideoOutcome) -> None:
+        now = time.perf_counter()
+        self._ended.append(outcome)
+        self._left -= self._pixels[index]
+        if self._first is None:
+            self._first = (now, self._left)
+        since, left_then = self._first
+        rate = (left_then - self._left) / (now - since) if now > since else 0.0
+        eta = f"about {self._left / rate:.0f} s to go" if rate > 0 else "time left known after the second video"
+        if len(self._ended) == len(self._pixels):
+            eta = "all ended"
+        what = f"{outcome.frames} frames in {outcome.seconds:.1f} s" if outcome.status == "done" else outcome.status
+        log.info(
+            "video %d/%d %s: %s (%s); batch: %d done, %d failed, %d frames, %.0f s, %s",
+            len(self._ended), len(self._pixels), outcome.status, outcome.source, what,
+            sum(o.status == "done" for o in self._ended), sum(o.status == "failed" for o in self._ended),
+            sum(o.frames or 0 for o in self._ended), now - self._started, eta,
+        )
