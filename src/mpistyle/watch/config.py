@@ -56,6 +56,9 @@ class WatchConfig:
     # Failures that may be the input's fault (a bug, exit 1, or the time limit) before it is
     # quarantined; exit 3 quarantines at once, and anyone else's fault never counts.
     max_attempts: int = 3
+    # Up to this many videos ready to start in one tick run as one batch job (inputs=, see
+    # docs/batch.md): start-up and model loads paid once. 1: a job of its own per video.
+    max_batch: int = 1
     lease_s: float = 600.0
     # A job running longer is stopped (local: SIGTERM to its process group, SIGKILL after
     # job_kill_grace_s; Slurm: sbatch --time, and scancel past the limit plus the grace) and
@@ -105,6 +108,8 @@ def check(cfg: DictConfig) -> None:
     for key in ("job_time_limit_s", "tick_time_limit_s", "retry_backoff_s", "retry_backoff_max_s", "retry_alert"):
         if not cfg[key] > 0:  # also refuses nan
             raise ConfigError(f"{key} must be positive, got {cfg[key]}")
+    if not cfg.max_batch >= 1:
+        raise ConfigError(f"max_batch must be 1 or more (1 runs a job of its own per video), got {cfg.max_batch}")
     if not cfg.job_kill_grace_s >= 0:
         raise ConfigError(f"job_kill_grace_s must be 0 or more, got {cfg.job_kill_grace_s}")
     credentials = credential_names(cfg.storage)

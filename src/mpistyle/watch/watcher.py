@@ -18,6 +18,11 @@ everywhere, at once and without downloading it; an input the job finds unusable,
 the same name came first); ``abandoned`` (the input went before its job ended). A failure that
 is not the input's fault (staging full, a failed node, ...) is retried on a later tick with
 backoff (:func:`mpistyle.watch.runners.blame`), and the others carry on.
+
+With ``max_batch`` > 1, the videos of a tick that are ready to start run together, up to
+``max_batch`` at a time, as one batch job (``inputs=`` a JSONL file in ``workdir/batches/``):
+each record still moves on its own, by its own outcome in the batch (its output, or its
+``.error.json``), so a poison video is quarantined while the others of its batch are delivered.
 """
 from __future__ import annotations
 
@@ -25,22 +30,26 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
-from ..errors import ConfigError, MpistyleError, StorageError, first_line
+from ..errors import ConfigError, MpistyleError, SomeVideosFailed, StorageError, first_line
+from ..files import write_atomic
 from ..formats import VIDEO_SUFFIXES
 from ..report import public_report
 from ..secrets import redact
@@ -62,6 +71,7 @@ log = logging.getLogger("mpistyle.watch")
 FINAL = ("done", "quarantined", "superseded", "abandoned")
 # Delivered beside each video, under its name plus these.
 _SIDE_FILES = (".report.json", ".preview.png")
+_BATCH_NAME = re.compile(r"[0-9a-f]{16}")  # workdir/batches/<name>/: a hash of its videos' keys
 
 
 def _now() -> str:
@@ -87,6 +97,16 @@ class Claim:
             self.data = data
 
 
+@dataclass
+class Queued:
+    """A staged video waiting, its claim still held, for the tick to start it in a batch job."""
+
+    claim: Claim
+    entry: Entry
+    key: str
+    held: ExitStack  # its heartbeat, and giving its claim up: closed once the tick is done with it
+
+
 class Watcher:
     def __init__(self, cfg: DictConfig, areas: dict[str, Area], runner: Runner, owner: str | None = None) -> None:
         self.cfg = cfg
@@ -96,19 +116,31 @@ class Watcher:
         self.workdir = Path(cfg.workdir).expanduser().absolute()
 
     def tick(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
+        outcomes: list[str] = []
         entries = self.input.list()
+        # With max_batch > 1, the videos ready to start wait here (their claims held) and start
+        # together, max_batch at a time; those taken before tick_time_limit_s start even past it.
+        queue: list[Queued] | None = [] if self.cfg.max_batch > 1 else None
         for entry in self._within_tick_limit(entries):
-            try:
-                outcome = self.advance(entry)
-            except Exception as err:  # one bad video (name, record, storage hiccup) never stops the queue
-                outcome = "error"
-                log.error("%s: %s", redact(shown(entry.name)), redact(first_line(err)))
-            counts[outcome] = counts.get(outcome, 0) + 1
-        for outcome in self._sweep(entries):
-            counts[outcome] = counts.get(outcome, 0) + 1
+            outcomes.append(self._guarded(entry.name, partial(self.advance, entry, queue)))
+            if queue is not None and len(queue) >= self.cfg.max_batch:
+                outcomes += self._run_batch(queue)
+        if queue:
+            outcomes += self._run_batch(queue)
+        outcomes += self._sweep(entries)
+        self._sweep_batches()
+        counts = dict(Counter(outcome for outcome in outcomes if outcome != "queued"))
         log.info("tick: %s", ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no input")
         return counts
+
+    def _guarded(self, name: str, work: Callable[[], str]) -> str:
+        """``work``'s outcome for the video ``name``, or "error", logged: one bad video (name,
+        record, storage hiccup) never stops the queue."""
+        try:
+            return work()
+        except Exception as err:
+            log.error("%s: %s", redact(shown(name)), redact(first_line(err)))
+            return "error"
 
     def _within_tick_limit(self, entries: list[Entry]) -> Iterator[Entry]:
         """The tick's videos until ``tick_time_limit_s`` has passed, then no more (the first is
@@ -124,7 +156,9 @@ class Watcher:
 
     # -- one video ------------------------------------------------------------------------------
 
-    def advance(self, entry: Entry) -> str:
+    def advance(self, entry: Entry, queue: list[Queued] | None = None) -> str:
+        """Move the video on as far as this tick can. With ``queue``, a video ready to start is
+        put on it instead, its claim still held, for :meth:`_run_batch` ("queued")."""
         key = job_name(entry.name, entry.etag)
         record = f"state/{key}.json"
         lease_until = time.time() + self.cfg.lease_s
@@ -156,8 +190,10 @@ class Watcher:
                 claim.update(owner=self.owner, lease_until=lease_until)
             except StateConflict:
                 return "taken"
-        try:
-            with self._heartbeat(claim):
+        with ExitStack() as held:
+            held.callback(self._release, claim)
+            held.enter_context(self._heartbeat(claim))
+            try:
                 refusal = self._refusal(entry)
                 if refusal is not None:
                     # Never downloaded: neither its bytes nor its name go anywhere but quarantine.
@@ -165,12 +201,14 @@ class Watcher:
                     self._quarantine(claim, entry, key, reason, None, what_to_do)
                     self._clean_local(key)
                     return claim.data["step"]
-                return self._run_steps(claim, entry, key)
-        except StateConflict:
-            log.warning("%s: another watcher took over; leaving it to them", redact(shown(entry.name)))
-            return "taken"
-        finally:
-            self._release(claim)
+                outcome = self._run_steps(claim, entry, key, batching=queue is not None)
+            except StateConflict:
+                log.warning("%s: another watcher took over; leaving it to them", redact(shown(entry.name)))
+                return "taken"
+            if outcome == "queued":
+                assert queue is not None
+                queue.append(Queued(claim, entry, key, held.pop_all()))
+            return outcome
 
     def _release(self, claim: Claim) -> None:
         """Give the lease up when this tick stops working on the video, finished or not, so the
@@ -187,9 +225,10 @@ class Watcher:
         back from a record (a record is data anyone with work-area access can write)."""
         return self.workdir / key / f"input{suffix_of(name)}"
 
-    def _run_steps(self, claim: Claim, entry: Entry, key: str) -> str:
+    def _run_steps(self, claim: Claim, entry: Entry, key: str, batching: bool = False) -> str:
         """Move the video on, step by step, to a final state or to one that waits for a later
-        tick (returned: "waiting", "running", "failed", "retrying", "stuck")."""
+        tick (returned: "waiting", "running", "failed", "retrying", "stuck"), or, ``batching``,
+        to the start of a job it shares with others ("queued")."""
         while claim.data["step"] not in FINAL:
             step = claim.data["step"]
             if step == "staged" and not self._input_copy(key, entry.name).is_file():
@@ -202,7 +241,7 @@ class Watcher:
             if step == "claimed":
                 self._stage(claim, entry, key)
             elif step == "staged":
-                paused = self._start(claim, entry, key)
+                paused = self._start(claim, entry, key, batching)
             elif step == "submitted":
                 paused = self._follow(claim, entry, key)
             elif step == "finished":
@@ -220,9 +259,10 @@ class Watcher:
         self.input.download(entry.name, self._input_copy(key, entry.name))
         claim.update(step="staged")
 
-    def _start(self, claim: Claim, entry: Entry, key: str) -> str | None:
+    def _start(self, claim: Claim, entry: Entry, key: str, batching: bool = False) -> str | None:
         """Start the video's next attempt (or quarantine it, past ``max_attempts``); "waiting"
-        while it backs off after a failure that was not the input's."""
+        while it backs off after a failure that was not the input's; "queued", ``batching``, for
+        :meth:`_run_batch` to start it with others."""
         attempts = claim.data["attempts"]  # failures that may be the input's fault
         if attempts >= self.cfg.max_attempts:
             reason = f"failed {attempts} times, the last: {claim.data.get('failure', 'unknown')}"
@@ -230,8 +270,10 @@ class Watcher:
             return None
         if claim.data.get("retry_after", 0) > time.time():
             return "waiting"
+        if batching and attempts == 0 and not claim.data.get("alone"):
+            return "queued"  # a video something was held against runs alone: it cannot sink a batch
         job = self._job(key, entry)
-        claim.update(step="submitted", job=None, submitted_at=time.time(), started_by=self.owner)
+        claim.update(step="submitted", job=None, batch=None, submitted_at=time.time(), started_by=self.owner)
         handle = self.runner.start(job)
         claim.update(job=handle)
         log.info("%s: attempt %d started as %s", redact(shown(entry.name)), attempts + 1, handle)
@@ -239,7 +281,8 @@ class Watcher:
 
     def _follow(self, claim: Claim, entry: Entry, key: str) -> str | None:
         """Wait for the video's job as long as the runner waits; "running" if it still runs."""
-        job = self._job(key, entry)
+        batch = claim.data.get("batch")
+        job = self._batch_job(batch) if batch else self._job(key, entry)
         handle: str | None = claim.data["job"] or self.runner.find(job)
         if handle is None:
             # Crashed between recording the start and starting the job, which never ran.
@@ -251,32 +294,60 @@ class Watcher:
             # A killed watcher's job runs on in its own session: wait for it, never start a second.
             log.info("%s: following %s, started by %s", redact(shown(entry.name)), handle, claim.data.get("started_by"))
         status = self.runner.wait(handle, job, claim.data.get("submitted_at"))
-        if status.state == "lost" and (self.workdir / key / "output.mp4.report.json").is_file():
-            # The scheduler forgot the job (aged out), but it finished: its report is there.
-            status = JobStatus("done", 0)
         if status.state == "running":
             claim.update(lease_until=0)  # anyone may follow the job from here
             return "running"
+        if batch:
+            return self._batch_ended(claim, entry, key, status)
+        if status.state == "lost" and (self.workdir / key / "output.mp4.report.json").is_file():
+            # The scheduler forgot the job (aged out), but it finished: its report is there.
+            status = JobStatus("done", 0)
         return self._ended(claim, entry, key, status)
 
-    def _ended(self, claim: Claim, entry: Entry, key: str, status: JobStatus) -> str | None:
-        """The next step after a job ended, by whose fault it failed (:func:`blame`)."""
+    def _batch_ended(self, claim: Claim, entry: Entry, key: str, status: JobStatus) -> str | None:
+        """The next step for one video of a batch job that ended, by its own outcome: its output
+        and report, or its error file (judged as if its own job had ended with that code); by the
+        job's end where it has neither."""
+        local = self.workdir / key
+        if (local / "output.mp4").is_file() and (local / "output.mp4.report.json").is_file():
+            return self._ended(claim, entry, key, JobStatus("done", 0))  # however the job ended after it
+        failed = _video_error(local / "output.mp4.error.json")
+        if failed is not None:
+            code, error = failed
+            error = error.replace(str(self._input_copy(key, entry.name)), entry.name)  # its name, not this host's copy
+            return self._ended(claim, entry, key, JobStatus("failed", code), error)
+        if status.state == "done" or status.exit_code == SomeVideosFailed.exit_code:
+            status = JobStatus("lost", detail="its batch job ended without its output or its error file")
+        if blame(status) != "elsewhere":
+            # A crash or the time limit of the whole job may be any one video's doing (or the
+            # length of all of them together): held against none; each runs alone next, and a
+            # failure there counts.
+            log.warning("%s: its batch job failed, exit %s: %s; it runs in a job of its own next",
+                        redact(shown(entry.name)), status.exit_code, redact(meaning(status)))
+            claim.update(step="staged", alone=True, exit_code=status.exit_code, failure=meaning(status))
+            return "failed"
+        return self._ended(claim, entry, key, status)
+
+    def _ended(self, claim: Claim, entry: Entry, key: str, status: JobStatus, error: str | None = None) -> str | None:
+        """The next step after a job ended, by whose fault it failed (:func:`blame`); ``error``:
+        the video's own reason, where its batch job said it."""
         if status.state == "done":
             claim.update(step="finished", exit_code=0)
             return None
         fault = blame(status)
+        failure = f"{meaning(status)}: {error}" if error else meaning(status)
         if fault == "input":
-            self._quarantine(claim, entry, key, "the input is not a usable video", status.exit_code)
+            self._quarantine(claim, entry, key, failure, status.exit_code)
             return None
         if fault == "attempt":
             attempts = claim.data["attempts"] + 1
             log.warning("%s: attempt %d failed, exit %s: %s", redact(shown(entry.name)), attempts,
-                        status.exit_code, redact(meaning(status)))
-            claim.update(step="staged", attempts=attempts, exit_code=status.exit_code, failure=meaning(status))
+                        status.exit_code, redact(failure))
+            claim.update(step="staged", attempts=attempts, exit_code=status.exit_code, failure=failure)
             # The next attempt waits for a later tick: one job per video per tick keeps the tick
             # within tick_time_limit_s + job_time_limit_s. The last one goes on to quarantine.
             return "failed" if attempts < self.cfg.max_attempts else None
-        return self._retry_later(claim, entry, status)
+        return self._retry_later(claim, entry, status, failure)
 
     def _job(self, key: str, entry: Entry) -> JobSpec:
         local = self.workdir / key
@@ -293,7 +364,112 @@ class Watcher:
             time_limit_s=self.cfg.job_time_limit_s,
         )
 
-    def _retry_later(self, claim: Claim, entry: Entry, status: JobStatus) -> str:
+    def _batch_job(self, name: str) -> JobSpec:
+        """The batch job ``name`` (a record's ``batch``): ``inputs=`` its JSONL file, which names
+        each video's input copy and output in the video's own folder, as its own job would."""
+        if not _BATCH_NAME.fullmatch(str(name)):  # a record is data: never a path of its choosing
+            raise StorageError(f"the state record names an unusable batch {redact(shown(str(name)))}")
+        folder = self.workdir / "batches" / name
+        overrides = [
+            f"inputs={folder / 'jobs.jsonl'}",
+            # The batch's own: a retry of the same videos (the same folder) resumes from it, and
+            # _sweep_batches removes it with the rest once none of its videos is left here.
+            f"staging.root={folder / 'staging'}",
+            *self.cfg.job_overrides,
+        ]
+        return JobSpec(
+            name=f"mpistyle-batch-{name}", overrides=overrides, log=folder / "job.log", runs_dir=folder / "runs",
+            folder=folder, time_limit_s=self.cfg.job_time_limit_s,
+        )
+
+    def _job_folder(self, claim: Claim, key: str) -> Path:
+        """Where the video's last job keeps its log: the video's own folder, or its batch's."""
+        batch = claim.data.get("batch")
+        return self._batch_job(batch).folder if batch else self.workdir / key
+
+    # -- batches ----------------------------------------------------------------------------------
+
+    def _run_batch(self, queue: list[Queued]) -> list[str]:
+        """Start the queued videos as one job, then take each on from there on its own, as
+        :meth:`advance` would (follow the job, judge its own outcome, deliver). Empties ``queue``;
+        returns the videos' outcomes."""
+        members, queue[:] = list(queue), []
+        try:
+            started = self._start_batch(members)
+        except Exception as err:  # storage or scheduler: records left "submitted" without a job go back to staged
+            log.error("a batch of %d videos did not start: %s", len(members), redact(first_line(err)))
+            for member in members:
+                member.held.close()
+            return ["error"] * len(members)
+        outcomes = ["taken"] * (len(members) - len(started))
+        for member in started:
+            outcomes.append(self._guarded(member.entry.name, partial(self._go_on, member)))
+        return outcomes
+
+    def _start_batch(self, queue: list[Queued]) -> list[Queued]:
+        """Start one job for the queued videos; returns those whose records say so (the others
+        another watcher took meanwhile). A batch of one is a job of its own, as without batches."""
+        if len(queue) == 1:
+            batch, job = None, self._job(queue[0].key, queue[0].entry)
+        else:
+            # Named by its videos: the same videos again (a retry) find their staged segments.
+            batch = hashlib.sha256(" ".join(sorted(member.key for member in queue)).encode()).hexdigest()[:16]
+            job = self._batch_job(batch)
+        # Recorded first: a watcher killed from here on leaves records the next tick takes back
+        # to staged (no job found) or on to the job (found by its name or runs folder).
+        members = self._record_all(queue, step="submitted", job=None, batch=batch, submitted_at=time.time(),
+                                   started_by=self.owner)
+        if not members:
+            return []
+        if batch is not None:
+            lines = [{"input": str(self._input_copy(m.key, m.entry.name)), "output": str(self.workdir / m.key / "output.mp4")}
+                     for m in members]
+            job.folder.mkdir(parents=True, exist_ok=True)
+            write_atomic(job.folder / "jobs.jsonl", "".join(json.dumps(line) + "\n" for line in lines).encode())
+            for member in members:  # an earlier batch's verdict, never to be taken for this one's
+                (self.workdir / member.key / "output.mp4.error.json").unlink(missing_ok=True)
+        handle = self.runner.start(job)
+        members = self._record_all(members, job=handle)
+        for member in members:
+            log.info("%s: attempt %d started as %s%s", redact(shown(member.entry.name)), member.claim.data["attempts"] + 1,
+                     handle, f" (batch {batch} of {len(members)})" if batch else "")
+        return members
+
+    def _record_all(self, queue: list[Queued], **changes: Any) -> list[Queued]:
+        """Record ``changes`` in each queued video's record; returns those that took them (the
+        others were taken over by another watcher: let go)."""
+        kept = []
+        for member in queue:
+            try:
+                member.claim.update(**changes)
+                kept.append(member)
+            except StateConflict:
+                log.warning("%s: another watcher took over; leaving it to them", redact(shown(member.entry.name)))
+                member.held.close()
+        return kept
+
+    def _go_on(self, member: Queued) -> str:
+        """One video of a job just started, on from "submitted"; its claim is given up after."""
+        with member.held:
+            try:
+                return self._run_steps(member.claim, member.entry, member.key)
+            except StateConflict:
+                log.warning("%s: another watcher took over; leaving it to them", redact(shown(member.entry.name)))
+                return "taken"
+
+    def _sweep_batches(self) -> None:
+        """Remove each batch folder (its JSONL file, log and staging) once none of its videos has
+        a folder here any more (every final state removes the video's): all have ended."""
+        for folder in (self.workdir / "batches").glob("*"):
+            try:
+                lines = (folder / "jobs.jsonl").read_text().splitlines()
+                keys = {Path(json.loads(line)["output"]).parent.name for line in lines if line.strip()}
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # not written yet (or not ours): left alone
+            if not any((self.workdir / key).exists() for key in keys):
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def _retry_later(self, claim: Claim, entry: Entry, status: JobStatus, failure: str) -> str:
         """A job that failed through no fault of its input: stop the video for this tick and
         retry it on a later one, waiting twice as long after each such failure. Never counted as
         an attempt, never quarantined: a full staging area or a failed node is no reason to give
@@ -301,16 +477,16 @@ class Watcher:
         retries = claim.data.get("retries", 0) + 1
         delay = min(self.cfg.retry_backoff_max_s, self.cfg.retry_backoff_s * 2 ** min(retries - 1, 40))
         claim.update(
-            step="staged", exit_code=status.exit_code, failure=meaning(status), retries=retries, retry_after=time.time() + delay
+            step="staged", exit_code=status.exit_code, failure=failure, retries=retries, retry_after=time.time() + delay
         )
         if retries >= self.cfg.retry_alert:
             # Still never quarantined (not the input's fault), but no longer quiet: the tick exits 9.
             log.error("%s: job failed %d times for reasons that are not the input's (last: exit %s, %s); "
                       "retry in %.0f s; look at logs/%s/ in the work area", redact(shown(entry.name)), retries,
-                      status.exit_code, redact(meaning(status)), delay, claim.data["key"])
+                      status.exit_code, redact(failure), delay, claim.data["key"])
             return "stuck"
         log.warning("%s: job failed, exit %s: %s; not the input's fault, retry %d in %.0f s",
-                    redact(shown(entry.name)), status.exit_code, redact(meaning(status)), retries, delay)
+                    redact(shown(entry.name)), status.exit_code, redact(failure), retries, delay)
         return "retrying"
 
     def _refusal(self, entry: Entry) -> tuple[str, str] | None:
@@ -368,7 +544,7 @@ class Watcher:
             self.output.upload(target + ".preview.png", local / "output.mp4.preview.png")
         # The video last: its arrival is the signal that everything is there.
         self.output.upload(target, local / "output.mp4")
-        self._upload_logs(key)
+        self._upload_logs(key, self._job_folder(claim, key))
         claim.update(step="done", output=target)
         log.info("%s: done -> %s", redact(shown(entry.name)), redact(shown(target)))
         if self.cfg.delete_inputs:
@@ -417,8 +593,9 @@ class Watcher:
             # A fixed name: the input's own (say "error.json") could overwrite the record below.
             self.work.upload(f"quarantine/{key}/{copy.name}", copy)
         tail = ""
-        if (local / "job.log").exists():
-            tail = "\n".join((local / "job.log").read_text(errors="replace").splitlines()[-20:])
+        job_log = self._job_folder(claim, key) / "job.log"
+        if job_log.exists():
+            tail = "\n".join(job_log.read_text(errors="replace").splitlines()[-20:])
         record = {
             "input": entry.name,
             "reason": reason,
@@ -432,7 +609,7 @@ class Watcher:
         local.mkdir(parents=True, exist_ok=True)
         error_file.write_text(json.dumps(record, indent=2) + "\n")
         self.work.upload(f"quarantine/{key}/error.json", error_file)
-        self._upload_logs(key)
+        self._upload_logs(key, self._job_folder(claim, key))
         claim.update(step="quarantined", reason=reason, exit_code=exit_code)
         log.warning("%s: quarantined (%s)", redact(shown(entry.name)), redact(reason))
         if self.cfg.delete_inputs and kept:
@@ -440,12 +617,12 @@ class Watcher:
             # unusable) stays where it is, the one copy there is.
             self.input.delete(entry.name, entry.etag)
 
-    def _upload_logs(self, key: str) -> None:
-        local = self.workdir / key
-        logs = [local / "job.log", *sorted((local / "runs").glob("*/mpistyle.log"))]
+    def _upload_logs(self, key: str, folder: Path) -> None:
+        """The log of the video's last job (in ``folder``: its own, or its batch's), to the work area."""
+        logs = [folder / "job.log", folder / "batch-report.json", *sorted((folder / "runs").glob("*/mpistyle.log"))]
         for path in logs:
             if path.is_file():
-                name = path.name if path.parent == local else f"{path.parent.name}-{path.name}"
+                name = path.name if path.parent == folder else f"{path.parent.name}-{path.name}"
                 self.work.upload(f"logs/{key}/{name}", path)
 
     def _clean_local(self, key: str) -> None:
@@ -520,6 +697,19 @@ class Watcher:
         finally:
             stop.set()
             thread.join()
+
+
+def _video_error(path: Path) -> tuple[int, str] | None:
+    """A batch job's verdict on one video that failed alone (``<output>.error.json``): its exit
+    code and one-line reason, or None if there is none (or it is unreadable)."""
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    code, error = (found.get("exit_code"), found.get("error")) if isinstance(found, dict) else (None, None)
+    if not isinstance(code, int) or isinstance(code, bool) or code <= 0 or not isinstance(error, str):
+        return None
+    return code, error
 
 
 def make_runner(cfg: DictConfig) -> Runner:
