@@ -230,3 +230,19 @@ def test_one_queue_feeds_every_rank_and_delivers_each_video_while_the_next_are_s
     assert [v["status"] for v in json.loads((styled / "batch-report.json").read_text())["per_video"]] == ["done"] * 6
     # Rank 0's progress across the batch: a line per video, with the time left once it can tell.
     assert "video 1/6 done" in done.stderr and "video 6/6 done" in done.stderr and " s to go" in done.stderr
+
+
+def test_a_video_delivered_before_leaves_the_staging_of_one_of_the_same_contents_alone(
+    video: Callable[..., Path], tmp_path: Path
+) -> None:
+    (tmp_path / "videos").mkdir()
+    clip = video("videos/a.mp4")
+    (tmp_path / "videos" / "b.mp4").write_bytes(clip.read_bytes())
+    args = [f"inputs={tmp_path / 'videos'}", f"output_dir={tmp_path / 'styled'}", *TINY]
+    assert run_mpistyle(*args).returncode == 0
+    (tmp_path / "styled" / "a.mp4").unlink()  # a is done again; b, delivered before, is tidied up after
+    again = run_mpistyle(*args)
+    assert again.returncode == 0, again.stderr
+    report = json.loads((tmp_path / "styled" / "batch-report.json").read_text())
+    assert [v["status"] for v in report["per_video"]] == ["done", "delivered before"]
+    assert (tmp_path / "styled" / "a.mp4").read_bytes() == (tmp_path / "styled" / "b.mp4").read_bytes()

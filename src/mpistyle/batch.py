@@ -18,9 +18,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -94,24 +96,44 @@ def run_batch(cfg: DictConfig, ctx: RankContext | None = None, run_id: str | Non
     outcomes: list[VideoOutcome | None] = [None] * len(items)
     progress = _Progress([shape[1] if shape else 0 for shape in shapes], started)
 
-    def end(index: int, outcome: VideoOutcome) -> None:
-        outcomes[index] = outcome
-        if ctx.is_root:
-            progress.ended(index, outcome)
+    ending = threading.Lock()  # videos end in the root's delivery thread and in its main thread
 
-    for first in range(0, len(items), _QUEUED):
+    def end(index: int, outcome: VideoOutcome) -> None:
+        with ending:
+            outcomes[index] = outcome
+            if ctx.is_root:
+                progress.ended(index, outcome)
+
+    index = 0
+    while index < len(items):
         # Set up the next videos, one after another (every rank takes part in each), then score
-        # them all through one queue, each delivered as soon as its last segment is staged.
+        # them all through one queue, each delivered as soon as its last segment is staged. A
+        # queue holds up to _QUEUED videos of at most _SCORERS_KEPT model settings and frame
+        # sizes: every model a queue needs stays loaded until its end.
         queued: list[tuple[int, Job, Video]] = []
-        for index in range(first, min(first + _QUEUED, len(items))):
-            pixels = served[shapes[index][0]] if shapes[index] is not None else None  # type: ignore[index]
-            prepared = _prepare(cfg, ctx, items[index], scorers, f"{run_id or 'batch'}-{index + 1}", pixels)
+        models: set[str] = set()
+        tidy: list[tuple[str, Callable[[], None]]] = []  # (job key, what to remove) once the queue is done
+        while index < len(items) and len(queued) < _QUEUED:
+            shape = shapes[index]
+            if shape is not None and shape[0] not in models and len(models) >= _SCORERS_KEPT:
+                break
+            pixels = served[shape[0]] if shape is not None else None
+            prepared = _prepare(cfg, ctx, items[index], scorers, f"{run_id or 'batch'}-{index + 1}", pixels, tidy)
             if isinstance(prepared, VideoOutcome):
                 end(index, prepared)
             else:
                 queued.append((index, *prepared))
+                if shape is not None:
+                    models.add(shape[0])
+            index += 1
         if queued:
             _score(ctx, items, queued, end)
+        # What earlier attempts staged for videos delivered before, unless a video of this queue
+        # has the same contents and settings (it shares the folder; it stays if that one failed).
+        needed = {job.key for _, job, _ in queued}
+        for key, remove in tidy:
+            if key not in needed:
+                remove()
         while len(scorers) > _SCORERS_KEPT:  # a batch of many styles or sizes: the oldest go
             scorers.pop(next(iter(scorers)))
     done = [o for o in outcomes if o is not None]
@@ -130,25 +152,29 @@ def run_batch(cfg: DictConfig, ctx: RankContext | None = None, run_id: str | Non
 
 def _prepare(
     cfg: DictConfig, ctx: RankContext, item: BatchItem, scorers: Scorers, run_id: str, compile_pixels: int | None,
+    tidy: list[tuple[str, Callable[[], None]]],
 ) -> VideoOutcome | tuple[Job, Video]:
     """Set one video up for the queue (every rank calls this with the same item); or how it
-    ended already: refused, or delivered by an earlier attempt."""
+    ended already: refused, or delivered by an earlier attempt (what that attempt left behind
+    goes on ``tidy``, removed once the queue is done)."""
     where = _where(item)
     if item.error is not None:
         return _failed(where, ConfigError(item.error), item, ctx.is_root)
     try:
         video_cfg = video_config(cfg, item)
         config.check(video_cfg)
-        planned = ctx.from_root(lambda: make_plan(video_cfg))
+        timer = StageTimer()
+        with timer("probe"):
+            planned = ctx.from_root(lambda: make_plan(video_cfg))
         key = planned.staging.dir.name
         if ctx.from_root(lambda: _delivered(item, key)):
             if ctx.is_root:
-                _tidy_delivered(item, planned.staging, key, video_cfg.staging.keep)
+                tidy.append((key, partial(_tidy_delivered, item, planned.staging, key, video_cfg.staging.keep)))
             where.status = "delivered before"
             return where
         # Recorded on the root as the output is renamed into place: a stop after it (during the
         # preview or report) does not deliver the video again.
-        job = Job(video_cfg, run_id, StageTimer(), None, ready=lambda partial: _mark_delivered(item, key, partial))
+        job = Job(video_cfg, run_id, timer, None, ready=lambda partial: _mark_delivered(item, key, partial), key=key)
         return job, prepare(job, ctx, scorers, compile_pixels, planned)
     except ModelError as err:
         if not item.settings:  # the job's own model setting: not this video's fault, every video's
@@ -332,17 +358,20 @@ class _Progress:
         self._pixels = pixels
         self._left = sum(pixels)
         self._started = started
-        self._first: tuple[float, int] | None = None  # when the first video ended, and what was left
+        self._scored = 0  # pixels of the videos done so far
+        self._first: tuple[float, int] | None = None  # when the first video was done, and what was scored then
         self._ended: list[VideoOutcome] = []
 
     def ended(self, index: int, outcome: VideoOutcome) -> None:
         now = time.perf_counter()
         self._ended.append(outcome)
         self._left -= self._pixels[index]
-        if self._first is None:
-            self._first = (now, self._left)
-        since, left_then = self._first
-        rate = (left_then - self._left) / (now - since) if now > since else 0.0
+        if outcome.status == "done":  # refused, failed or delivered before: no measure of the rate
+            self._scored += self._pixels[index]
+            if self._first is None:
+                self._first = (now, self._scored)
+        since, scored_then = self._first or (now, 0)
+        rate = (self._scored - scored_then) / (now - since) if now > since else 0.0
         eta = f"about {self._left / rate:.0f} s to go" if rate > 0 else "time left known after the second video"
         if len(self._ended) == len(self._pixels):
             eta = "all ended"

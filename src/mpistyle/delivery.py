@@ -118,4 +118,7 @@ class Deliveries:
     def _done(self, number: int, outcome: Outcome) -> None:
         self.outcomes[number] = outcome
         if self._on_outcome:
-            self._on_outcome(number, outcome)
+            try:
+                self._on_outcome(number, outcome)
+            except BaseException as err:  # a bug in the callback ends the job, raised by close
+                self._fatal = self._fatal or err

@@ -60,6 +60,7 @@ class Job:
     started: float | None  # None: a batch's video, counted from its first segment handed out
     # Called on the root with the complete output file just before it is renamed into place.
     ready: Callable[[Path], None] | None = None
+    key: str = ""  # a batch's video: its job key (its input's contents and settings)
 
 
 # Scorers loaded by earlier videos of a batch (mpistyle.batch), by what they were built from.
@@ -151,8 +152,9 @@ def run_queue(
 
         def finish_one(number: int, summaries: list[RankSummary], staged: list[SegmentDone], score_s: float) -> Any:
             plan = own[number].plan
-            users[plan.staging.dir] -= 1
-            return finish(videos[number][0], plan, summaries, staged, score_s, last=not users[plan.staging.dir])
+            report = finish(videos[number][0], plan, summaries, staged, score_s, last=users[plan.staging.dir] == 1)
+            users[plan.staging.dir] -= 1  # not for a video that failed: a retry of it reuses the folder
+            return report
 
         deliveries = Deliveries(own, finish_one, on_outcome, lambda number: _start_clock(videos[number][0]))
     overlap = own[0].ranks[ctx.rank].overlap

@@ -202,7 +202,7 @@ def rank_summary(facts: RankFacts, done: Sequence[SegmentDone]) -> RankSummary:
         seconds=seconds,
         seconds_total=total,
         peak_rss_mb=max((s.peak_rss_mb for s in done), default=0.0),
-        flicker=done[-1].flicker if done else None,
+        flicker=next((s.flicker for s in reversed(done) if s.flicker), None),  # the latest sums (none for a reused segment)
         fps=scored / total if total > 0 and scored > 0 else None,
     )
 

@@ -117,6 +117,9 @@ def score_segments(worker: Worker, rank: int) -> list[SegmentDone]:
                 step(segment.frames)
                 continue
             if number not in temporal:
+                # Items go video by video: a rank never comes back to a video it left, so the
+                # blend of the one before (frames and flow: tens of MB at 1080p) goes.
+                temporal.clear()
                 temporal[number] = _temporal_stage(video.plan.temporal)
             try:
                 _score_segment(
