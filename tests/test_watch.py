@@ -126,8 +126,9 @@ def test_a_job_failing_every_time_is_quarantined_after_max_attempts(tmp_path: Pa
     assert error["reason"].startswith("failed 2 times") and error["exit_code"] == 1
 
 
-def test_two_watchers_at_once_process_each_video_once(tmp_path: Path) -> None:
-    overrides = local_overrides(tmp_path)
+@pytest.mark.parametrize("max_batch", [1, 2])  # a job per video, or two videos a job (docs/watch.md)
+def test_two_watchers_at_once_process_each_video_once(tmp_path: Path, max_batch: int) -> None:
+    overrides = local_overrides(tmp_path, f"max_batch={max_batch}")
     for index in range(4):
         make_video(tmp_path / "inbox" / f"clip{index}.mp4", frames=6)
     env = {**os.environ, **MPI_ENV, "PYTHONPATH": str(TESTS)}
@@ -140,6 +141,7 @@ def test_two_watchers_at_once_process_each_video_once(tmp_path: Path) -> None:
     assert len(records) == 4 and all(r["step"] == "done" and starts(r) == 1 for r in records.values())
     assert sum(log.count("started as") for log in logs) == 4
     assert sorted(p.name for p in (tmp_path / "outbox").glob("*.mp4")) == [f"clip{i}.mp4" for i in range(4)]
+    assert not [p for p in (tmp_path / "scratch").rglob("*") if p.is_file()]
 
 
 def test_a_killed_watcher_is_taken_over_after_its_lease(tmp_path: Path) -> None:

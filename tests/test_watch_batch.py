@@ -161,23 +161,6 @@ def test_a_batch_through_the_real_slurm(slurm: SlurmCluster, tmp_path: Path) -> 
 
 
 
-def test_two_watchers_batching_at_once_do_each_video_once(tmp_path: Path) -> None:
-    overrides = local_overrides(tmp_path, "max_batch=2")
-    for index in range(4):
-        make_video(tmp_path / "inbox" / f"clip{index}.mp4", frames=3, width=32, height=24)
-    env = {**os.environ, **MPI_ENV, "PYTHONPATH": str(TESTS)}
-    watchers = [
-        subprocess.Popen(watch_command(*overrides), cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)
-    ]
-    logs = [w.communicate(timeout=300)[1] for w in watchers]
-    assert all(w.returncode == 0 for w in watchers), logs
-    records = states(tmp_path / "work")
-    assert len(records) == 4 and all(r["step"] == "done" and starts(r) == 1 for r in records.values())
-    assert sum(log.count("started as") for log in logs) == 4
-    assert sorted(p.name for p in (tmp_path / "outbox").glob("*.mp4")) == [f"clip{i}.mp4" for i in range(4)]
-    assert not files_left(tmp_path / "scratch")
-
-
 def test_a_watcher_killed_mid_batch_leaves_the_job_to_the_next_watcher(tmp_path: Path) -> None:
     overrides = local_overrides(
         tmp_path, "max_batch=2", "lease_s=3", "job_overrides=['~model','+model._target_=frame_models.slow','+model.seconds=0.5']"

@@ -155,11 +155,11 @@ class RankFacts:
     host: str
     device: str
     threads: int | None  # torch CPU threads (None on a GPU)
-    precision: str
-    compiled: bool
-    overlap: bool
-    decoder: str
-    encoder: str
+    precision: str  # fp32, bf16 or fp16: what the model ran at
+    compiled: bool  # through torch.compile (False: eager, asked for or fallen back to)
+    overlap: bool  # decode and encode in threads beside the model
+    decoder: str  # FFmpeg's name for it: h264 (the CPU's), h264_cuvid (the GPU's), ...
+    encoder: str  # libx264 (the CPU's), h264_nvenc (the GPU's), ...
 
 
 @dataclass(frozen=True)
@@ -208,18 +208,10 @@ def rank_summary(facts: RankFacts, done: Sequence[SegmentDone]) -> RankSummary:
 
 
 @dataclass(frozen=True)
-class RankSummary:
-    """What one rank did for one video, for the job report's ``per_rank``."""
+class RankSummary(RankFacts):
+    """What one rank did for one video, for the job report's ``per_rank``: how it was set up,
+    then these."""
 
-    rank: int
-    host: str
-    device: str
-    threads: int | None  # torch CPU threads (None on a GPU)
-    precision: str  # fp32, bf16 or fp16: what the model ran at
-    compiled: bool  # through torch.compile (False: eager, asked for or fallen back to)
-    overlap: bool  # decode and encode in threads beside the model
-    decoder: str  # FFmpeg's name for it: h264 (the CPU's), h264_cuvid (the GPU's), ...
-    encoder: str  # libx264 (the CPU's), h264_nvenc (the GPU's), ...
     frames: int  # frames of the segments it was handed
     segments: list[int]  # their numbers, in the order it took them
     frames_reused: int  # found staged by an earlier attempt
