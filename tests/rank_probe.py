@@ -36,16 +36,8 @@ def main(case: str, out_dir: Path) -> None:
     elif case == "notes":
         # Each rank notes every item it takes: the root hears them all, each from its taker.
         noted: list[list[int]] = []
-
-        def work(shift: Shift) -> list[int]:
-            taken = []
-            while (item := shift.take()) is not None:
-                taken.append(item)
-                shift.note(item)
-                shift.tick(1)
-            return taken
-
-        taken = ctx.run_everywhere(work, lambda n: None, iter(range(30)), lambda rank, item: noted.append([rank, item]))
+        taken = ctx.run_everywhere(lambda shift: _take_all(shift, 0.0), lambda n: None, iter(range(30)),
+                                   lambda rank, item: noted.append([rank, item]))
         result = {"noted": noted, "taken": taken}
     elif case == "cpus":
         bound = sorted(os.sched_getaffinity(0))
@@ -77,10 +69,11 @@ def _training_collectives(ctx: RankContext) -> dict[str, object]:
 
 
 def _take_all(shift: Shift, seconds_per_item: float) -> list[int]:
-    """Take items until none are left, each taking ``seconds_per_item``."""
+    """Take items until none are left, each taking ``seconds_per_item``, and note each to the root."""
     taken = []
     while (item := shift.take()) is not None:
         taken.append(item)
+        shift.note(item)
         time.sleep(seconds_per_item)
         shift.tick(1)
     return taken

@@ -130,7 +130,7 @@ def run_batch(cfg: DictConfig, ctx: RankContext | None = None, run_id: str | Non
             _score(ctx, items, queued, end)
         # What earlier attempts staged for videos delivered before, unless a video of this queue
         # has the same contents and settings (it shares the folder; it stays if that one failed).
-        needed = {job.key for _, job, _ in queued}
+        needed = {video.plan.staging.key for _, _, video in queued}
         for key, remove in tidy:
             if key not in needed:
                 remove()
@@ -174,7 +174,7 @@ def _prepare(
             return where
         # Recorded on the root as the output is renamed into place: a stop after it (during the
         # preview or report) does not deliver the video again.
-        job = Job(video_cfg, run_id, timer, None, ready=lambda partial: _mark_delivered(item, key, partial), key=key)
+        job = Job(video_cfg, run_id, timer, None, ready=lambda partial: _mark_delivered(item, key, partial))
         return job, prepare(job, ctx, scorers, compile_pixels, planned)
     except ModelError as err:
         if not item.settings:  # the job's own model setting: not this video's fault, every video's

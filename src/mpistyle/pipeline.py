@@ -60,7 +60,6 @@ class Job:
     started: float | None  # None: a batch's video, counted from its first segment handed out
     # Called on the root with the complete output file just before it is renamed into place.
     ready: Callable[[Path], None] | None = None
-    key: str = ""  # a batch's video: its job key (its input's contents and settings)
 
 
 # Scorers loaded by earlier videos of a batch (mpistyle.batch), by what they were built from.

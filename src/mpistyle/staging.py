@@ -59,6 +59,11 @@ class Staging:
         self.dir = root / key
         self._job = job  # the key without the kernels' suffix (see scored_with)
 
+    @property
+    def key(self) -> str:
+        """The job key: the folder's name without the kernels' suffix."""
+        return self._job or self.dir.name
+
     def scored_with(self, kernels: str) -> Staging:
         """The staging folder for segments scored by these kernels (and encoded by this
         encoder, when named: ``aot-h264_nvenc``): compiled and eager kernels round differently,
