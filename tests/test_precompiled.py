@@ -1,10 +1,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +16,9 @@ import pytest
 import torch
 from torch import nn
 
+from mpistyle.devices import launcher_cpus
 from mpistyle.model.loading import load_multistyle
-from mpistyle.precompiled import Precompiled, package_key
+from mpistyle.precompiled import Precompiled, _on_the_nodes_cpus, _wrapper_beside_kernels, package_key
 from mpistyle.scoring import Scorer
 
 CPU = torch.device("cpu")
@@ -140,3 +145,57 @@ def test_a_package_that_fails_when_run_is_given_up_for_the_in_process_compile_an
     assert "failed when run" in refused.read_text() and "no kernel image" in refused.read_text()
     # Later jobs go straight to the in-process compile.
     assert Scorer(model, CPU, 1, "fp32", compile_model=True).prepare(8, 8).startswith("compiled in ")
+
+
+class _Object:
+    """Stands for one of Inductor's C++ builds: its target names what it builds."""
+
+    def __init__(self, target: str, build: Callable[[], None]) -> None:
+        self.target, self.build = target, build
+
+    def get_target_file_path(self) -> str:
+        return self.target
+
+
+def test_a_packages_wrapper_compiles_beside_its_kernels_and_its_error_is_not_lost(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch._inductor.cpp_builder import CppBuilder
+
+    monkeypatch.setattr(CppBuilder, "build", lambda builder: builder.build())
+    wrapper_started, built = threading.Event(), []
+
+    def wrapper() -> None:
+        wrapper_started.set()
+        time.sleep(0.2)
+        built.append("wrapper")
+
+    def kernels() -> None:
+        assert wrapper_started.wait(30)  # both at once: the wrapper still compiling
+        built.append("kernels")
+
+    with _wrapper_beside_kernels():
+        CppBuilder.build(_Object("/c/x.wrapper.o", wrapper))  # type: ignore[arg-type]
+        CppBuilder.build(_Object("/c/x.kernel.o", kernels))  # type: ignore[arg-type]
+        assert built == ["kernels", "wrapper"]  # the wrapper awaited before the link
+        CppBuilder.build(_Object("/c/x.wrapper.so", lambda: built.append("link")))  # type: ignore[arg-type]
+    assert built == ["kernels", "wrapper", "link"]
+
+    def wrapper_fails() -> None:
+        raise RuntimeError("cc1plus: out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"), _wrapper_beside_kernels():
+        CppBuilder.build(_Object("/c/y.wrapper.o", wrapper_fails))  # type: ignore[arg-type]
+        CppBuilder.build(_Object("/c/y.kernel.o", lambda: None))  # type: ignore[arg-type]
+    assert CppBuilder.build is not None and "build_beside" not in CppBuilder.build.__qualname__
+
+
+def test_a_build_runs_on_the_nodes_cpus_and_the_rank_goes_back_to_its_own() -> None:
+    own = os.sched_getaffinity(0)
+    if len(launcher_cpus()) < 2:
+        pytest.skip("one CPU here")
+    os.sched_setaffinity(0, {min(own)})
+    try:
+        with _on_the_nodes_cpus():
+            assert os.sched_getaffinity(0) == launcher_cpus()
+        assert os.sched_getaffinity(0) == {min(own)}
+    finally:
+        os.sched_setaffinity(0, own)
