@@ -2,8 +2,9 @@
 # Set up mpistyle on a fresh Debian machine: OpenMPI from Debian's packages, then a virtual
 # environment (.venv) holding the package with its test tools. Safe to run again.
 #   --test          also install what the tests start for real: Slurm (slurm-wlm, munge),
-#                   Azurite (the Azure Storage emulator, from npm, into .cache/azurite), and
-#                   the shell linter the tests run
+#                   Azurite (the Azure Storage emulator, from npm, into .cache/azurite), the
+#                   shell linter the tests run, and checkov (the ARM template linter for
+#                   deploy/azure/, from PyPI, into a venv of its own: .cache/checkov)
 #   MPISTYLE_TORCH  which torch to install (default torch==2.13.0: the CPU build where one lies
 #                   on local disk, as on our dev/CI machines; a CUDA build from PyPI elsewhere)
 set -euo pipefail
@@ -53,5 +54,11 @@ pip=(.venv/bin/python -m pip install -q --disable-pip-version-check)
 if [ "$with_tests" = 1 ] && [ ! -x .cache/azurite/node_modules/.bin/azurite-blob ]; then
   echo "setup: installing Azurite from npm into .cache/azurite"
   npm install --prefix .cache/azurite --no-audit --no-fund --loglevel=error azurite@3.37.0 >/dev/null
+fi
+if [ "$with_tests" = 1 ] && [ ! -x .cache/checkov/bin/checkov ]; then
+  echo "setup: installing checkov from PyPI into .cache/checkov"
+  # A venv of its own: checkov pins many packages that would clash with mpistyle's.
+  python3 -m venv .cache/checkov
+  .cache/checkov/bin/python -m pip install -q --disable-pip-version-check checkov==3.3.30
 fi
 .venv/bin/python -c 'import mpi4py.MPI, torch, av, h5py, hydra; print("setup: ready,", "torch", torch.__version__, "| PyAV", av.__version__, "|", mpi4py.MPI.Get_library_version().splitlines()[0][:40])'
