@@ -29,10 +29,21 @@ class AreaConfig:
 
 
 @dataclass
+class QueueConfig:
+    """The Azure Storage Queue that Event Grid delivers the input container's BlobCreated
+    events to (``intake=queue``)."""
+
+    url: str | None = None  # the queue URL, e.g. https://ACCOUNT.queue.core.windows.net/videos-in-events
+    # Name of the environment variable holding its SAS token or connection string, as for an area.
+    credential_env: str | None = None
+
+
+@dataclass
 class StorageAreas:
     input: AreaConfig = field(default_factory=AreaConfig)
     output: AreaConfig = field(default_factory=AreaConfig)
     work: AreaConfig = field(default_factory=AreaConfig)  # state records, logs, quarantine
+    queue: QueueConfig = field(default_factory=QueueConfig)
 
 
 @dataclass
@@ -53,6 +64,15 @@ class WatchConfig:
     storage: StorageAreas = field(default_factory=StorageAreas)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
     workdir: str = "mpistyle-watch"  # shared filesystem when the runner is Slurm
+    # How a tick finds new videos. list: list the input area (and read each video's record) every
+    # tick. queue: read Event Grid's BlobCreated events from storage.queue (docs/watch.md), and
+    # list only every reconcile_every_s, for events that never came.
+    intake: str = "list"
+    queue_messages_per_tick: int = 32
+    # A video a tick could not finish (a job still running, a retry backing off): its message
+    # comes back after this long, for a later tick to carry it on.
+    queue_revisit_s: float = 60.0
+    reconcile_every_s: float = 3600.0
     # Failures that may be the input's fault (a bug, exit 1, or the time limit) before it is
     # quarantined; exit 3 quarantines at once, and anyone else's fault never counts.
     max_attempts: int = 3
@@ -92,19 +112,33 @@ def register() -> None:
 
 def credential_names(storage: DictConfig) -> set[str]:
     """Every variable that may hold a credential: never handed to a job, never in env_pass."""
-    return {*SECRET_VARIABLES, *(storage[area].credential_env for area in AREAS if storage[area].credential_env)}
+    named = [storage[area].credential_env for area in (*AREAS, "queue") if area in storage]
+    return {*SECRET_VARIABLES, *(name for name in named if name)}
 
 
 def check(cfg: DictConfig) -> None:
     """Checks on the watch config beyond types, each naming the override to fix."""
-    for area in AREAS:
+    for area in (*AREAS, "queue"):
         if "sig=" in (cfg.storage[area].url or "").lower():
             variable = cfg.storage[area].credential_env or f"MPISTYLE_{area.upper()}_CREDENTIAL"
             also = "" if cfg.storage[area].credential_env else f" and set storage.{area}.credential_env={variable}"
+            what = "queue URL" if area == "queue" else "container URL"
             raise ConfigError(
                 f"storage.{area}.url carries a SAS token, and a command line shows in ps and in systemd's unit status: "
-                f"give the container URL alone, put the SAS in the environment variable {variable}{also}"
+                f"give the {what} alone, put the SAS in the environment variable {variable}{also}"
             )
+    if cfg.intake not in ("list", "queue"):
+        raise ConfigError(f"intake must be list or queue, not {cfg.intake!r}")
+    if cfg.intake == "queue":
+        if cfg.storage.input.kind != "blob":
+            raise ConfigError("intake=queue reads Event Grid's events for a blob container: it needs storage=blob")
+        if not cfg.storage.queue.url:
+            raise ConfigError("intake=queue needs storage.queue.url, the URL of the queue Event Grid delivers to")
+        if not 1 <= cfg.queue_messages_per_tick <= 1000:
+            raise ConfigError(f"queue_messages_per_tick must be 1 to 1000, got {cfg.queue_messages_per_tick}")
+        for key in ("queue_revisit_s", "reconcile_every_s"):
+            if not cfg[key] >= 0:
+                raise ConfigError(f"{key} must be 0 or more, got {cfg[key]}")
     for key in ("job_time_limit_s", "tick_time_limit_s", "retry_backoff_s", "retry_backoff_max_s", "retry_alert"):
         if not cfg[key] > 0:  # also refuses nan
             raise ConfigError(f"{key} must be positive, got {cfg[key]}")

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeVar
 
 import hydra
 from omegaconf import DictConfig
@@ -54,7 +54,8 @@ from ..formats import VIDEO_SUFFIXES
 from ..report import public_report
 from ..secrets import redact
 from . import config as watch_config
-from .areas import Area, Entry, StateConflict, open_area
+from .areas import Area, BlobArea, Entry, StateConflict, open_area
+from .intake import Event, EventQueue, Message, Unusable, blob_created, read, revisited
 from .names import UnsafeName, is_job_key, job_name, output_name, shown, suffix_of
 from .runners import (
     DEFAULT_SBATCH_SCRIPT,
@@ -72,6 +73,7 @@ FINAL = ("done", "quarantined", "superseded", "abandoned")
 # Delivered beside each video, under its name plus these.
 _SIDE_FILES = (".report.json", ".preview.png")
 _BATCH_NAME = re.compile(r"[0-9a-f]{16}")  # workdir/batches/<name>/: a hash of its videos' keys
+T = TypeVar("T")
 
 
 def _now() -> str:
@@ -107,31 +109,155 @@ class Queued:
     held: ExitStack  # its heartbeat, and giving its claim up: closed once the tick is done with it
 
 
+@dataclass
+class Taken:
+    """A queue message this tick read, and what became of its video."""
+
+    message: Message
+    event: Event | None = None  # None: not an event this watcher acts on
+    key: str | None = None  # the video's job key; None: nothing to follow (ignored, or the blob is gone)
+    outcome: str = "ignored"
+
+
 class Watcher:
-    def __init__(self, cfg: DictConfig, areas: dict[str, Area], runner: Runner, owner: str | None = None) -> None:
+    def __init__(
+        self, cfg: DictConfig, areas: dict[str, Area], runner: Runner, owner: str | None = None,
+        intake: EventQueue | None = None,
+    ) -> None:
         self.cfg = cfg
         self.input, self.output, self.work = areas["input"], areas["output"], areas["work"]
         self.runner = runner
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
         self.workdir = Path(cfg.workdir).expanduser().absolute()
+        self.intake = intake
 
     def tick(self) -> dict[str, int]:
+        if self.intake is None:
+            entries = self.input.list()
+            outcomes = self._listed(entries, entries)
+        else:
+            outcomes = self._from_queue(self.intake)
+        self._sweep_batches()
+        counts = dict(Counter(outcome for outcome in outcomes if outcome != "queued"))
+        log.info("tick: %s", ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no input")
+        return counts
+
+    def _listed(self, entries: list[Entry], fresh: list[Entry]) -> list[str]:
+        """Carry on every video of ``fresh`` (some or all of the listing ``entries``), then sweep
+        the records whose input is no longer in ``entries``; returns the outcomes."""
         outcomes: list[str] = []
-        entries = self.input.list()
         # With max_batch > 1, the videos ready to start wait here (their claims held) and start
         # together, max_batch at a time; those taken before tick_time_limit_s start even past it.
         queue: list[Queued] | None = [] if self.cfg.max_batch > 1 else None
-        for entry in self._within_tick_limit(entries):
+        for entry in self._within_tick_limit(fresh):
             outcomes.append(self._guarded(entry.name, partial(self.advance, entry, queue)))
             if queue is not None and len(queue) >= self.cfg.max_batch:
                 outcomes += self._run_batch(queue)
         if queue:
             outcomes += self._run_batch(queue)
         outcomes += self._sweep(entries)
-        self._sweep_batches()
-        counts = dict(Counter(outcome for outcome in outcomes if outcome != "queued"))
-        log.info("tick: %s", ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no input")
-        return counts
+        return outcomes
+
+    # -- intake=queue ---------------------------------------------------------------------------
+
+    def _from_queue(self, intake: EventQueue) -> list[str]:
+        """A tick driven by Event Grid's events (:mod:`mpistyle.watch.intake`): a listing first
+        when one is due (:meth:`_reconcile`), then up to ``queue_messages_per_tick`` messages, each
+        one's video carried on as far as this tick can; a message is deleted once its video is
+        final (or it names nothing to do), and otherwise comes back after ``queue_revisit_s``."""
+        outcomes = self._reconcile()
+        messages = intake.receive(self.cfg.queue_messages_per_tick, self.cfg.lease_s)
+        taken: list[Taken] = []
+        queue: list[Queued] | None = [] if self.cfg.max_batch > 1 else None
+        with intake.keeping(self.cfg.lease_s) as held:
+            held.extend(messages)
+            for message in self._within_tick_limit(messages):
+                item = Taken(message)
+                item.outcome = self._guarded(f"queue message {message.id}", partial(self._take, item, queue))
+                taken.append(item)
+                if queue is not None and len(queue) >= self.cfg.max_batch:
+                    outcomes += self._run_batch(queue)
+            if queue:
+                outcomes += self._run_batch(queue)
+            for message in messages[len(taken) :]:  # past tick_time_limit_s: back at once, not counted against it
+                taken.append(Taken(message, outcome="later"))
+            for item in taken:
+                held.remove(item.message)
+                self._guarded(f"queue message {item.message.id}", partial(self._settle, intake, item))
+        return outcomes + [item.outcome for item in taken]
+
+    def _take(self, item: Taken, queue: list[Queued] | None) -> str:
+        """Carry on the video ``item``'s message names (its blob's current version: the event
+        may be a duplicate, older than the blob, or about a blob deleted since)."""
+        try:
+            item.event = read(item.message)
+            created = blob_created(item.event.event, _container_url(self.input), _prefix(self.input))
+        except Unusable as why:
+            log.warning("queue message %s ignored: %s", item.message.id, why)
+            return "ignored"
+        try:
+            entry = self.input.version(created.name)
+        except UnsafeName:
+            # Never read: quarantined by its name alone, as a listing would have it.
+            entry = Entry(created.name, created.etag or created.event_id, 0)
+        if entry is None:
+            log.info("%s: gone before its event was read", redact(shown(created.name)))
+            return "gone"
+        item.key = job_name(entry.name, entry.etag)
+        # Receives nobody accounted for: a watcher that died (or was killed) holding it.
+        lost = item.message.dequeue_count - 1 - item.event.revisits
+        poison = None
+        if lost >= self.cfg.max_attempts:
+            poison = (
+                f"the watcher stopped {lost} times while working on it (a crash, a kill or running out of memory)",
+                "look at the watcher's log around those times; upload it again once the cause is fixed",
+            )
+        return self.advance(entry, queue, poison)
+
+    def _settle(self, intake: EventQueue, item: Taken) -> str:
+        """Delete ``item``'s message once its video is final or it names nothing to follow;
+        otherwise make it visible again after ``queue_revisit_s``, its revisit counted. Returns
+        which ("deleted", "back", or "let go": another receive holds it now)."""
+        if item.outcome == "later":
+            try:
+                event = read(item.message)
+            except Unusable:
+                return "back"  # the next tick reads it, and ignores it
+            return "back" if intake.hide(item.message, 0, revisited(event)) else "let go"
+        if item.outcome in ("ignored", "gone") or item.event is None:
+            return "deleted" if intake.delete(item.message) else "let go"
+        if item.key is not None:
+            found = self.work.read_json(f"state/{item.key}.json")
+            if found is not None and found[0].get("step") in FINAL:
+                return "deleted" if intake.delete(item.message) else "let go"
+        # Not final, or not even looked up (storage failed): a later tick tries again.
+        return "back" if intake.hide(item.message, self.cfg.queue_revisit_s, revisited(item.event)) else "let go"
+
+    def _reconcile(self) -> list[str]:
+        """Every ``reconcile_every_s``, list the input as ``intake=list`` does, for events that
+        never came (an upload before the subscription, an event Event Grid gave up on) and for
+        the sweep. Only the blobs written since the last listing (less ``lease_s`` for clocks)
+        are carried on: an older one was listed then, or its message follows it."""
+        record = "intake/reconciled.json"
+        found = self.work.read_json(record)
+        last = float(found[0].get("listed_at", 0)) if found else 0.0
+        if found and time.time() - last < self.cfg.reconcile_every_s:
+            return []
+        started = time.time()
+        entries = self.input.list()
+        since_ns = int((last - self.cfg.lease_s) * 1e9) if last else 0
+        fresh = [entry for entry in entries if entry.modified >= since_ns]
+        log.info("reconciling: %d blob(s) listed, %d written since the last listing", len(entries), len(fresh))
+        outcomes = self._listed(entries, fresh)
+        data = {"listed_at": started, "by": self.owner, "at": _now()}
+        try:
+            if found is None:
+                self.work.create_json(record, data)
+            else:
+                self.work.replace_json(record, data, found[1])
+        except StateConflict:
+            pass  # another watcher listed at the same time
+        return outcomes
 
     def _guarded(self, name: str, work: Callable[[], str]) -> str:
         """``work``'s outcome for the video ``name``, or "error", logged: one bad video (name,
@@ -142,10 +268,10 @@ class Watcher:
             log.error("%s: %s", redact(shown(name)), redact(first_line(err)))
             return "error"
 
-    def _within_tick_limit(self, entries: list[Entry]) -> Iterator[Entry]:
-        """The tick's videos until ``tick_time_limit_s`` has passed, then no more (the first is
-        always taken, so every tick moves something): a long backlog, or slow storage, must not
-        hold the tick, and the tick script's lock, for hours."""
+    def _within_tick_limit(self, entries: list[T]) -> Iterator[T]:
+        """The tick's videos (or messages) until ``tick_time_limit_s`` has passed, then no more
+        (the first is always taken, so every tick moves something): a long backlog, or slow
+        storage, must not hold the tick, and the tick script's lock, for hours."""
         deadline = time.monotonic() + self.cfg.tick_time_limit_s
         for index, entry in enumerate(entries):
             if index and time.monotonic() > deadline:
@@ -156,9 +282,10 @@ class Watcher:
 
     # -- one video ------------------------------------------------------------------------------
 
-    def advance(self, entry: Entry, queue: list[Queued] | None = None) -> str:
+    def advance(self, entry: Entry, queue: list[Queued] | None = None, poison: tuple[str, str] | None = None) -> str:
         """Move the video on as far as this tick can. With ``queue``, a video ready to start is
-        put on it instead, its claim still held, for :meth:`_run_batch` ("queued")."""
+        put on it instead, its claim still held, for :meth:`_run_batch` ("queued"). With
+        ``poison`` (a reason and what to do), it is quarantined instead, once claimed."""
         key = job_name(entry.name, entry.etag)
         record = f"state/{key}.json"
         lease_until = time.time() + self.cfg.lease_s
@@ -194,7 +321,7 @@ class Watcher:
             held.callback(self._release, claim)
             held.enter_context(self._heartbeat(claim))
             try:
-                refusal = self._refusal(entry)
+                refusal = poison or self._refusal(entry)
                 if refusal is not None:
                     # Never downloaded: neither its bytes nor its name go anywhere but quarantine.
                     reason, what_to_do = refusal
@@ -699,6 +826,16 @@ class Watcher:
             thread.join()
 
 
+def _container_url(area: Area) -> str:
+    if not isinstance(area, BlobArea):
+        raise ConfigError("intake=queue needs the input area in blob storage (storage=blob)")
+    return str(area.client.url)
+
+
+def _prefix(area: Area) -> str:
+    return str(getattr(area, "prefix", ""))
+
+
 def _video_error(path: Path) -> tuple[int, str] | None:
     """A batch job's verdict on one video that failed alone (``<output>.error.json``): its exit
     code and one-line reason, or None if there is none (or it is unreadable)."""
@@ -736,7 +873,8 @@ def _hydra_main(cfg: DictConfig) -> None:
     try:
         watch_config.check(cfg)
         areas = {label: open_area(label, cfg.storage[label]) for label in watch_config.AREAS}
-        counts = Watcher(cfg, areas, make_runner(cfg)).tick()
+        intake = EventQueue(cfg.storage.queue.url, cfg.storage.queue.credential_env) if cfg.intake == "queue" else None
+        counts = Watcher(cfg, areas, make_runner(cfg), intake=intake).tick()
     except MpistyleError as err:
         log.error("error: %s", redact(first_line(err)))
         sys.exit(err.exit_code)
