@@ -142,8 +142,13 @@ class BlobArea:
 
     def list(self, prefix: str = "") -> list[Entry]:
         """Every blob whose name starts with ``prefix``, even names the watcher will refuse."""
+        from azure.core.exceptions import ResourceNotFoundError
+
         start = self.prefix + prefix
-        blobs = self._call("list blobs", lambda: list(self.client.list_blobs(name_starts_with=start or None)))
+        try:
+            blobs = self._call("list blobs", lambda: list(self.client.list_blobs(name_starts_with=start or None)))
+        except ResourceNotFoundError:
+            raise StorageError(f"{self.label} storage: its container does not exist (storage.{self.label}.url)") from None
         return [
             Entry(b.name[len(self.prefix) :], b.etag, b.size, _ns(b.last_modified)) for b in blobs if not b.name.endswith("/")
         ]

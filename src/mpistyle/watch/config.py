@@ -96,6 +96,10 @@ class WatchConfig:
     # After this many such failures in a row the video is still retried (never quarantined for
     # someone else's fault), but each tick logs an error and exits 9, so monitoring sees it.
     retry_alert: int = 5
+    # mpistyle-watch status exits 10 (stuck) for a record on its way (claimed, staged, submitted,
+    # finished) that has not changed step for this long: more than job_time_limit_s plus the
+    # longest a job may wait in the Slurm queue, so a long job is not taken for a stuck one.
+    stuck_after_s: float = 12 * 3600.0
     job_overrides: list[str] = field(default_factory=list)  # Hydra overrides for every job
     delete_inputs: bool = False  # delete an input once done or quarantined (needs delete rights)
     # A state record whose input version is no longer listed (deleted, or replaced by a new
@@ -139,7 +143,8 @@ def check(cfg: DictConfig) -> None:
         for key in ("queue_revisit_s", "reconcile_every_s"):
             if not cfg[key] >= 0:
                 raise ConfigError(f"{key} must be 0 or more, got {cfg[key]}")
-    for key in ("job_time_limit_s", "tick_time_limit_s", "retry_backoff_s", "retry_backoff_max_s", "retry_alert"):
+    for key in ("job_time_limit_s", "tick_time_limit_s", "retry_backoff_s", "retry_backoff_max_s", "retry_alert",
+                "stuck_after_s"):
         if not cfg[key] > 0:  # also refuses nan
             raise ConfigError(f"{key} must be positive, got {cfg[key]}")
     if not cfg.max_batch >= 1:

@@ -23,6 +23,8 @@ With ``max_batch`` > 1, the videos of a tick that are ready to start run togethe
 ``max_batch`` at a time, as one batch job (``inputs=`` a JSONL file in ``workdir/batches/``):
 each record still moves on its own, by its own outcome in the batch (its output, or its
 ``.error.json``), so a poison video is quarantined while the others of its batch are delivered.
+
+``mpistyle-watch status`` reads the records and says which are stuck (:mod:`mpistyle.watch.status`).
 """
 from __future__ import annotations
 
@@ -69,6 +71,7 @@ from .runners import (
 )
 
 log = logging.getLogger("mpistyle.watch")
+STEPS = ("claimed", "staged", "submitted", "finished")  # on the way; a record in one is advanced by ticks
 FINAL = ("done", "quarantined", "superseded", "abandoned")
 # Delivered beside each video, under its name plus these.
 _SIDE_FILES = (".report.json", ".preview.png")
@@ -78,6 +81,15 @@ T = TypeVar("T")
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def backing_off(data: dict[str, Any], retry_alert: int, now: float) -> str | None:
+    """For a record waiting out its backoff after a job failure that was not its input's fault:
+    "waiting", or "stuck" once ``retry_alert`` such failures came in a row (a tick exits 9 for
+    it, and ``mpistyle-watch status`` counts it stuck); None for any other record."""
+    if data["step"] != "staged" or not data.get("retry_after", 0) > now:
+        return None
+    return "stuck" if data.get("retries", 0) >= retry_alert else "waiting"
 
 
 @dataclass
@@ -306,9 +318,9 @@ class Watcher:
             if data["step"] in FINAL:
                 self._clean_local(key)
                 return data["step"]
-            if data["step"] == "staged" and data.get("retry_after", 0) > time.time():
-                # Backing off after a failure that was not the input's: no claim, no write.
-                return "stuck" if data.get("retries", 0) >= self.cfg.retry_alert else "waiting"
+            waiting = backing_off(data, self.cfg.retry_alert, time.time())
+            if waiting is not None:
+                return waiting  # no claim, no write
             if data["owner"] != self.owner and data["lease_until"] > time.time():
                 return "busy"  # another watcher is working on it right now (a Slurm job it
                 # handed over has lease 0: anyone may follow that)
@@ -884,6 +896,11 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["status"]:
+        # Before Hydra, which would take "status" and the flags for overrides of its own.
+        from .status import main as status_main
+
+        status_main(sys.argv[2:])  # exits
     from ..cli import check_overrides
 
     watch_config.register()
