@@ -23,6 +23,9 @@ With ``max_batch`` > 1, the videos of a tick that are ready to start run togethe
 ``max_batch`` at a time, as one batch job (``inputs=`` a JSONL file in ``workdir/batches/``):
 each record still moves on its own, by its own outcome in the batch (its output, or its
 ``.error.json``), so a poison video is quarantined while the others of its batch are delivered.
+
+With ``every=SECONDS`` the process ticks in a loop instead (:func:`tick_every`), the one that
+serves the Prometheus endpoint of its metrics (:mod:`mpistyle.watch.metrics`).
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import sys
 import threading
@@ -54,6 +58,7 @@ from ..formats import VIDEO_SUFFIXES
 from ..report import public_report
 from ..secrets import redact
 from . import config as watch_config
+from . import metrics as watch_metrics
 from .areas import Area, Entry, StateConflict, open_area
 from .names import UnsafeName, is_job_key, job_name, output_name, shown, suffix_of
 from .runners import (
@@ -108,14 +113,28 @@ class Queued:
 
 
 class Watcher:
-    def __init__(self, cfg: DictConfig, areas: dict[str, Area], runner: Runner, owner: str | None = None) -> None:
+    def __init__(
+        self, cfg: DictConfig, areas: dict[str, Area], runner: Runner, owner: str | None = None,
+        metrics: watch_metrics.WatchMetrics | None = None,
+    ) -> None:
         self.cfg = cfg
         self.input, self.output, self.work = areas["input"], areas["output"], areas["work"]
         self.runner = runner
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
         self.workdir = Path(cfg.workdir).expanduser().absolute()
+        self.metrics = metrics or watch_metrics.WatchMetrics()
 
     def tick(self) -> dict[str, int]:
+        """Move every listed video on; returns how many had each outcome."""
+        try:
+            return self._tick()
+        except MpistyleError:
+            self.metrics.errors.add(1)  # the whole tick failed (a listing): storage or scheduler trouble
+            raise
+
+    def _tick(self) -> dict[str, int]:
+        began = time.monotonic()
+        self.metrics.tick_started()
         outcomes: list[str] = []
         entries = self.input.list()
         # With max_batch > 1, the videos ready to start wait here (their claims held) and start
@@ -127,9 +146,13 @@ class Watcher:
                 outcomes += self._run_batch(queue)
         if queue:
             outcomes += self._run_batch(queue)
+        listed = [outcome for outcome in outcomes if outcome != "queued"]  # one for each video reached
         outcomes += self._sweep(entries)
         self._sweep_batches()
         counts = dict(Counter(outcome for outcome in outcomes if outcome != "queued"))
+        self.metrics.errors.add(counts.get("error", 0))
+        self.metrics.tick_ended(time.monotonic() - began, pending=[outcome for outcome in listed if outcome not in FINAL],
+                                unreached=len(entries) - len(listed))
         log.info("tick: %s", ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no input")
         return counts
 
@@ -173,6 +196,7 @@ class Watcher:
             if etag is None:
                 return "taken"  # another watcher created it a moment ago
             claim = Claim(self.work, record, data, etag)
+            self.metrics.claimed.add(1)
             log.info("%s: claimed as %s", redact(shown(entry.name)), key)
         else:
             data, etag = existing
@@ -198,7 +222,7 @@ class Watcher:
                 if refusal is not None:
                     # Never downloaded: neither its bytes nor its name go anywhere but quarantine.
                     reason, what_to_do = refusal
-                    self._quarantine(claim, entry, key, reason, None, what_to_do)
+                    self._quarantine(claim, entry, key, reason, None, what_to_do, cause="name")
                     self._clean_local(key)
                     return claim.data["step"]
                 outcome = self._run_steps(claim, entry, key, batching=queue is not None)
@@ -266,7 +290,7 @@ class Watcher:
         attempts = claim.data["attempts"]  # failures that may be the input's fault
         if attempts >= self.cfg.max_attempts:
             reason = f"failed {attempts} times, the last: {claim.data.get('failure', 'unknown')}"
-            self._quarantine(claim, entry, key, reason, claim.data.get("exit_code"))
+            self._quarantine(claim, entry, key, reason, claim.data.get("exit_code"), cause="attempts")
             return None
         if claim.data.get("retry_after", 0) > time.time():
             return "waiting"
@@ -275,6 +299,8 @@ class Watcher:
         job = self._job(key, entry)
         claim.update(step="submitted", job=None, batch=None, submitted_at=time.time(), started_by=self.owner)
         handle = self.runner.start(job)
+        self.metrics.attempts.add(1)
+        self.metrics.job_running(handle)
         claim.update(job=handle)
         log.info("%s: attempt %d started as %s", redact(shown(entry.name)), attempts + 1, handle)
         return None
@@ -295,8 +321,10 @@ class Watcher:
             log.info("%s: following %s, started by %s", redact(shown(entry.name)), handle, claim.data.get("started_by"))
         status = self.runner.wait(handle, job, claim.data.get("submitted_at"))
         if status.state == "running":
+            self.metrics.job_running(handle)
             claim.update(lease_until=0)  # anyone may follow the job from here
             return "running"
+        self.metrics.job_ended(handle)
         if batch:
             return self._batch_ended(claim, entry, key, status)
         if status.state == "lost" and (self.workdir / key / "output.mp4.report.json").is_file():
@@ -319,6 +347,7 @@ class Watcher:
         if status.state == "done" or status.exit_code == SomeVideosFailed.exit_code:
             status = JobStatus("lost", detail="its batch job ended without its output or its error file")
         if blame(status) != "elsewhere":
+            self.metrics.failures.add(1, {"fault": blame(status)})
             # A crash or the time limit of the whole job may be any one video's doing (or the
             # length of all of them together): held against none; each runs alone next, and a
             # failure there counts.
@@ -335,9 +364,10 @@ class Watcher:
             claim.update(step="finished", exit_code=0)
             return None
         fault = blame(status)
+        self.metrics.failures.add(1, {"fault": fault})
         failure = f"{meaning(status)}: {error}" if error else meaning(status)
         if fault == "input":
-            self._quarantine(claim, entry, key, failure, status.exit_code)
+            self._quarantine(claim, entry, key, failure, status.exit_code, cause="input")
             return None
         if fault == "attempt":
             attempts = claim.data["attempts"] + 1
@@ -429,6 +459,8 @@ class Watcher:
             for member in members:  # an earlier batch's verdict, never to be taken for this one's
                 (self.workdir / member.key / "output.mp4.error.json").unlink(missing_ok=True)
         handle = self.runner.start(job)
+        self.metrics.attempts.add(len(members))
+        self.metrics.job_running(handle)
         members = self._record_all(members, job=handle)
         for member in members:
             log.info("%s: attempt %d started as %s%s", redact(shown(member.entry.name)), member.claim.data["attempts"] + 1,
@@ -522,7 +554,7 @@ class Watcher:
             other = redact(shown(str(held[0].get("input"))))
             self._quarantine(
                 claim, entry, key, f"its output name {redact(shown(target))} is already taken by the input {other}", None,
-                "rename one of the two inputs and upload it again",
+                "rename one of the two inputs and upload it again", cause="output_name",
             )
             return
         newer = self._newer_upload(entry, held[0] if held else None)
@@ -546,6 +578,9 @@ class Watcher:
         self.output.upload(target, local / "output.mp4")
         self._upload_logs(key, self._job_folder(claim, key))
         claim.update(step="done", output=target)
+        self.metrics.done.add(1)
+        if report is not None:
+            self.metrics.delivered(json.loads(report.read_text()))  # the public one: what a user sees too
         log.info("%s: done -> %s", redact(shown(entry.name)), redact(shown(target)))
         if self.cfg.delete_inputs:
             self.input.delete(entry.name, entry.etag)
@@ -584,8 +619,10 @@ class Watcher:
 
     def _quarantine(
         self, claim: Claim, entry: Entry, key: str, reason: str, exit_code: int | None,
-        what_to_do: str = "fix or replace the input and upload it again (a new upload is a new job)",
+        what_to_do: str = "fix or replace the input and upload it again (a new upload is a new job)", *, cause: str,
     ) -> None:
+        """Copy the input (where this host has it) and a record a person can read to quarantine;
+        ``cause`` is the reason in one word, for the metrics."""
         local = self.workdir / key
         copy = self._input_copy(key, entry.name)
         kept = copy.is_file()
@@ -611,6 +648,7 @@ class Watcher:
         self.work.upload(f"quarantine/{key}/error.json", error_file)
         self._upload_logs(key, self._job_folder(claim, key))
         claim.update(step="quarantined", reason=reason, exit_code=exit_code)
+        self.metrics.quarantined.add(1, {"reason": cause})
         log.warning("%s: quarantined (%s)", redact(shown(entry.name)), redact(reason))
         if self.cfg.delete_inputs and kept:
             # Only once its copy is in quarantine: a name refused unread (not a video name, or
@@ -728,6 +766,25 @@ def make_runner(cfg: DictConfig) -> Runner:
     raise ConfigError(f"runner.kind must be local or slurm, not {runner.kind!r}")
 
 
+def tick_every(watcher: Watcher, seconds: float) -> None:
+    """Tick until SIGTERM or SIGINT, each tick starting ``seconds`` after the last began (at
+    once if it took longer). A tick that fails as a whole (storage down) is logged and counted,
+    and the next one tries again."""
+    # SIGTERM (systemctl stop, kill) stops it as Ctrl-C does: the tick under way gives its claims
+    # up (its jobs run on, to be followed, as a killed watcher's are) and the last figures go out.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        while True:
+            began = time.monotonic()
+            try:
+                watcher.tick()
+            except MpistyleError as err:
+                log.error("tick: %s", redact(first_line(err)))
+            time.sleep(max(0.0, began + seconds - time.monotonic()))
+    except KeyboardInterrupt:
+        log.info("stopped")
+
+
 @hydra.main(config_path="pkg://mpistyle.configs", config_name="watch", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [mpistyle-watch] %(levelname)s %(message)s", stream=sys.stderr)
@@ -736,7 +793,13 @@ def _hydra_main(cfg: DictConfig) -> None:
     try:
         watch_config.check(cfg)
         areas = {label: open_area(label, cfg.storage[label]) for label in watch_config.AREAS}
-        counts = Watcher(cfg, areas, make_runner(cfg)).tick()
+        runner = make_runner(cfg)
+        with watch_metrics.exported(cfg) as metrics:
+            watcher = Watcher(cfg, areas, runner, metrics=metrics)
+            if cfg.every is not None:
+                tick_every(watcher, cfg.every)
+                return
+            counts = watcher.tick()
     except MpistyleError as err:
         log.error("error: %s", redact(first_line(err)))
         sys.exit(err.exit_code)
