@@ -60,9 +60,31 @@ class RunnerConfig:
 
 
 @dataclass
+class MetricsConfig:
+    """Where the watcher's OpenTelemetry figures go (see mpistyle.watch.metrics). Azure Monitor
+    is configured by APPLICATIONINSIGHTS_CONNECTION_STRING in the environment alone: the
+    connection string holds the resource's key, and no config may carry a secret."""
+
+    # Serve Prometheus' /metrics on this port, for as long as the watcher runs: with every= only
+    # (a cron tick lives seconds, too short to be scraped). null: no endpoint.
+    prometheus_port: int | None = None
+    # Loopback by default: scraped from this host (or through a tunnel or an agent); 0.0.0.0 or
+    # a host address serves it to the network, unauthenticated.
+    prometheus_address: str = "127.0.0.1"
+    # How often a watcher ticking in a loop pushes to Azure Monitor (a cron tick pushes once, as
+    # it ends).
+    export_interval_s: float = 60.0
+
+
+@dataclass
 class WatchConfig:
     storage: StorageAreas = field(default_factory=StorageAreas)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    # null: one tick, then exit (cron, a systemd timer, scrontab). A number: tick in a loop, each
+    # tick starting that many seconds after the last began (at once if it took longer), until
+    # SIGTERM or SIGINT; the process that serves metrics.prometheus_port.
+    every: float | None = None
     workdir: str = "mpistyle-watch"  # shared filesystem when the runner is Slurm
     # How a tick finds new videos. list: list the input area (and read each video's record) every
     # tick. queue: read Event Grid's BlobCreated events from storage.queue (docs/watch.md), and
@@ -149,6 +171,19 @@ def check(cfg: DictConfig) -> None:
             raise ConfigError(f"{key} must be positive, got {cfg[key]}")
     if not cfg.max_batch >= 1:
         raise ConfigError(f"max_batch must be 1 or more (1 runs a job of its own per video), got {cfg.max_batch}")
+    if cfg.every is not None and not cfg.every > 0:
+        raise ConfigError(f"every must be a number of seconds above 0 (or null: one tick), got {cfg.every}")
+    if not cfg.metrics.export_interval_s > 0:
+        raise ConfigError(f"metrics.export_interval_s must be positive, got {cfg.metrics.export_interval_s}")
+    port = cfg.metrics.prometheus_port
+    if port is not None:
+        if not 0 < port < 65536:
+            raise ConfigError(f"metrics.prometheus_port must be a TCP port (1-65535), got {port}")
+        if cfg.every is None:
+            raise ConfigError(
+                "metrics.prometheus_port serves /metrics only while the watcher runs, and one tick lives too short to "
+                "be scraped: add every=60 (tick in a loop, under systemd or a supervisor), or leave the port out"
+            )
     if not cfg.job_kill_grace_s >= 0:
         raise ConfigError(f"job_kill_grace_s must be 0 or more, got {cfg.job_kill_grace_s}")
     credentials = credential_names(cfg.storage)

@@ -48,13 +48,15 @@ _JOB_ENV = frozenset({
 _JOB_ENV_PREFIXES = ("LC_", "OMPI_", "PMIX_", "TORCHINDUCTOR_", "MPISTYLE_", "SBATCH_", "UCX_", "NCCL_", "FI_")
 _CREDENTIAL_NAME = re.compile(r"MPISTYLE_\w*_CREDENTIAL")  # the storage areas' default credential variables
 # Never handed to a job, whatever the area configs name: the jobs only need local paths.
-# Credentials of the Azure SDK and of Azure's managed identity. The job environment is an
+# Credentials of the Azure SDK and of Azure's managed identity, and the Application Insights
+# connection string (or bare key) the watcher's metrics use. The job environment is an
 # allow-list that keeps them (and any other) out anyway; these names are also refused in
 # runner.env_pass, with every storage.*.credential_env.
 SECRET_VARIABLES = (
     "AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_KEY", "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_SAS_TOKEN",
     "AZURE_CLIENT_SECRET", "AZURE_CLIENT_CERTIFICATE_PASSWORD", "AZURE_CLIENT_CERTIFICATE_PATH", "AZURE_PASSWORD",
     "AZURE_FEDERATED_TOKEN_FILE", "IDENTITY_HEADER", "IDENTITY_ENDPOINT", "MSI_SECRET", "MSI_ENDPOINT",
+    "APPLICATIONINSIGHTS_CONNECTION_STRING", "APPINSIGHTS_INSTRUMENTATIONKEY",
 )
 
 

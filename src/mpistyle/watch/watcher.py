@@ -25,6 +25,10 @@ each record still moves on its own, by its own outcome in the batch (its output,
 ``.error.json``), so a poison video is quarantined while the others of its batch are delivered.
 
 ``mpistyle-watch status`` reads the records and says which are stuck (:mod:`mpistyle.watch.status`).
+With ``every=SECONDS`` the process ticks in a loop instead (:func:`tick_every`), the one that
+serves the Prometheus endpoint of its metrics (:mod:`mpistyle.watch.metrics`). With
+``intake=queue`` a tick takes the videos Event Grid's events name instead of listing the input
+(:mod:`mpistyle.watch.intake`).
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import sys
 import threading
@@ -56,6 +61,7 @@ from ..formats import VIDEO_SUFFIXES
 from ..report import public_report
 from ..secrets import redact
 from . import config as watch_config
+from . import metrics as watch_metrics
 from .areas import Area, BlobArea, Entry, StateConflict, open_area
 from .intake import Event, EventQueue, Message, Unusable, blob_created, read, revisited
 from .names import UnsafeName, is_job_key, job_name, output_name, shown, suffix_of
@@ -134,7 +140,7 @@ class Taken:
 class Watcher:
     def __init__(
         self, cfg: DictConfig, areas: dict[str, Area], runner: Runner, owner: str | None = None,
-        intake: EventQueue | None = None,
+        intake: EventQueue | None = None, metrics: watch_metrics.WatchMetrics | None = None,
     ) -> None:
         self.cfg = cfg
         self.input, self.output, self.work = areas["input"], areas["output"], areas["work"]
@@ -142,21 +148,38 @@ class Watcher:
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
         self.workdir = Path(cfg.workdir).expanduser().absolute()
         self.intake = intake
+        self.metrics = metrics or watch_metrics.WatchMetrics()
 
     def tick(self) -> dict[str, int]:
+        """Move the videos on (every one listed, or those the queue's events name); returns how
+        many had each outcome."""
+        try:
+            return self._tick()
+        except MpistyleError:
+            self.metrics.errors.add(1)  # the whole tick failed (a listing): storage or scheduler trouble
+            raise
+
+    def _tick(self) -> dict[str, int]:
+        began = time.monotonic()
+        self.metrics.tick_started()
         if self.intake is None:
             entries = self.input.list()
-            outcomes = self._listed(entries, entries)
+            reached, swept = self._listed(entries, entries)
+            unreached = len(entries) - len(reached)
         else:
-            outcomes = self._from_queue(self.intake)
+            reached, swept, unreached = self._from_queue(self.intake)
         self._sweep_batches()
-        counts = dict(Counter(outcome for outcome in outcomes if outcome != "queued"))
+        counts = dict(Counter(reached + swept))
+        self.metrics.errors.add(counts.get("error", 0))
+        pending = [outcome for outcome in reached if outcome not in (*FINAL, "ignored", "gone")]
+        self.metrics.tick_ended(time.monotonic() - began, pending=pending, unreached=unreached)
         log.info("tick: %s", ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no input")
         return counts
 
-    def _listed(self, entries: list[Entry], fresh: list[Entry]) -> list[str]:
+    def _listed(self, entries: list[Entry], fresh: list[Entry]) -> tuple[list[str], list[str]]:
         """Carry on every video of ``fresh`` (some or all of the listing ``entries``), then sweep
-        the records whose input is no longer in ``entries``; returns the outcomes."""
+        the records whose input is no longer in ``entries``; returns the outcomes of the videos
+        reached, and the sweep's."""
         outcomes: list[str] = []
         # With max_batch > 1, the videos ready to start wait here (their claims held) and start
         # together, max_batch at a time; those taken before tick_time_limit_s start even past it.
@@ -167,17 +190,18 @@ class Watcher:
                 outcomes += self._run_batch(queue)
         if queue:
             outcomes += self._run_batch(queue)
-        outcomes += self._sweep(entries)
-        return outcomes
+        return [outcome for outcome in outcomes if outcome != "queued"], list(self._sweep(entries))
 
     # -- intake=queue ---------------------------------------------------------------------------
 
-    def _from_queue(self, intake: EventQueue) -> list[str]:
+    def _from_queue(self, intake: EventQueue) -> tuple[list[str], list[str], int]:
         """A tick driven by Event Grid's events (:mod:`mpistyle.watch.intake`): a listing first
         when one is due (:meth:`_reconcile`), then up to ``queue_messages_per_tick`` messages, each
         one's video carried on as far as this tick can; a message is deleted once its video is
-        final (or it names nothing to do), and otherwise comes back after ``queue_revisit_s``."""
-        outcomes = self._reconcile()
+        final (or it names nothing to do), and otherwise comes back after ``queue_revisit_s``.
+        Returns the outcomes of the videos reached, the sweep's, and how many messages wait for
+        a later tick (this one past ``tick_time_limit_s``)."""
+        outcomes, swept = self._reconcile()
         messages = intake.receive(self.cfg.queue_messages_per_tick, self.cfg.lease_s)
         taken: list[Taken] = []
         queue: list[Queued] | None = [] if self.cfg.max_batch > 1 else None
@@ -196,7 +220,8 @@ class Watcher:
             for item in taken:
                 held.remove(item.message)
                 self._guarded(f"queue message {item.message.id}", partial(self._settle, intake, item))
-        return outcomes + [item.outcome for item in taken]
+        reached = outcomes + [item.outcome for item in taken if item.outcome not in ("queued", "later")]
+        return [outcome for outcome in reached if outcome != "queued"], swept, sum(item.outcome == "later" for item in taken)
 
     def _take(self, item: Taken, queue: list[Queued] | None) -> str:
         """Carry on the video ``item``'s message names (its blob's current version: the event
@@ -245,7 +270,7 @@ class Watcher:
         # Not final, or not even looked up (storage failed): a later tick tries again.
         return "back" if intake.hide(item.message, self.cfg.queue_revisit_s, revisited(item.event)) else "let go"
 
-    def _reconcile(self) -> list[str]:
+    def _reconcile(self) -> tuple[list[str], list[str]]:
         """Every ``reconcile_every_s``, list the input as ``intake=list`` does, for events that
         never came (an upload before the subscription, an event Event Grid gave up on) and for
         the sweep. Only the blobs written since the last listing (less ``lease_s`` for clocks)
@@ -254,7 +279,7 @@ class Watcher:
         found = self.work.read_json(record)
         last = float(found[0].get("listed_at", 0)) if found else 0.0
         if found and time.time() - last < self.cfg.reconcile_every_s:
-            return []
+            return [], []
         started = time.time()
         entries = self.input.list()
         since_ns = int((last - self.cfg.lease_s) * 1e9) if last else 0
@@ -312,6 +337,7 @@ class Watcher:
             if etag is None:
                 return "taken"  # another watcher created it a moment ago
             claim = Claim(self.work, record, data, etag)
+            self.metrics.claimed.add(1)
             log.info("%s: claimed as %s", redact(shown(entry.name)), key)
         else:
             data, etag = existing
@@ -337,7 +363,7 @@ class Watcher:
                 if refusal is not None:
                     # Never downloaded: neither its bytes nor its name go anywhere but quarantine.
                     reason, what_to_do = refusal
-                    self._quarantine(claim, entry, key, reason, None, what_to_do)
+                    self._quarantine(claim, entry, key, reason, None, what_to_do, cause="name")
                     self._clean_local(key)
                     return claim.data["step"]
                 outcome = self._run_steps(claim, entry, key, batching=queue is not None)
@@ -405,7 +431,7 @@ class Watcher:
         attempts = claim.data["attempts"]  # failures that may be the input's fault
         if attempts >= self.cfg.max_attempts:
             reason = f"failed {attempts} times, the last: {claim.data.get('failure', 'unknown')}"
-            self._quarantine(claim, entry, key, reason, claim.data.get("exit_code"))
+            self._quarantine(claim, entry, key, reason, claim.data.get("exit_code"), cause="attempts")
             return None
         if claim.data.get("retry_after", 0) > time.time():
             return "waiting"
@@ -414,6 +440,8 @@ class Watcher:
         job = self._job(key, entry)
         claim.update(step="submitted", job=None, batch=None, submitted_at=time.time(), started_by=self.owner)
         handle = self.runner.start(job)
+        self.metrics.attempts.add(1)
+        self.metrics.job_running(handle)
         claim.update(job=handle)
         log.info("%s: attempt %d started as %s", redact(shown(entry.name)), attempts + 1, handle)
         return None
@@ -434,8 +462,10 @@ class Watcher:
             log.info("%s: following %s, started by %s", redact(shown(entry.name)), handle, claim.data.get("started_by"))
         status = self.runner.wait(handle, job, claim.data.get("submitted_at"))
         if status.state == "running":
+            self.metrics.job_running(handle)
             claim.update(lease_until=0)  # anyone may follow the job from here
             return "running"
+        self.metrics.job_ended(handle)
         if batch:
             return self._batch_ended(claim, entry, key, status)
         if status.state == "lost" and (self.workdir / key / "output.mp4.report.json").is_file():
@@ -458,6 +488,7 @@ class Watcher:
         if status.state == "done" or status.exit_code == SomeVideosFailed.exit_code:
             status = JobStatus("lost", detail="its batch job ended without its output or its error file")
         if blame(status) != "elsewhere":
+            self.metrics.failures.add(1, {"fault": blame(status)})
             # A crash or the time limit of the whole job may be any one video's doing (or the
             # length of all of them together): held against none; each runs alone next, and a
             # failure there counts.
@@ -474,9 +505,10 @@ class Watcher:
             claim.update(step="finished", exit_code=0)
             return None
         fault = blame(status)
+        self.metrics.failures.add(1, {"fault": fault})
         failure = f"{meaning(status)}: {error}" if error else meaning(status)
         if fault == "input":
-            self._quarantine(claim, entry, key, failure, status.exit_code)
+            self._quarantine(claim, entry, key, failure, status.exit_code, cause="input")
             return None
         if fault == "attempt":
             attempts = claim.data["attempts"] + 1
@@ -568,6 +600,8 @@ class Watcher:
             for member in members:  # an earlier batch's verdict, never to be taken for this one's
                 (self.workdir / member.key / "output.mp4.error.json").unlink(missing_ok=True)
         handle = self.runner.start(job)
+        self.metrics.attempts.add(len(members))
+        self.metrics.job_running(handle)
         members = self._record_all(members, job=handle)
         for member in members:
             log.info("%s: attempt %d started as %s%s", redact(shown(member.entry.name)), member.claim.data["attempts"] + 1,
@@ -661,7 +695,7 @@ class Watcher:
             other = redact(shown(str(held[0].get("input"))))
             self._quarantine(
                 claim, entry, key, f"its output name {redact(shown(target))} is already taken by the input {other}", None,
-                "rename one of the two inputs and upload it again",
+                "rename one of the two inputs and upload it again", cause="output_name",
             )
             return
         newer = self._newer_upload(entry, held[0] if held else None)
@@ -685,6 +719,9 @@ class Watcher:
         self.output.upload(target, local / "output.mp4")
         self._upload_logs(key, self._job_folder(claim, key))
         claim.update(step="done", output=target)
+        self.metrics.done.add(1)
+        if report is not None:
+            self.metrics.delivered(json.loads(report.read_text()))  # the public one: what a user sees too
         log.info("%s: done -> %s", redact(shown(entry.name)), redact(shown(target)))
         if self.cfg.delete_inputs:
             self.input.delete(entry.name, entry.etag)
@@ -723,8 +760,10 @@ class Watcher:
 
     def _quarantine(
         self, claim: Claim, entry: Entry, key: str, reason: str, exit_code: int | None,
-        what_to_do: str = "fix or replace the input and upload it again (a new upload is a new job)",
+        what_to_do: str = "fix or replace the input and upload it again (a new upload is a new job)", *, cause: str,
     ) -> None:
+        """Copy the input (where this host has it) and a record a person can read to quarantine;
+        ``cause`` is the reason in one word, for the metrics."""
         local = self.workdir / key
         copy = self._input_copy(key, entry.name)
         kept = copy.is_file()
@@ -750,6 +789,7 @@ class Watcher:
         self.work.upload(f"quarantine/{key}/error.json", error_file)
         self._upload_logs(key, self._job_folder(claim, key))
         claim.update(step="quarantined", reason=reason, exit_code=exit_code)
+        self.metrics.quarantined.add(1, {"reason": cause})
         log.warning("%s: quarantined (%s)", redact(shown(entry.name)), redact(reason))
         if self.cfg.delete_inputs and kept:
             # Only once its copy is in quarantine: a name refused unread (not a video name, or
@@ -877,6 +917,25 @@ def make_runner(cfg: DictConfig) -> Runner:
     raise ConfigError(f"runner.kind must be local or slurm, not {runner.kind!r}")
 
 
+def tick_every(watcher: Watcher, seconds: float) -> None:
+    """Tick until SIGTERM or SIGINT, each tick starting ``seconds`` after the last began (at
+    once if it took longer). A tick that fails as a whole (storage down) is logged and counted,
+    and the next one tries again."""
+    # SIGTERM (systemctl stop, kill) stops it as Ctrl-C does: the tick under way gives its claims
+    # up (its jobs run on, to be followed, as a killed watcher's are) and the last figures go out.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        while True:
+            began = time.monotonic()
+            try:
+                watcher.tick()
+            except MpistyleError as err:
+                log.error("tick: %s", redact(first_line(err)))
+            time.sleep(max(0.0, began + seconds - time.monotonic()))
+    except KeyboardInterrupt:
+        log.info("stopped")
+
+
 @hydra.main(config_path="pkg://mpistyle.configs", config_name="watch", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [mpistyle-watch] %(levelname)s %(message)s", stream=sys.stderr)
@@ -885,8 +944,14 @@ def _hydra_main(cfg: DictConfig) -> None:
     try:
         watch_config.check(cfg)
         areas = {label: open_area(label, cfg.storage[label]) for label in watch_config.AREAS}
+        runner = make_runner(cfg)
         intake = EventQueue(cfg.storage.queue.url, cfg.storage.queue.credential_env) if cfg.intake == "queue" else None
-        counts = Watcher(cfg, areas, make_runner(cfg), intake=intake).tick()
+        with watch_metrics.exported(cfg) as metrics:
+            watcher = Watcher(cfg, areas, runner, intake=intake, metrics=metrics)
+            if cfg.every is not None:
+                tick_every(watcher, cfg.every)
+                return
+            counts = watcher.tick()
     except MpistyleError as err:
         log.error("error: %s", redact(first_line(err)))
         sys.exit(err.exit_code)
