@@ -285,6 +285,11 @@ class LocalRunner(Runner):
             return JobStatus("lost", detail=f"the job was started on {local.host}, which this host cannot follow")
         if self._members(local, job):
             return JobStatus("running", running_s=self._running_s(local.start))
+        # The wrapper may have written the code and ended between the first look and the scan
+        # (a busy host widens that gap): it writes before it ends, so look once more.
+        code = self._exit_code(job)
+        if code is not None:
+            return JobStatus("done" if code == 0 else "failed", code)
         return JobStatus("lost", detail="the job stopped without recording an exit code (killed with its wrapper, or a reboot)")
 
     def wait(self, handle: str, job: JobSpec, submitted_at: float | None = None) -> JobStatus:
