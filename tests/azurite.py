@@ -19,19 +19,22 @@ class AzuriteUnavailable(RuntimeError):
     pass
 
 
-def _program() -> str:
-    local = ROOT / ".cache" / "azurite" / "node_modules" / ".bin" / "azurite-blob"
+def _program(service: str) -> str:
+    local = ROOT / ".cache" / "azurite" / "node_modules" / ".bin" / f"azurite-{service}"
     if local.exists():
         return str(local)
-    found = shutil.which("azurite-blob")
+    found = shutil.which(f"azurite-{service}")
     if found:
         return found
-    raise AzuriteUnavailable("azurite-blob not found: scripts/setup.sh --test installs it with npm")
+    raise AzuriteUnavailable(f"azurite-{service} not found: scripts/setup.sh --test installs it with npm")
 
 
 class Azurite:
-    def __init__(self, location: Path) -> None:
+    """One of the emulator's services: ``blob`` (the default) or ``queue``."""
+
+    def __init__(self, location: Path, service: str = "blob") -> None:
         self.location = location
+        self.service = service
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
@@ -43,13 +46,15 @@ class Azurite:
 
     @property
     def connection_string(self) -> str:
-        return f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={KEY};BlobEndpoint={self.endpoint};"
+        endpoint = "QueueEndpoint" if self.service == "queue" else "BlobEndpoint"
+        return f"DefaultEndpointsProtocol=http;AccountName={ACCOUNT};AccountKey={KEY};{endpoint}={self.endpoint};"
 
     def start(self, timeout: float = 30) -> None:
         self.location.mkdir(parents=True, exist_ok=True)
         log = (self.location / "azurite.log").open("ab")
         command = [
-            _program(), "--blobHost", "127.0.0.1", "--blobPort", str(self.port), "--location", str(self.location),
+            _program(self.service), f"--{self.service}Host", "127.0.0.1", f"--{self.service}Port", str(self.port),
+            "--location", str(self.location),
             # --disableTelemetry: without it Azurite tries to reach an outside host.
             "--loose", "--skipApiVersionCheck", "--disableTelemetry",
         ]

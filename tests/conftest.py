@@ -76,6 +76,18 @@ def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
     emulator.stop()
 
 
+@pytest.fixture(scope="session")
+def azurite_queue(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
+    """The emulator's queue service (Event Grid's deliveries for intake=queue)."""
+    emulator = Azurite(tmp_path_factory.mktemp("azurite-queue"), service="queue")
+    try:
+        emulator.start()
+    except AzuriteUnavailable as err:
+        service_missing("Azurite's queue service", err)
+    yield emulator
+    emulator.stop()
+
+
 def make_cfg(overrides: list[str]) -> DictConfig:
     with initialize_config_module("mpistyle.configs", version_base="1.3"):
         return compose("config", overrides=overrides)

@@ -34,7 +34,7 @@ def watch_command(*overrides: str) -> list[str]:
 def run_watch(
     cwd: Path, *overrides: str, env: dict[str, str] | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:
-    full_env = {**os.environ, **MPI_ENV, "PYTHONPATH": str(TESTS), **(env or {})}
+    full_env = {**os.environ, **MPI_ENV, "PYTHONPATH": str(TESTS) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
     return subprocess.run(watch_command(*overrides), cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 

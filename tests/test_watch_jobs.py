@@ -160,6 +160,26 @@ def test_a_watcher_killed_mid_job_leaves_the_job_to_the_next_watcher(tmp_path: P
 # -- 3. no job and no tick runs for ever -----------------------------------------------------------
 
 
+def test_a_job_whose_wrapper_ends_while_it_is_looked_at_is_not_lost(tmp_path: Path) -> None:
+    """The wrapper writes the job's exit code and ends between the runner's first look for the
+    code and its scan for the job's processes (a busy host widens that gap): the code is read,
+    not "the job stopped without recording an exit code" (a retry for nothing, or worse)."""
+    from mpistyle.watch.runners import LocalRunner, _LocalHandle, _proc
+
+    job = JobSpec(name="mpistyle-x", overrides=[], log=tmp_path / "job.log", runs_dir=tmp_path / "runs", folder=tmp_path)
+    runner = LocalRunner()
+    me = _proc(os.getpid())
+    assert me is not None
+    handle = str(_LocalHandle.here(os.getpid(), me.start))
+
+    def wrapper_ends_meanwhile(*_: object) -> list[int]:
+        job.exit_file.write_text("1\n")
+        return []
+
+    runner._members = wrapper_ends_meanwhile  # type: ignore[method-assign]
+    assert runner.poll(handle, job) == JobStatus("failed", 1)
+
+
 def test_a_hung_job_is_stopped_at_its_time_limit_and_counted(tmp_path: Path) -> None:
     """Under mpirun, which puts each rank in a process group of its own: every rank is stopped."""
     overrides = local_overrides(

@@ -105,12 +105,27 @@ def check_overrides(args: list[str], config_name: str = "config", show: bool = T
     The message is scrubbed of secrets: an override may carry a SAS URL."""
     if any(arg.startswith("-") for arg in args):
         return
+    run_dir = Path(str(compose_or_exit(args, config_name, show).hydra.run.dir))
+    problem = _unwritable(run_dir)
+    if problem:
+        # Hydra creates the run directory itself, and fails with a traceback.
+        if show:
+            print(redact(f"error: cannot create the run directory {run_dir}: {problem} (set run_dir= or MPISTYLE_RUNS_DIR)"),
+                  file=sys.stderr)
+        sys.exit(OutputError.exit_code)
+
+
+def compose_or_exit(args: list[str], config_name: str, show: bool = True) -> DictConfig:
+    """``config_name`` composed with the overrides ``args`` as Hydra would (its ``hydra`` node
+    too), for commands that run without ``@hydra.main``; a bad override is one line, scrubbed
+    of secrets, and exit 2."""
     # Hydra's own settings compose too (hydra.run.dir names the run directory), its groups do not.
     overrides = [arg for arg in args if not arg.lstrip("+~").startswith("hydra/")]
     try:
         with initialize_config_module("mpistyle.configs", version_base="1.3"):
             composed = compose(config_name, overrides=overrides, return_hydra_config=True)
-            run_dir = Path(str(composed.hydra.run.dir))
+            str(composed.hydra.run.dir)  # resolved here, as Hydra does first: a bad value is a bad override
+            return composed
     except Exception as err:  # Hydra and OmegaConf raise many types, all about the overrides
         text = f"{err}\n{err.__cause__ or ''}"
         lines = [line.strip() for line in text.splitlines() if line.strip()]
@@ -119,13 +134,6 @@ def check_overrides(args: list[str], config_name: str = "config", show: bool = T
             message = "; ".join(lines[:4]) or type(err).__name__
             print(redact(f"error: {message} (see --help)"), file=sys.stderr)
         sys.exit(ConfigError.exit_code)
-    problem = _unwritable(run_dir)
-    if problem:
-        # Hydra creates the run directory itself, and fails with a traceback.
-        if show:
-            print(redact(f"error: cannot create the run directory {run_dir}: {problem} (set run_dir= or MPISTYLE_RUNS_DIR)"),
-                  file=sys.stderr)
-        sys.exit(OutputError.exit_code)
 
 
 def _unwritable(directory: Path) -> str | None:

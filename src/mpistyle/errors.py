@@ -8,6 +8,7 @@ Exit codes (documented in README.md):
   5  model or checkpoint problem (checksum, shape mismatch, unknown style)
   6  staging area problem (disk full, unwritable, corrupt staged frames)
   9  blob storage or job scheduler problem that retries did not cure (mpistyle-watch)
+  10 a video is stuck (mpistyle-watch status: mpistyle.watch.status.STUCK_EXIT)
   128+N  stopped by signal N (143: SIGTERM, e.g. scancel or preemption; 130: Ctrl-C)
 """
 from __future__ import annotations

@@ -3,7 +3,9 @@
 A credential is read from the environment variable an area's config names (never from the
 config itself), so Hydra's dumps and the job report cannot contain it. It may be a SAS token, a
 connection string, or an account key; with none set, ``DefaultAzureCredential`` (managed
-identity, Azure CLI login, ...) is used. :func:`redact` scrubs anything secret-looking from text
+identity, Azure CLI login, ...) is used. The same holds for the Application Insights connection
+string the watcher's metrics go to Azure Monitor with (its ``InstrumentationKey`` lets anyone
+send to the resource). :func:`redact` scrubs anything secret-looking from text
 that reaches a log, an error record or an exception message.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ _PATTERNS = [
     re.compile(r"(?i)(sig=)[^&\s\"']+"),
     re.compile(r"(?i)(AccountKey=)[^;\s\"']+"),
     re.compile(r"(?i)(SharedAccessSignature=)[^;\s\"']+"),
+    re.compile(r"(?i)(InstrumentationKey=)[^;\s\"']+"),
     re.compile(r"(?i)(Authorization:\s*)\S+"),
 ]
 _known: set[str] = set()
@@ -42,7 +45,7 @@ def from_env(variable: str | None) -> str | None:
     if not value:
         return None
     remember(value)
-    for part in re.findall(r"(?:AccountKey|SharedAccessSignature)=([^;]+)", value):
+    for part in re.findall(r"(?:AccountKey|SharedAccessSignature|InstrumentationKey)=([^;]+)", value):
         remember(part)
     return value
 

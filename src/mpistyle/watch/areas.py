@@ -76,6 +76,37 @@ _BLOB_FIRST_PAUSE_S = 2.0
 _BLOB_RETRY_WINDOW_S = 90.0
 
 
+def retrying(label: str, what: str, action: Callable[[], T]) -> T:
+    """``action`` (a call to Azure Storage: blobs or queues), tried up to ``_BLOB_TRIES`` times
+    with a doubling pause while it fails in a way that may pass (network, 5xx, 408, 429), each
+    failure logged without secrets, and no new try once ``_BLOB_RETRY_WINDOW_S`` have gone by;
+    then a :class:`StorageError` that names ``label`` storage and ``what`` it could not do.
+    Not-found, exists and modified errors are raised as they are, for the caller to judge."""
+    from azure.core.exceptions import AzureError, ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
+
+    started = time.monotonic()
+    for attempt in range(1, _BLOB_TRIES + 1):
+        try:
+            return action()
+        except (ResourceExistsError, ResourceNotFoundError, ResourceModifiedError):
+            raise
+        except AzureError as err:
+            reason = redact(first_line(err))
+            status = getattr(err, "status_code", None)
+            if status is not None and status < 500 and status != 408 and status != 429:
+                raise StorageError(f"{label} storage refused to {what}: {reason}") from None
+            pause = _BLOB_FIRST_PAUSE_S * 2 ** (attempt - 1)
+            if attempt == _BLOB_TRIES or time.monotonic() - started + pause > _BLOB_RETRY_WINDOW_S:
+                raise StorageError(
+                    f"{label} storage failed to {what} after {attempt} tries in {time.monotonic() - started:.0f} s: {reason}"
+                ) from None
+            log.warning(
+                "%s storage: could not %s (%s); try %d of %d in %.0f s", label, what, reason, attempt + 1, _BLOB_TRIES, pause
+            )
+            time.sleep(pause)
+    raise AssertionError("unreachable")
+
+
 class BlobArea:
     """A container (``url`` = container URL) and a name prefix, with its own credential."""
 
@@ -98,34 +129,7 @@ class BlobArea:
             self.client = ContainerClient.from_container_url(url, credential=credential, **options)
 
     def _call(self, what: str, action: Callable[[], T]) -> T:
-        """``action``, tried up to ``_BLOB_TRIES`` times with a doubling pause while it fails in a
-        way that may pass (network, 5xx, 408, 429), each failure logged without secrets, and no
-        new try once ``_BLOB_RETRY_WINDOW_S`` have gone by; then a :class:`StorageError`."""
-        from azure.core.exceptions import AzureError, ResourceExistsError, ResourceModifiedError, ResourceNotFoundError
-
-        started = time.monotonic()
-        for attempt in range(1, _BLOB_TRIES + 1):
-            try:
-                return action()
-            except (ResourceExistsError, ResourceNotFoundError, ResourceModifiedError):
-                raise
-            except AzureError as err:
-                reason = redact(first_line(err))
-                status = getattr(err, "status_code", None)
-                if status is not None and status < 500 and status != 408 and status != 429:
-                    raise StorageError(f"{self.label} storage refused to {what}: {reason}") from None
-                pause = _BLOB_FIRST_PAUSE_S * 2 ** (attempt - 1)
-                if attempt == _BLOB_TRIES or time.monotonic() - started + pause > _BLOB_RETRY_WINDOW_S:
-                    raise StorageError(
-                        f"{self.label} storage failed to {what} after {attempt} tries in "
-                        f"{time.monotonic() - started:.0f} s: {reason}"
-                    ) from None
-                log.warning(
-                    "%s storage: could not %s (%s); try %d of %d in %.0f s",
-                    self.label, what, reason, attempt + 1, _BLOB_TRIES, pause,
-                )
-                time.sleep(pause)
-        raise AssertionError("unreachable")
+        return retrying(self.label, what, action)
 
     def check(self, name: str) -> None:
         check_name(self.prefix + name, self.label)
@@ -138,8 +142,13 @@ class BlobArea:
 
     def list(self, prefix: str = "") -> list[Entry]:
         """Every blob whose name starts with ``prefix``, even names the watcher will refuse."""
+        from azure.core.exceptions import ResourceNotFoundError
+
         start = self.prefix + prefix
-        blobs = self._call("list blobs", lambda: list(self.client.list_blobs(name_starts_with=start or None)))
+        try:
+            blobs = self._call("list blobs", lambda: list(self.client.list_blobs(name_starts_with=start or None)))
+        except ResourceNotFoundError:
+            raise StorageError(f"{self.label} storage: its container does not exist (storage.{self.label}.url)") from None
         return [
             Entry(b.name[len(self.prefix) :], b.etag, b.size, _ns(b.last_modified)) for b in blobs if not b.name.endswith("/")
         ]

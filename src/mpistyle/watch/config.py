@@ -29,10 +29,21 @@ class AreaConfig:
 
 
 @dataclass
+class QueueConfig:
+    """The Azure Storage Queue that Event Grid delivers the input container's BlobCreated
+    events to (``intake=queue``)."""
+
+    url: str | None = None  # the queue URL, e.g. https://ACCOUNT.queue.core.windows.net/videos-in-events
+    # Name of the environment variable holding its SAS token or connection string, as for an area.
+    credential_env: str | None = None
+
+
+@dataclass
 class StorageAreas:
     input: AreaConfig = field(default_factory=AreaConfig)
     output: AreaConfig = field(default_factory=AreaConfig)
     work: AreaConfig = field(default_factory=AreaConfig)  # state records, logs, quarantine
+    queue: QueueConfig = field(default_factory=QueueConfig)
 
 
 @dataclass
@@ -49,10 +60,41 @@ class RunnerConfig:
 
 
 @dataclass
+class MetricsConfig:
+    """Where the watcher's OpenTelemetry figures go (see mpistyle.watch.metrics). Azure Monitor
+    is configured by APPLICATIONINSIGHTS_CONNECTION_STRING in the environment alone: the
+    connection string holds the resource's key, and no config may carry a secret."""
+
+    # Serve Prometheus' /metrics on this port, for as long as the watcher runs: with every= only
+    # (a cron tick lives seconds, too short to be scraped). null: no endpoint.
+    prometheus_port: int | None = None
+    # Loopback by default: scraped from this host (or through a tunnel or an agent); 0.0.0.0 or
+    # a host address serves it to the network, unauthenticated.
+    prometheus_address: str = "127.0.0.1"
+    # How often a watcher ticking in a loop pushes to Azure Monitor (a cron tick pushes once, as
+    # it ends).
+    export_interval_s: float = 60.0
+
+
+@dataclass
 class WatchConfig:
     storage: StorageAreas = field(default_factory=StorageAreas)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    # null: one tick, then exit (cron, a systemd timer, scrontab). A number: tick in a loop, each
+    # tick starting that many seconds after the last began (at once if it took longer), until
+    # SIGTERM or SIGINT; the process that serves metrics.prometheus_port.
+    every: float | None = None
     workdir: str = "mpistyle-watch"  # shared filesystem when the runner is Slurm
+    # How a tick finds new videos. list: list the input area (and read each video's record) every
+    # tick. queue: read Event Grid's BlobCreated events from storage.queue (docs/watch.md), and
+    # list only every reconcile_every_s, for events that never came.
+    intake: str = "list"
+    queue_messages_per_tick: int = 32
+    # A video a tick could not finish (a job still running, a retry backing off): its message
+    # comes back after this long, for a later tick to carry it on.
+    queue_revisit_s: float = 60.0
+    reconcile_every_s: float = 3600.0
     # Failures that may be the input's fault (a bug, exit 1, or the time limit) before it is
     # quarantined; exit 3 quarantines at once, and anyone else's fault never counts.
     max_attempts: int = 3
@@ -76,6 +118,10 @@ class WatchConfig:
     # After this many such failures in a row the video is still retried (never quarantined for
     # someone else's fault), but each tick logs an error and exits 9, so monitoring sees it.
     retry_alert: int = 5
+    # mpistyle-watch status exits 10 (stuck) for a record on its way (claimed, staged, submitted,
+    # finished) that has not changed step for this long: more than job_time_limit_s plus the
+    # longest a job may wait in the Slurm queue, so a long job is not taken for a stuck one.
+    stuck_after_s: float = 12 * 3600.0
     job_overrides: list[str] = field(default_factory=list)  # Hydra overrides for every job
     delete_inputs: bool = False  # delete an input once done or quarantined (needs delete rights)
     # A state record whose input version is no longer listed (deleted, or replaced by a new
@@ -92,24 +138,52 @@ def register() -> None:
 
 def credential_names(storage: DictConfig) -> set[str]:
     """Every variable that may hold a credential: never handed to a job, never in env_pass."""
-    return {*SECRET_VARIABLES, *(storage[area].credential_env for area in AREAS if storage[area].credential_env)}
+    named = [storage[area].credential_env for area in (*AREAS, "queue") if area in storage]
+    return {*SECRET_VARIABLES, *(name for name in named if name)}
 
 
 def check(cfg: DictConfig) -> None:
     """Checks on the watch config beyond types, each naming the override to fix."""
-    for area in AREAS:
+    for area in (*AREAS, "queue"):
         if "sig=" in (cfg.storage[area].url or "").lower():
             variable = cfg.storage[area].credential_env or f"MPISTYLE_{area.upper()}_CREDENTIAL"
             also = "" if cfg.storage[area].credential_env else f" and set storage.{area}.credential_env={variable}"
+            what = "queue URL" if area == "queue" else "container URL"
             raise ConfigError(
                 f"storage.{area}.url carries a SAS token, and a command line shows in ps and in systemd's unit status: "
-                f"give the container URL alone, put the SAS in the environment variable {variable}{also}"
+                f"give the {what} alone, put the SAS in the environment variable {variable}{also}"
             )
-    for key in ("job_time_limit_s", "tick_time_limit_s", "retry_backoff_s", "retry_backoff_max_s", "retry_alert"):
+    if cfg.intake not in ("list", "queue"):
+        raise ConfigError(f"intake must be list or queue, not {cfg.intake!r}")
+    if cfg.intake == "queue":
+        if cfg.storage.input.kind != "blob":
+            raise ConfigError("intake=queue reads Event Grid's events for a blob container: it needs storage=blob")
+        if not cfg.storage.queue.url:
+            raise ConfigError("intake=queue needs storage.queue.url, the URL of the queue Event Grid delivers to")
+        if not 1 <= cfg.queue_messages_per_tick <= 1000:
+            raise ConfigError(f"queue_messages_per_tick must be 1 to 1000, got {cfg.queue_messages_per_tick}")
+        for key in ("queue_revisit_s", "reconcile_every_s"):
+            if not cfg[key] >= 0:
+                raise ConfigError(f"{key} must be 0 or more, got {cfg[key]}")
+    for key in ("job_time_limit_s", "tick_time_limit_s", "retry_backoff_s", "retry_backoff_max_s", "retry_alert",
+                "stuck_after_s"):
         if not cfg[key] > 0:  # also refuses nan
             raise ConfigError(f"{key} must be positive, got {cfg[key]}")
     if not cfg.max_batch >= 1:
         raise ConfigError(f"max_batch must be 1 or more (1 runs a job of its own per video), got {cfg.max_batch}")
+    if cfg.every is not None and not cfg.every > 0:
+        raise ConfigError(f"every must be a number of seconds above 0 (or null: one tick), got {cfg.every}")
+    if not cfg.metrics.export_interval_s > 0:
+        raise ConfigError(f"metrics.export_interval_s must be positive, got {cfg.metrics.export_interval_s}")
+    port = cfg.metrics.prometheus_port
+    if port is not None:
+        if not 0 < port < 65536:
+            raise ConfigError(f"metrics.prometheus_port must be a TCP port (1-65535), got {port}")
+        if cfg.every is None:
+            raise ConfigError(
+                "metrics.prometheus_port serves /metrics only while the watcher runs, and one tick lives too short to "
+                "be scraped: add every=60 (tick in a loop, under systemd or a supervisor), or leave the port out"
+            )
     if not cfg.job_kill_grace_s >= 0:
         raise ConfigError(f"job_kill_grace_s must be 0 or more, got {cfg.job_kill_grace_s}")
     credentials = credential_names(cfg.storage)

@@ -48,13 +48,15 @@ _JOB_ENV = frozenset({
 _JOB_ENV_PREFIXES = ("LC_", "OMPI_", "PMIX_", "TORCHINDUCTOR_", "MPISTYLE_", "SBATCH_", "UCX_", "NCCL_", "FI_")
 _CREDENTIAL_NAME = re.compile(r"MPISTYLE_\w*_CREDENTIAL")  # the storage areas' default credential variables
 # Never handed to a job, whatever the area configs name: the jobs only need local paths.
-# Credentials of the Azure SDK and of Azure's managed identity. The job environment is an
+# Credentials of the Azure SDK and of Azure's managed identity, and the Application Insights
+# connection string (or bare key) the watcher's metrics use. The job environment is an
 # allow-list that keeps them (and any other) out anyway; these names are also refused in
 # runner.env_pass, with every storage.*.credential_env.
 SECRET_VARIABLES = (
     "AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_KEY", "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_SAS_TOKEN",
     "AZURE_CLIENT_SECRET", "AZURE_CLIENT_CERTIFICATE_PASSWORD", "AZURE_CLIENT_CERTIFICATE_PATH", "AZURE_PASSWORD",
     "AZURE_FEDERATED_TOKEN_FILE", "IDENTITY_HEADER", "IDENTITY_ENDPOINT", "MSI_SECRET", "MSI_ENDPOINT",
+    "APPLICATIONINSIGHTS_CONNECTION_STRING", "APPINSIGHTS_INSTRUMENTATIONKEY",
 )
 
 
@@ -283,6 +285,11 @@ class LocalRunner(Runner):
             return JobStatus("lost", detail=f"the job was started on {local.host}, which this host cannot follow")
         if self._members(local, job):
             return JobStatus("running", running_s=self._running_s(local.start))
+        # The wrapper may have written the code and ended between the first look and the scan
+        # (a busy host widens that gap): it writes before it ends, so look once more.
+        code = self._exit_code(job)
+        if code is not None:
+            return JobStatus("done" if code == 0 else "failed", code)
         return JobStatus("lost", detail="the job stopped without recording an exit code (killed with its wrapper, or a reboot)")
 
     def wait(self, handle: str, job: JobSpec, submitted_at: float | None = None) -> JobStatus:

@@ -23,6 +23,12 @@ With ``max_batch`` > 1, the videos of a tick that are ready to start run togethe
 ``max_batch`` at a time, as one batch job (``inputs=`` a JSONL file in ``workdir/batches/``):
 each record still moves on its own, by its own outcome in the batch (its output, or its
 ``.error.json``), so a poison video is quarantined while the others of its batch are delivered.
+
+``mpistyle-watch status`` reads the records and says which are stuck (:mod:`mpistyle.watch.status`).
+With ``every=SECONDS`` the process ticks in a loop instead (:func:`tick_every`), the one that
+serves the Prometheus endpoint of its metrics (:mod:`mpistyle.watch.metrics`). With
+``intake=queue`` a tick takes the videos Event Grid's events name instead of listing the input
+(:mod:`mpistyle.watch.intake`).
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import sys
 import threading
@@ -43,7 +50,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeVar
 
 import hydra
 from omegaconf import DictConfig
@@ -54,7 +61,9 @@ from ..formats import VIDEO_SUFFIXES
 from ..report import public_report
 from ..secrets import redact
 from . import config as watch_config
-from .areas import Area, Entry, StateConflict, open_area
+from . import metrics as watch_metrics
+from .areas import Area, BlobArea, Entry, StateConflict, open_area
+from .intake import Event, EventQueue, Message, Unusable, blob_created, read, revisited
 from .names import UnsafeName, is_job_key, job_name, output_name, shown, suffix_of
 from .runners import (
     DEFAULT_SBATCH_SCRIPT,
@@ -68,14 +77,25 @@ from .runners import (
 )
 
 log = logging.getLogger("mpistyle.watch")
+STEPS = ("claimed", "staged", "submitted", "finished")  # on the way; a record in one is advanced by ticks
 FINAL = ("done", "quarantined", "superseded", "abandoned")
 # Delivered beside each video, under its name plus these.
 _SIDE_FILES = (".report.json", ".preview.png")
 _BATCH_NAME = re.compile(r"[0-9a-f]{16}")  # workdir/batches/<name>/: a hash of its videos' keys
+T = TypeVar("T")
 
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def backing_off(data: dict[str, Any], retry_alert: int, now: float) -> str | None:
+    """For a record waiting out its backoff after a job failure that was not its input's fault:
+    "waiting", or "stuck" once ``retry_alert`` such failures came in a row (a tick exits 9 for
+    it, and ``mpistyle-watch status`` counts it stuck); None for any other record."""
+    if data["step"] != "staged" or not data.get("retry_after", 0) > now:
+        return None
+    return "stuck" if data.get("retries", 0) >= retry_alert else "waiting"
 
 
 @dataclass
@@ -107,31 +127,174 @@ class Queued:
     held: ExitStack  # its heartbeat, and giving its claim up: closed once the tick is done with it
 
 
+@dataclass
+class Taken:
+    """A queue message this tick read, and what became of its video."""
+
+    message: Message
+    event: Event | None = None  # None: not an event this watcher acts on
+    key: str | None = None  # the video's job key; None: nothing to follow (ignored, or the blob is gone)
+    outcome: str = "ignored"
+
+
 class Watcher:
-    def __init__(self, cfg: DictConfig, areas: dict[str, Area], runner: Runner, owner: str | None = None) -> None:
+    def __init__(
+        self, cfg: DictConfig, areas: dict[str, Area], runner: Runner, owner: str | None = None,
+        intake: EventQueue | None = None, metrics: watch_metrics.WatchMetrics | None = None,
+    ) -> None:
         self.cfg = cfg
         self.input, self.output, self.work = areas["input"], areas["output"], areas["work"]
         self.runner = runner
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}"
         self.workdir = Path(cfg.workdir).expanduser().absolute()
+        self.intake = intake
+        self.metrics = metrics or watch_metrics.WatchMetrics()
 
     def tick(self) -> dict[str, int]:
+        """Move the videos on (every one listed, or those the queue's events name); returns how
+        many had each outcome."""
+        try:
+            return self._tick()
+        except MpistyleError:
+            self.metrics.errors.add(1)  # the whole tick failed (a listing): storage or scheduler trouble
+            raise
+
+    def _tick(self) -> dict[str, int]:
+        began = time.monotonic()
+        self.metrics.tick_started()
+        if self.intake is None:
+            entries = self.input.list()
+            reached, swept = self._listed(entries, entries)
+            unreached = len(entries) - len(reached)
+        else:
+            reached, swept, unreached = self._from_queue(self.intake)
+        self._sweep_batches()
+        counts = dict(Counter(reached + swept))
+        self.metrics.errors.add(counts.get("error", 0))
+        pending = [outcome for outcome in reached if outcome not in (*FINAL, "ignored", "gone")]
+        self.metrics.tick_ended(time.monotonic() - began, pending=pending, unreached=unreached)
+        log.info("tick: %s", ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no input")
+        return counts
+
+    def _listed(self, entries: list[Entry], fresh: list[Entry]) -> tuple[list[str], list[str]]:
+        """Carry on every video of ``fresh`` (some or all of the listing ``entries``), then sweep
+        the records whose input is no longer in ``entries``; returns the outcomes of the videos
+        reached, and the sweep's."""
         outcomes: list[str] = []
-        entries = self.input.list()
         # With max_batch > 1, the videos ready to start wait here (their claims held) and start
         # together, max_batch at a time; those taken before tick_time_limit_s start even past it.
         queue: list[Queued] | None = [] if self.cfg.max_batch > 1 else None
-        for entry in self._within_tick_limit(entries):
+        for entry in self._within_tick_limit(fresh):
             outcomes.append(self._guarded(entry.name, partial(self.advance, entry, queue)))
             if queue is not None and len(queue) >= self.cfg.max_batch:
                 outcomes += self._run_batch(queue)
         if queue:
             outcomes += self._run_batch(queue)
-        outcomes += self._sweep(entries)
-        self._sweep_batches()
-        counts = dict(Counter(outcome for outcome in outcomes if outcome != "queued"))
-        log.info("tick: %s", ", ".join(f"{n} {k}" for k, n in sorted(counts.items())) or "no input")
-        return counts
+        return [outcome for outcome in outcomes if outcome != "queued"], list(self._sweep(entries))
+
+    # -- intake=queue ---------------------------------------------------------------------------
+
+    def _from_queue(self, intake: EventQueue) -> tuple[list[str], list[str], int]:
+        """A tick driven by Event Grid's events (:mod:`mpistyle.watch.intake`): a listing first
+        when one is due (:meth:`_reconcile`), then up to ``queue_messages_per_tick`` messages, each
+        one's video carried on as far as this tick can; a message is deleted once its video is
+        final (or it names nothing to do), and otherwise comes back after ``queue_revisit_s``.
+        Returns the outcomes of the videos reached, the sweep's, and how many messages wait for
+        a later tick (this one past ``tick_time_limit_s``)."""
+        outcomes, swept = self._reconcile()
+        messages = intake.receive(self.cfg.queue_messages_per_tick, self.cfg.lease_s)
+        taken: list[Taken] = []
+        queue: list[Queued] | None = [] if self.cfg.max_batch > 1 else None
+        with intake.keeping(self.cfg.lease_s) as held:
+            held.extend(messages)
+            for message in self._within_tick_limit(messages):
+                item = Taken(message)
+                item.outcome = self._guarded(f"queue message {message.id}", partial(self._take, item, queue))
+                taken.append(item)
+                if queue is not None and len(queue) >= self.cfg.max_batch:
+                    outcomes += self._run_batch(queue)
+            if queue:
+                outcomes += self._run_batch(queue)
+            for message in messages[len(taken) :]:  # past tick_time_limit_s: back at once, not counted against it
+                taken.append(Taken(message, outcome="later"))
+            for item in taken:
+                held.remove(item.message)
+                self._guarded(f"queue message {item.message.id}", partial(self._settle, intake, item))
+        reached = outcomes + [item.outcome for item in taken if item.outcome not in ("queued", "later")]
+        return [outcome for outcome in reached if outcome != "queued"], swept, sum(item.outcome == "later" for item in taken)
+
+    def _take(self, item: Taken, queue: list[Queued] | None) -> str:
+        """Carry on the video ``item``'s message names (its blob's current version: the event
+        may be a duplicate, older than the blob, or about a blob deleted since)."""
+        try:
+            item.event = read(item.message)
+            created = blob_created(item.event.event, _container_url(self.input), _prefix(self.input))
+        except Unusable as why:
+            log.warning("queue message %s ignored: %s", item.message.id, why)
+            return "ignored"
+        try:
+            entry = self.input.version(created.name)
+        except UnsafeName:
+            # Never read: quarantined by its name alone, as a listing would have it.
+            entry = Entry(created.name, created.etag or created.event_id, 0)
+        if entry is None:
+            log.info("%s: gone before its event was read", redact(shown(created.name)))
+            return "gone"
+        item.key = job_name(entry.name, entry.etag)
+        # Receives nobody accounted for: a watcher that died (or was killed) holding it.
+        lost = item.message.dequeue_count - 1 - item.event.revisits
+        poison = None
+        if lost >= self.cfg.max_attempts:
+            poison = (
+                f"the watcher stopped {lost} times while working on it (a crash, a kill or running out of memory)",
+                "look at the watcher's log around those times; upload it again once the cause is fixed",
+            )
+        return self.advance(entry, queue, poison)
+
+    def _settle(self, intake: EventQueue, item: Taken) -> str:
+        """Delete ``item``'s message once its video is final or it names nothing to follow;
+        otherwise make it visible again after ``queue_revisit_s``, its revisit counted. Returns
+        which ("deleted", "back", or "let go": another receive holds it now)."""
+        if item.outcome == "later":
+            try:
+                event = read(item.message)
+            except Unusable:
+                return "back"  # the next tick reads it, and ignores it
+            return "back" if intake.hide(item.message, 0, revisited(event)) else "let go"
+        if item.outcome in ("ignored", "gone") or item.event is None:
+            return "deleted" if intake.delete(item.message) else "let go"
+        if item.key is not None:
+            found = self.work.read_json(f"state/{item.key}.json")
+            if found is not None and found[0].get("step") in FINAL:
+                return "deleted" if intake.delete(item.message) else "let go"
+        # Not final, or not even looked up (storage failed): a later tick tries again.
+        return "back" if intake.hide(item.message, self.cfg.queue_revisit_s, revisited(item.event)) else "let go"
+
+    def _reconcile(self) -> tuple[list[str], list[str]]:
+        """Every ``reconcile_every_s``, list the input as ``intake=list`` does, for events that
+        never came (an upload before the subscription, an event Event Grid gave up on) and for
+        the sweep. Only the blobs written since the last listing (less ``lease_s`` for clocks)
+        are carried on: an older one was listed then, or its message follows it."""
+        record = "intake/reconciled.json"
+        found = self.work.read_json(record)
+        last = float(found[0].get("listed_at", 0)) if found else 0.0
+        if found and time.time() - last < self.cfg.reconcile_every_s:
+            return [], []
+        started = time.time()
+        entries = self.input.list()
+        since_ns = int((last - self.cfg.lease_s) * 1e9) if last else 0
+        fresh = [entry for entry in entries if entry.modified >= since_ns]
+        log.info("reconciling: %d blob(s) listed, %d written since the last listing", len(entries), len(fresh))
+        outcomes = self._listed(entries, fresh)
+        data = {"listed_at": started, "by": self.owner, "at": _now()}
+        try:
+            if found is None:
+                self.work.create_json(record, data)
+            else:
+                self.work.replace_json(record, data, found[1])
+        except StateConflict:
+            pass  # another watcher listed at the same time
+        return outcomes
 
     def _guarded(self, name: str, work: Callable[[], str]) -> str:
         """``work``'s outcome for the video ``name``, or "error", logged: one bad video (name,
@@ -142,10 +305,10 @@ class Watcher:
             log.error("%s: %s", redact(shown(name)), redact(first_line(err)))
             return "error"
 
-    def _within_tick_limit(self, entries: list[Entry]) -> Iterator[Entry]:
-        """The tick's videos until ``tick_time_limit_s`` has passed, then no more (the first is
-        always taken, so every tick moves something): a long backlog, or slow storage, must not
-        hold the tick, and the tick script's lock, for hours."""
+    def _within_tick_limit(self, entries: list[T]) -> Iterator[T]:
+        """The tick's videos (or messages) until ``tick_time_limit_s`` has passed, then no more
+        (the first is always taken, so every tick moves something): a long backlog, or slow
+        storage, must not hold the tick, and the tick script's lock, for hours."""
         deadline = time.monotonic() + self.cfg.tick_time_limit_s
         for index, entry in enumerate(entries):
             if index and time.monotonic() > deadline:
@@ -156,9 +319,10 @@ class Watcher:
 
     # -- one video ------------------------------------------------------------------------------
 
-    def advance(self, entry: Entry, queue: list[Queued] | None = None) -> str:
+    def advance(self, entry: Entry, queue: list[Queued] | None = None, poison: tuple[str, str] | None = None) -> str:
         """Move the video on as far as this tick can. With ``queue``, a video ready to start is
-        put on it instead, its claim still held, for :meth:`_run_batch` ("queued")."""
+        put on it instead, its claim still held, for :meth:`_run_batch` ("queued"). With
+        ``poison`` (a reason and what to do), it is quarantined instead, once claimed."""
         key = job_name(entry.name, entry.etag)
         record = f"state/{key}.json"
         lease_until = time.time() + self.cfg.lease_s
@@ -173,15 +337,16 @@ class Watcher:
             if etag is None:
                 return "taken"  # another watcher created it a moment ago
             claim = Claim(self.work, record, data, etag)
+            self.metrics.claimed.add(1)
             log.info("%s: claimed as %s", redact(shown(entry.name)), key)
         else:
             data, etag = existing
             if data["step"] in FINAL:
                 self._clean_local(key)
                 return data["step"]
-            if data["step"] == "staged" and data.get("retry_after", 0) > time.time():
-                # Backing off after a failure that was not the input's: no claim, no write.
-                return "stuck" if data.get("retries", 0) >= self.cfg.retry_alert else "waiting"
+            waiting = backing_off(data, self.cfg.retry_alert, time.time())
+            if waiting is not None:
+                return waiting  # no claim, no write
             if data["owner"] != self.owner and data["lease_until"] > time.time():
                 return "busy"  # another watcher is working on it right now (a Slurm job it
                 # handed over has lease 0: anyone may follow that)
@@ -194,11 +359,11 @@ class Watcher:
             held.callback(self._release, claim)
             held.enter_context(self._heartbeat(claim))
             try:
-                refusal = self._refusal(entry)
+                refusal = poison or self._refusal(entry)
                 if refusal is not None:
                     # Never downloaded: neither its bytes nor its name go anywhere but quarantine.
                     reason, what_to_do = refusal
-                    self._quarantine(claim, entry, key, reason, None, what_to_do)
+                    self._quarantine(claim, entry, key, reason, None, what_to_do, cause="name")
                     self._clean_local(key)
                     return claim.data["step"]
                 outcome = self._run_steps(claim, entry, key, batching=queue is not None)
@@ -266,7 +431,7 @@ class Watcher:
         attempts = claim.data["attempts"]  # failures that may be the input's fault
         if attempts >= self.cfg.max_attempts:
             reason = f"failed {attempts} times, the last: {claim.data.get('failure', 'unknown')}"
-            self._quarantine(claim, entry, key, reason, claim.data.get("exit_code"))
+            self._quarantine(claim, entry, key, reason, claim.data.get("exit_code"), cause="attempts")
             return None
         if claim.data.get("retry_after", 0) > time.time():
             return "waiting"
@@ -275,6 +440,8 @@ class Watcher:
         job = self._job(key, entry)
         claim.update(step="submitted", job=None, batch=None, submitted_at=time.time(), started_by=self.owner)
         handle = self.runner.start(job)
+        self.metrics.attempts.add(1)
+        self.metrics.job_running(handle)
         claim.update(job=handle)
         log.info("%s: attempt %d started as %s", redact(shown(entry.name)), attempts + 1, handle)
         return None
@@ -295,8 +462,10 @@ class Watcher:
             log.info("%s: following %s, started by %s", redact(shown(entry.name)), handle, claim.data.get("started_by"))
         status = self.runner.wait(handle, job, claim.data.get("submitted_at"))
         if status.state == "running":
+            self.metrics.job_running(handle)
             claim.update(lease_until=0)  # anyone may follow the job from here
             return "running"
+        self.metrics.job_ended(handle)
         if batch:
             return self._batch_ended(claim, entry, key, status)
         if status.state == "lost" and (self.workdir / key / "output.mp4.report.json").is_file():
@@ -319,6 +488,7 @@ class Watcher:
         if status.state == "done" or status.exit_code == SomeVideosFailed.exit_code:
             status = JobStatus("lost", detail="its batch job ended without its output or its error file")
         if blame(status) != "elsewhere":
+            self.metrics.failures.add(1, {"fault": blame(status)})
             # A crash or the time limit of the whole job may be any one video's doing (or the
             # length of all of them together): held against none; each runs alone next, and a
             # failure there counts.
@@ -335,9 +505,10 @@ class Watcher:
             claim.update(step="finished", exit_code=0)
             return None
         fault = blame(status)
+        self.metrics.failures.add(1, {"fault": fault})
         failure = f"{meaning(status)}: {error}" if error else meaning(status)
         if fault == "input":
-            self._quarantine(claim, entry, key, failure, status.exit_code)
+            self._quarantine(claim, entry, key, failure, status.exit_code, cause="input")
             return None
         if fault == "attempt":
             attempts = claim.data["attempts"] + 1
@@ -429,6 +600,8 @@ class Watcher:
             for member in members:  # an earlier batch's verdict, never to be taken for this one's
                 (self.workdir / member.key / "output.mp4.error.json").unlink(missing_ok=True)
         handle = self.runner.start(job)
+        self.metrics.attempts.add(len(members))
+        self.metrics.job_running(handle)
         members = self._record_all(members, job=handle)
         for member in members:
             log.info("%s: attempt %d started as %s%s", redact(shown(member.entry.name)), member.claim.data["attempts"] + 1,
@@ -522,7 +695,7 @@ class Watcher:
             other = redact(shown(str(held[0].get("input"))))
             self._quarantine(
                 claim, entry, key, f"its output name {redact(shown(target))} is already taken by the input {other}", None,
-                "rename one of the two inputs and upload it again",
+                "rename one of the two inputs and upload it again", cause="output_name",
             )
             return
         newer = self._newer_upload(entry, held[0] if held else None)
@@ -546,6 +719,9 @@ class Watcher:
         self.output.upload(target, local / "output.mp4")
         self._upload_logs(key, self._job_folder(claim, key))
         claim.update(step="done", output=target)
+        self.metrics.done.add(1)
+        if report is not None:
+            self.metrics.delivered(json.loads(report.read_text()))  # the public one: what a user sees too
         log.info("%s: done -> %s", redact(shown(entry.name)), redact(shown(target)))
         if self.cfg.delete_inputs:
             self.input.delete(entry.name, entry.etag)
@@ -584,8 +760,10 @@ class Watcher:
 
     def _quarantine(
         self, claim: Claim, entry: Entry, key: str, reason: str, exit_code: int | None,
-        what_to_do: str = "fix or replace the input and upload it again (a new upload is a new job)",
+        what_to_do: str = "fix or replace the input and upload it again (a new upload is a new job)", *, cause: str,
     ) -> None:
+        """Copy the input (where this host has it) and a record a person can read to quarantine;
+        ``cause`` is the reason in one word, for the metrics."""
         local = self.workdir / key
         copy = self._input_copy(key, entry.name)
         kept = copy.is_file()
@@ -611,6 +789,7 @@ class Watcher:
         self.work.upload(f"quarantine/{key}/error.json", error_file)
         self._upload_logs(key, self._job_folder(claim, key))
         claim.update(step="quarantined", reason=reason, exit_code=exit_code)
+        self.metrics.quarantined.add(1, {"reason": cause})
         log.warning("%s: quarantined (%s)", redact(shown(entry.name)), redact(reason))
         if self.cfg.delete_inputs and kept:
             # Only once its copy is in quarantine: a name refused unread (not a video name, or
@@ -699,6 +878,16 @@ class Watcher:
             thread.join()
 
 
+def _container_url(area: Area) -> str:
+    if not isinstance(area, BlobArea):
+        raise ConfigError("intake=queue needs the input area in blob storage (storage=blob)")
+    return str(area.client.url)
+
+
+def _prefix(area: Area) -> str:
+    return str(getattr(area, "prefix", ""))
+
+
 def _video_error(path: Path) -> tuple[int, str] | None:
     """A batch job's verdict on one video that failed alone (``<output>.error.json``): its exit
     code and one-line reason, or None if there is none (or it is unreadable)."""
@@ -728,6 +917,25 @@ def make_runner(cfg: DictConfig) -> Runner:
     raise ConfigError(f"runner.kind must be local or slurm, not {runner.kind!r}")
 
 
+def tick_every(watcher: Watcher, seconds: float) -> None:
+    """Tick until SIGTERM or SIGINT, each tick starting ``seconds`` after the last began (at
+    once if it took longer). A tick that fails as a whole (storage down) is logged and counted,
+    and the next one tries again."""
+    # SIGTERM (systemctl stop, kill) stops it as Ctrl-C does: the tick under way gives its claims
+    # up (its jobs run on, to be followed, as a killed watcher's are) and the last figures go out.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        while True:
+            began = time.monotonic()
+            try:
+                watcher.tick()
+            except MpistyleError as err:
+                log.error("tick: %s", redact(first_line(err)))
+            time.sleep(max(0.0, began + seconds - time.monotonic()))
+    except KeyboardInterrupt:
+        log.info("stopped")
+
+
 @hydra.main(config_path="pkg://mpistyle.configs", config_name="watch", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s [mpistyle-watch] %(levelname)s %(message)s", stream=sys.stderr)
@@ -736,7 +944,14 @@ def _hydra_main(cfg: DictConfig) -> None:
     try:
         watch_config.check(cfg)
         areas = {label: open_area(label, cfg.storage[label]) for label in watch_config.AREAS}
-        counts = Watcher(cfg, areas, make_runner(cfg)).tick()
+        runner = make_runner(cfg)
+        intake = EventQueue(cfg.storage.queue.url, cfg.storage.queue.credential_env) if cfg.intake == "queue" else None
+        with watch_metrics.exported(cfg) as metrics:
+            watcher = Watcher(cfg, areas, runner, intake=intake, metrics=metrics)
+            if cfg.every is not None:
+                tick_every(watcher, cfg.every)
+                return
+            counts = watcher.tick()
     except MpistyleError as err:
         log.error("error: %s", redact(first_line(err)))
         sys.exit(err.exit_code)
@@ -746,6 +961,11 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["status"]:
+        # Before Hydra, which would take "status" and the flags for overrides of its own.
+        from .status import main as status_main
+
+        status_main(sys.argv[2:])  # exits
     from ..cli import check_overrides
 
     watch_config.register()
