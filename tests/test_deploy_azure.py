@@ -6,7 +6,6 @@ secure account settings, and outputs the watcher's own config accepts; and deplo
 against a stand-in `az`. (bash -n and shellcheck of deploy.sh: test_sbatch_script.py.)"""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -285,12 +284,9 @@ def test_outputs_are_the_watcher_settings(template: Template) -> None:
 
 
 def test_the_watcher_accepts_the_settings(template: Template) -> None:
-    """The overrides compose into the watcher's own config and pass its checks. The queue keys join
-    once the watcher has intake= (point 1 of the same issue); from then on they must compose too."""
+    """The overrides compose into the watcher's own config and pass its checks, the queue intake
+    included."""
     overrides = template.outputs()["watcherOverrides"].split()
-    has_intake = "intake" in {f.name for f in dataclasses.fields(watch_config.WatchConfig)}
-    if not has_intake:
-        overrides = [o for o in overrides if not o.startswith(("intake=", "storage.queue."))]
     watch_config.register()
     with initialize_config_module(config_module="mpistyle.configs", version_base="1.3"):
         cfg = compose(config_name="watch", overrides=overrides)
@@ -298,6 +294,7 @@ def test_the_watcher_accepts_the_settings(template: Template) -> None:
     for area in watch_config.AREAS:
         assert cfg.storage[area].kind == "blob" and cfg.storage[area].url.startswith("https://")
         assert cfg.storage[area].credential_env  # unset in the environment: DefaultAzureCredential
+    assert cfg.intake == "queue" and cfg.storage.queue.url.startswith("https://")
 
 
 # -- the linter ------------------------------------------------------------------------------------
