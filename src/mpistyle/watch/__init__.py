@@ -7,6 +7,8 @@ the results back.
   folder): ``input`` (new videos; read and list), ``output`` (finished videos, reports,
   previews; create and write), ``work`` (the watcher's state records, logs and quarantine).
 - ``names.py``: which blob and file names are safe, and the names derived from them.
+- ``sidecar.py``: a video's own settings, from ``<video name>.json`` beside it, checked against
+  the watcher's allow-list.
 - ``config.py``: the typed schema of configs/watch.yaml (and its ``storage/`` and ``runner/``
   groups), and the checks a type cannot express.
 """
