@@ -104,10 +104,12 @@ def test_a_jsonl_setting_takes_one_kind_of_value_and_never_code_or_an_interpolat
         {"input": "a.mp4", "output": "3.mp4", "model.style": "5"},
         {"input": "a.mp4", "output": "${oc.env:HOME}.mp4"},
         {"input": "a.mp4", "output": "5.mp4", "model.blend": {"3": 0.5, "19": 0.5}},
+        {"input": "a.mp4", "output": "6.mp4", "temporal.alpha": float("nan")},  # json writes NaN, and reads it
     ]
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    nested, interpolated, text, path, fine = read_inputs(str(jobs), None)
+    nested, interpolated, text, path, fine, nan = read_inputs(str(jobs), None)
+    assert nan.error == "temporal.alpha must be a number, got NaN"
     assert nested.error is not None and nested.error.startswith("model.blend must be style numbers to weights")
     assert interpolated.error is not None and interpolated.error.startswith("video.preset must be a preset's name")
     assert text.error == 'model.style must be a whole number, got "5"'

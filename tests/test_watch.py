@@ -25,6 +25,8 @@ from conftest import MPI_ENV, TESTS
 from media import audio_packets, decode_all
 
 Watch = Callable[..., subprocess.CompletedProcess[str]]
+# The tests' helpers, then the mpistyle this run imports (a worktree's src/ before the install).
+PYTHONPATH = str(TESTS) + os.pathsep + os.environ.get("PYTHONPATH", "")
 
 
 def watch_command(*overrides: str) -> list[str]:
@@ -34,7 +36,7 @@ def watch_command(*overrides: str) -> list[str]:
 def run_watch(
     cwd: Path, *overrides: str, env: dict[str, str] | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:
-    full_env = {**os.environ, **MPI_ENV, "PYTHONPATH": str(TESTS) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
+    full_env = {**os.environ, **MPI_ENV, "PYTHONPATH": PYTHONPATH, **(env or {})}
     return subprocess.run(watch_command(*overrides), cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -98,15 +100,16 @@ def test_local_flow_good_bad_and_nothing_twice(tmp_path: Path) -> None:
     assert {k: v["step"] for k, v in records.items()} == {"clip.mp4": "done", "sub/clip.mkv": "done", "notes.mp4": "quarantined"}
     bad_key = records["notes.mp4"]["key"]
     error = json.loads((work / "quarantine" / bad_key / "error.json").read_text())
-    assert error["input"] == "notes.mp4" and error["exit_code"] == 3
-    assert "not a video" in error["log_tail"] and "what_to_do" in error
+    # Refused by the probe on the watcher's host, before any job (test_watch_flood.py).
+    assert error["input"] == "notes.mp4" and error["exit_code"] == 3 and starts(records["notes.mp4"]) == 0
+    assert "not a video" in error["reason"] and "what_to_do" in error
     assert (work / "quarantine" / bad_key / "input.mp4").read_text() == "this is not a video"  # a fixed name
     assert (work / "logs" / records["clip.mp4"]["key"] / "job.log").exists()
     assert not (tmp_path / "scratch" / records["clip.mp4"]["key"]).exists()  # local copies cleaned
 
     second = run_watch(tmp_path, *local_overrides(tmp_path))
     assert second.returncode == 0
-    assert all(starts(r) == 1 for r in states(work).values())
+    assert {name: starts(r) for name, r in states(work).items()} == {"clip.mp4": 1, "sub/clip.mkv": 1, "notes.mp4": 0}
     assert "started" not in second.stderr
 
 
@@ -131,7 +134,7 @@ def test_two_watchers_at_once_process_each_video_once(tmp_path: Path, max_batch:
     overrides = local_overrides(tmp_path, f"max_batch={max_batch}")
     for index in range(4):
         make_video(tmp_path / "inbox" / f"clip{index}.mp4", frames=6)
-    env = {**os.environ, **MPI_ENV, "PYTHONPATH": str(TESTS)}
+    env = {**os.environ, **MPI_ENV, "PYTHONPATH": PYTHONPATH}
     watchers = [
         subprocess.Popen(watch_command(*overrides), cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)
     ]
@@ -150,7 +153,7 @@ def test_a_killed_watcher_is_taken_over_after_its_lease(tmp_path: Path) -> None:
     of the input, so a later tick starts it again and it resumes from the staged GOPs."""
     overrides = local_overrides(tmp_path, "lease_s=8", "retry_backoff_s=0.1")
     make_video(tmp_path / "inbox" / "clip.mp4", frames=40, width=320, height=180, gop=4)
-    env = {**os.environ, **MPI_ENV, "PYTHONPATH": str(TESTS)}
+    env = {**os.environ, **MPI_ENV, "PYTHONPATH": PYTHONPATH}
     first = subprocess.Popen(
         watch_command(*overrides), cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
@@ -317,7 +320,7 @@ def test_blob_flow_two_watchers_quarantine_and_no_secrets(azurite: Azurite, tmp_
         inputs.upload_blob(name, data)
     scratch = tmp_path / "scratch"
     command = watch_command(*overrides, f"workdir={scratch}")
-    full_env = {**os.environ, **MPI_ENV, "PYTHONPATH": str(TESTS), **env}
+    full_env = {**os.environ, **MPI_ENV, "PYTHONPATH": PYTHONPATH, **env}
     watchers = [subprocess.Popen(command, cwd=tmp_path, env=full_env, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     logs = [w.communicate(timeout=300)[1] for w in watchers]
     assert all(w.returncode == 0 for w in watchers), logs
@@ -331,10 +334,10 @@ def test_blob_flow_two_watchers_quarantine_and_no_secrets(azurite: Azurite, tmp_
     work_names = [b.name for b in work.list_blobs()]
     records = [json.loads(work.download_blob(n).readall()) for n in work_names if n.startswith("state/")]
     assert sorted((r["input"], r["step"], starts(r)) for r in records) == [
-        ("again/clip.mp4", "done", 1), ("clip.mp4", "done", 1), ("corrupt.mp4", "quarantined", 1)
+        ("again/clip.mp4", "done", 1), ("clip.mp4", "done", 1), ("corrupt.mp4", "quarantined", 0)  # probed: no job
     ]
     assert any(n.startswith("quarantine/") and n.endswith("/error.json") for n in work_names)
-    assert sum(log.count("started as") for log in logs) == 3
+    assert sum(log.count("started as") for log in logs) == 2
 
     # No secret anywhere: watcher logs, every file left under the test folder, every blob written.
     secrets = [*env.values(), KEY, *(v.split("sig=")[1].split("&")[0] for v in env.values())]
@@ -394,7 +397,7 @@ def test_thirty_videos_through_two_concurrent_watchers(tmp_path: Path) -> None:
     for index in range(30):
         path = make_video(tmp_path / "inbox" / f"v{index:02d}.mp4", frames=3 + index % 4, width=32, height=24, gop=3)
         sources[path.name] = len(decode_all(path)[0])
-    env = {**os.environ, **MPI_ENV, "PYTHONPATH": str(TESTS)}
+    env = {**os.environ, **MPI_ENV, "PYTHONPATH": PYTHONPATH}
     watchers = [
         subprocess.Popen(watch_command(*overrides), cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True) for _ in range(2)
     ]

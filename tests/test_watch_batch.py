@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -20,9 +21,10 @@ from mpistyle.watch import config as watch_config
 from mpistyle.watch.areas import LocalArea
 from mpistyle.watch.names import job_name
 from slurm_cluster import SlurmCluster
-from test_watch import local_overrides, run_watch, starts, states, watch_command
+from test_bad_inputs import _corrupt_packets
+from test_watch import PYTHONPATH, local_overrides, run_watch, starts, states, watch_command
 
-from conftest import MPI_ENV, TESTS
+from conftest import MPI_ENV
 from media import decode_all
 
 watch_config.register()
@@ -70,26 +72,29 @@ def test_a_ticks_uploads_run_as_one_job_and_are_each_delivered(tmp_path: Path) -
 
 
 def test_a_poison_video_is_quarantined_and_the_rest_of_its_batch_delivered(tmp_path: Path) -> None:
-    overrides = local_overrides(tmp_path, "max_batch=3")
+    # Damaged packets pass the watcher's probe (it reads the index, decodes nothing); with
+    # on_damage=fail the batch job refuses the video while scoring it.
+    overrides = local_overrides(tmp_path, "max_batch=3", "job_overrides=['on_damage=fail']")
     make_video(tmp_path / "inbox" / "good1.mp4", frames=6)
-    (tmp_path / "inbox" / "poison.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 but nothing a decoder can read" * 50)
+    shutil.copyfile(_corrupt_packets(tmp_path), tmp_path / "inbox" / "poison.mkv")
     make_video(tmp_path / "inbox" / "good2.mp4", frames=4)
     done = run_watch(tmp_path, *overrides)
     assert done.returncode == 0, done.stderr
 
     records = states(tmp_path / "work")
     assert {name: r["step"] for name, r in records.items()} == {
-        "good1.mp4": "done", "poison.mp4": "quarantined", "good2.mp4": "done"
+        "good1.mp4": "done", "poison.mkv": "quarantined", "good2.mp4": "done"
     }
     assert len({r["job"] for r in records.values()}) == 1 and all(starts(r) == 1 for r in records.values())
     assert len(decode_all(tmp_path / "outbox" / "good1.mp4")[0]) == 6
     assert len(decode_all(tmp_path / "outbox" / "good2.mp4")[0]) == 4
     assert sorted(p.name for p in (tmp_path / "outbox").iterdir() if p.suffix == ".mp4") == ["good1.mp4", "good2.mp4"]
-    key = records["poison.mp4"]["key"]
+    key = records["poison.mkv"]["key"]
     error = json.loads((tmp_path / "work" / "quarantine" / key / "error.json").read_text())
     # The batch's own reason for this video, not the job's: quarantined at once (exit 3).
     assert error["exit_code"] == 3 and error["reason"].startswith("the input is not a usable video: ")
-    assert error["attempts"] == 0 and (tmp_path / "work" / "quarantine" / key / "input.mp4").exists()
+    assert "damaged" in error["reason"] and "poison.mkv" in error["reason"]
+    assert error["attempts"] == 0 and (tmp_path / "work" / "quarantine" / key / "input.mkv").exists()
     assert not files_left(tmp_path / "scratch")
 
 
@@ -145,8 +150,9 @@ def test_a_batch_through_the_real_slurm(slurm: SlurmCluster, tmp_path: Path) -> 
     (tmp_path / "inbox" / "poison.mp4").write_bytes(b"not a video at all" * 100)
     env = {**slurm.env(), "MPISTYLE_PYTHON": sys.executable}
     first = run_watch(tmp_path, *watch, env=env)
-    assert first.returncode == 0 and first.stderr.count("started as slurm:") == 2, first.stderr
-    assert len({r["job"] for r in states(tmp_path / "work").values()}) == 1
+    # The poison never reaches Slurm (the watcher's probe refuses it); the good one is a batch of one.
+    assert first.returncode == 0 and first.stderr.count("started as slurm:") == 1, first.stderr
+    assert states(tmp_path / "work")["poison.mp4"]["step"] == "quarantined"
     deadline = time.monotonic() + 240
     while {r["step"] for r in states(tmp_path / "work").values()} & {"submitted", "finished"}:
         assert time.monotonic() < deadline, states(tmp_path / "work")
@@ -167,7 +173,7 @@ def test_a_watcher_killed_mid_batch_leaves_the_job_to_the_next_watcher(tmp_path:
     )
     for index in range(2):
         make_video(tmp_path / "inbox" / f"clip{index}.mp4", frames=8)
-    env = {**os.environ, **MPI_ENV, "PYTHONPATH": str(TESTS)}
+    env = {**os.environ, **MPI_ENV, "PYTHONPATH": PYTHONPATH}
     first = subprocess.Popen(watch_command(*overrides), cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not all((records := states(tmp_path / "work")).get(f"clip{i}.mp4", {}).get("job") for i in range(2)):

@@ -23,7 +23,7 @@ from mpistyle.watch.areas import open_area
 from mpistyle.watch.runners import DEFAULT_SBATCH_SCRIPT, JobSpec, JobStatus, Runner, blame
 from mpistyle.watch.watcher import Watcher, make_runner
 from slurm_cluster import SlurmCluster
-from test_watch import local_overrides, run_watch, starts, states, watch_command
+from test_watch import PYTHONPATH, local_overrides, run_watch, starts, states, watch_command
 
 from conftest import MPI_ENV, TESTS
 from media import decode_all
@@ -137,7 +137,7 @@ def test_no_credential_reaches_a_slurm_job(slurm: SlurmCluster, tmp_path: Path, 
 def test_a_watcher_killed_mid_job_leaves_the_job_to_the_next_watcher(tmp_path: Path) -> None:
     overrides = local_overrides(tmp_path, "lease_s=3", model("slow", seconds=0.5))
     make_video(tmp_path / "inbox" / "clip.mp4", frames=12)
-    env = {**os.environ, **MPI_ENV, "PYTHONPATH": str(TESTS)}
+    env = {**os.environ, **MPI_ENV, "PYTHONPATH": PYTHONPATH}
     first = subprocess.Popen(watch_command(*overrides), cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not (record := states(tmp_path / "work").get("clip.mp4", {})).get("job"):
@@ -286,7 +286,8 @@ class FakeRunner(Runner):
 def fake_watcher(tmp_path: Path, status: JobStatus, *overrides: str, videos: int = 1, seconds: float = 0.0) -> Watcher:
     cfg = watch_cfg(*local_overrides(tmp_path, *overrides))
     for index in range(videos):
-        (tmp_path / "inbox" / f"clip{index}.mp4").write_bytes(b"not scored: the runner is a fake")
+        # A real video: the watcher probes each before its job (the fake runner scores none).
+        make_video(tmp_path / "inbox" / f"clip{index}.mp4", frames=2, width=32, height=24, audio=0)
     areas = {label: open_area(label, cfg.storage[label]) for label in ("input", "output", "work")}
     return Watcher(cfg, areas, FakeRunner(status, seconds), owner="test:1")
 

@@ -398,12 +398,13 @@ def test_an_older_blob_finishing_late_is_superseded(blob_areas: Any, tmp_path: P
     assert areas["work"].create_json(f"state/{key1}.json", record)
     (tmp_path / "scratch" / key1).mkdir(parents=True)
     (tmp_path / "scratch" / key1 / "output.mp4").write_bytes(b"v1's result")
-    inputs.upload_blob("clip.mp4", b"version 2", overwrite=True)
+    version2 = make_video(tmp_path / "v2.mp4", frames=2, width=32, height=24).read_bytes()  # probed before its job
+    inputs.upload_blob("clip.mp4", version2, overwrite=True)
     assert watcher.tick() == {"done": 1}
 
     assert watcher.advance(v1) == "superseded"
     outputs = blob_areas.service.get_container_client("late-output")
-    assert outputs.download_blob("clip.mp4").readall() == b"version 2"
+    assert outputs.download_blob("clip.mp4").readall() == version2
     assert areas["work"].read_json(f"state/{key1}.json")[0]["step"] == "superseded"
 
 

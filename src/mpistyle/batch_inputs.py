@@ -15,6 +15,7 @@ before any work.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,8 @@ from .errors import ConfigError
 
 
 def _number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    # Finite: json reads NaN and Infinity, which no setting means.
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _whole(value: object) -> bool:
@@ -163,12 +165,19 @@ def _entry(where: str, entry: object, base: Path, out_dir: Path | None) -> Batch
             error=f"sets {', '.join(refused)}, which a batch line may not (allowed: {', '.join(sorted(PER_VIDEO_SETTINGS))})",
         )
     for key, value in entry.items():
-        takes, kind = _SETTINGS[key]
-        if not takes(value):
-            return BatchItem(where, video_path, output_path, error=f"{key} must be {kind}, got {json.dumps(value)[:80]}")
+        error = setting_error(key, value)
+        if error is not None:
+            return BatchItem(where, video_path, output_path, error=error)
     settings = {key: str(_resolve(base, value)) if key in _PATH_SETTINGS and isinstance(value, str) else value
                 for key, value in entry.items()}
     return _checked(BatchItem(where, video_path, output_path, settings))
+
+
+def setting_error(key: str, value: object) -> str | None:
+    """Why ``value`` cannot be the per-video setting ``key`` (one of :data:`PER_VIDEO_SETTINGS`),
+    or None: the one check of a setting's value, for a batch line and the watcher's settings files."""
+    takes, kind = _SETTINGS[key]
+    return None if takes(value) else f"{key} must be {kind}, got {json.dumps(value)[:80]}"
 
 
 def _resolve(base: Path, path: str) -> Path:

@@ -25,8 +25,8 @@ import av
 import av.error
 import numpy as np
 
-from .errors import ConfigError, InputError
-from .formats import FORMAT_WHITELIST, PROTOCOL_WHITELIST, describe
+from .errors import ConfigError, InputError, first_line
+from .formats import FORMAT_WHITELIST, PICTURE_WHITELIST, PROTOCOL_WHITELIST, describe
 from .segment import Segment
 
 log = logging.getLogger(__name__)
@@ -262,6 +262,44 @@ def probe(path: str, limits: Limits | None = None) -> VideoInfo:
         )
     _check_pixel_rate(info, limits.pixel_rate)
     return info
+
+
+def open_picture(path: Path, max_pixels: int | None = None) -> av.container.InputContainer:
+    """Open a picture (a style image) for reading: that one file, through the ``file`` protocol
+    alone, with a single-picture demuxer or an allowed video one (a video gives its first frame).
+    With ``max_pixels``, FFmpeg decodes nothing larger while it opens the file (it decodes the
+    picture to learn its size): the stream's size is then 0 x 0."""
+    # pattern_type=none: image2 reads a name like img%03d.png as that one file, never a sequence.
+    options = {"protocol_whitelist": PROTOCOL_WHITELIST, "format_whitelist": PICTURE_WHITELIST, "pattern_type": "none"}
+    streams = {"max_pixels": str(max_pixels)} if max_pixels is not None else {}
+    return av.open("file:" + str(path.absolute()), "r", container_options=options, options=streams,
+                   timeout=(_OPEN_TIMEOUT_S, _READ_TIMEOUT_S))
+
+
+def probe_picture(path: str, limits: Limits | None = None) -> tuple[int, int]:
+    """Check that ``path`` is a picture the style-image reader takes, within ``limits`` (its
+    bytes, and its pixels before anything larger is decoded), by decoding its first frame as
+    the reader does; its width and height. :class:`InputError` says what is wrong."""
+    limits = limits or Limits()
+    file = Path(path)
+    if not file.is_file():
+        raise InputError(f"{path} is not there (or not a regular file)")
+    size = file.stat().st_size
+    if size == 0:
+        raise InputError(f"{path} is empty (0 bytes)")
+    if limits.bytes is not None and size > limits.bytes:
+        raise InputError(f"{path} is {size} bytes, over the limit of {limits.bytes} for a picture")
+    try:
+        with open_picture(file, limits.pixels) as container:
+            stream = container.streams.video[0] if container.streams.video else None
+            if stream is None or not stream.codec_context.width * stream.codec_context.height:
+                over = f", or over limits.pixels={limits.pixels}" if limits.pixels is not None else ""
+                raise InputError(f"{path} is not a picture FFmpeg can read{over}")
+            frame = next(container.decode(stream))
+    except (av.error.FFmpegError, OSError, ValueError, StopIteration) as err:
+        reason = first_line(err) if str(err).strip() else "no picture in it"
+        raise InputError(f"{path} cannot be read as a picture: {reason}") from None
+    return frame.width, frame.height
 
 
 def _dropped(stream: av.stream.Stream, video: av.VideoStream) -> bool:

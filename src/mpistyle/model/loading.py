@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, ModelError, first_line
-from ..formats import PICTURE_WHITELIST, PROTOCOL_WHITELIST
+from ..video import open_picture
 from .arbitrary import STYLE_SIDE, ArbitraryStyleNet, StylePredictor, square_resize
 from .checksums import ARBITRARY_PREDICT_SHA256, ARBITRARY_TRANSFORM_SHA256, MULTISTYLE_SHA256, VGG19_SHA256
 from .frame_model import ValueRange
@@ -230,14 +230,18 @@ def read_style_image(style_image: str | None) -> torch.Tensor:
         raise ModelError(f"style image not found: {path}")
     # Single pictures and single-file videos only, read from that file alone: a playlist or an
     # image pattern named as the style image must not make the job read other files.
-    options = {"protocol_whitelist": PROTOCOL_WHITELIST, "format_whitelist": PICTURE_WHITELIST, "pattern_type": "none"}
     try:
-        with av.open("file:" + str(path.absolute()), container_options=options, timeout=30.0) as container:
+        with open_picture(path) as container:
             rgb = next(container.decode(video=0)).to_ndarray(format="rgb24")
     except (av.FFmpegError, OSError, ValueError, IndexError, StopIteration) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else "no picture in it"
         raise ModelError(f"cannot read the style image {path} as a picture: {reason}") from None
     return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float().div_(255.0)
+
+
+def check_style_strength(style_strength: float) -> None:
+    if not 0.0 <= style_strength <= 1.0:
+        raise ConfigError(f"model.style_strength must be between 0 and 1, got {style_strength}")
 
 
 def load_style_predictor(
@@ -266,8 +270,7 @@ def load_arbitrary(
     ``style_strength`` below 1 the predictor stays in the model, to mix each frame's own style
     vector into the painting's (0: the frame's own style, 1: the painting's).
     """
-    if not 0.0 <= style_strength <= 1.0:
-        raise ConfigError(f"model.style_strength must be between 0 and 1, got {style_strength}")
+    check_style_strength(style_strength)
     painting = read_style_image(style_image)
     path = Path(transform_weights).expanduser() if transform_weights else _packaged_weights(
         "arbitrary_transform.onnx", "model=arbitrary's", "model.transform_weights=PATH"

@@ -9,6 +9,8 @@ the results back.
 - ``names.py``: which blob and file names are safe, and the names derived from them.
 - ``status.py``: ``mpistyle-watch status``: every state record read, as a table or JSON, and
   which are stuck.
+- ``sidecar.py``: a video's own settings, from ``<video name>.json`` beside it, checked against
+  the watcher's allow-list.
 - ``config.py``: the typed schema of configs/watch.yaml (and its ``storage/`` and ``runner/``
   groups), and the checks a type cannot express.
 """

@@ -4,12 +4,17 @@ from :mod:`mpistyle.config` so the restyling schema and the watcher's change ind
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 
+from hydra import compose, initialize_config_module
 from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
-from ..errors import ConfigError
+from ..errors import ConfigError, first_line
+from . import names, sidecar
 from .runners import SECRET_VARIABLES, is_credential_name
 
 AREAS = ("input", "output", "work")
@@ -127,6 +132,22 @@ class WatchConfig:
     # A state record whose input version is no longer listed (deleted, or replaced by a new
     # upload) and that nobody changed for this long is ended: its local files removed, then it goes.
     sweep_after_s: float = 86400.0
+    # Flood control: no job starts while the runner holds max_active_jobs of the watchers' jobs,
+    # queued or running (Slurm: squeue; local: this host's), nor once a tick has started
+    # max_submit_per_tick; 0: no limit. The videos over either wait, not downloaded, for a later tick.
+    max_active_jobs: int = 100
+    max_submit_per_tick: int = 50
+    # Per-video settings (docs/watch.md): a JSON object in <video name>.json beside the video, which
+    # may set only these keys (each a batch line's per-video setting, or model: one of
+    # settings_models); a refused one quarantines the video, with the reason.
+    settings_allowed: list[str] = field(default_factory=lambda: ["model", "model.style", "model.blend", "model.style_image"])
+    settings_models: list[str] = field(default_factory=lambda: ["multistyle", "arbitrary"])
+    # The input area's folder of pictures that model.style_image names (never taken as videos);
+    # "": no style images.
+    style_images: str = "styles/"
+    # A video without a settings file is taken once this old (seconds since its upload), so a
+    # settings file uploaded just after it is not missed; 0: at once (upload the settings first).
+    settings_wait_s: float = 0.0
 
 
 def register() -> None:
@@ -186,6 +207,14 @@ def check(cfg: DictConfig) -> None:
             )
     if not cfg.job_kill_grace_s >= 0:
         raise ConfigError(f"job_kill_grace_s must be 0 or more, got {cfg.job_kill_grace_s}")
+    for key in ("max_active_jobs", "max_submit_per_tick", "settings_wait_s"):
+        if not cfg[key] >= 0:
+            raise ConfigError(f"{key} must be 0 (no limit) or more, got {cfg[key]}")
+    _check_settings(cfg)
+    try:  # what every job composes: a mistake here is the operator's, said once, not per video
+        job_config(cfg.job_overrides)
+    except ConfigError as err:
+        raise ConfigError(f"job_overrides do not make a job config: {err}") from None
     credentials = credential_names(cfg.storage)
     for name in cfg.runner.env_pass:
         if name in credentials or is_credential_name(name):
@@ -196,3 +225,39 @@ def check(cfg: DictConfig) -> None:
                 f"runner.sbatch_args sets {str(arg).split('=')[0]}, which the watcher sets itself: "
                 "use job_time_limit_s for the time limit, runner.env_pass for the environment"
             )
+
+
+def _check_settings(cfg: DictConfig) -> None:
+    """The per-video settings a watcher may allow: a batch line's, or a model config of the package."""
+    for key in cfg.settings_allowed:
+        if key not in sidecar.ALLOWED:
+            raise ConfigError(f"settings_allowed names {key}, which is no per-video setting "
+                              f"(one of {', '.join(sorted(sidecar.ALLOWED))})")
+    models = sorted(path.name.removesuffix(".yaml") for path in (resources.files("mpistyle.configs") / "model").iterdir()
+                    if path.name.endswith(".yaml"))
+    for model in cfg.settings_models:
+        if model not in models:
+            raise ConfigError(f"settings_models names {model}, which is no model config (one of {', '.join(models)})")
+    folder = cfg.style_images
+    try:
+        if folder:
+            names.check_name(folder.removesuffix("/") if folder.endswith("/") else "", "input")
+    except names.UnsafeName:
+        raise ConfigError(f"style_images must be a folder of the input area ending in '/', like styles/, or '', "
+                          f"got {folder!r}") from None
+
+
+def job_config(overrides: Sequence[str]) -> DictConfig:
+    """The config ``mpistyle`` composes for a job from ``overrides``: what the watcher checks a
+    video against before any job starts (its limits, its own settings). A ConfigError says why
+    it does not compose."""
+    from .. import config as job_schema
+
+    job_schema.register()
+    try:
+        if GlobalHydra.instance().is_initialized():  # inside mpistyle-watch's own @hydra.main
+            return compose("config", overrides=list(overrides))
+        with initialize_config_module("mpistyle.configs", version_base="1.3"):
+            return compose("config", overrides=list(overrides))
+    except Exception as err:  # Hydra and OmegaConf raise many types, all about the overrides
+        raise ConfigError(first_line(err)) from None

@@ -66,8 +66,9 @@ class WatchMetrics:
             "mpistyle.watch.videos.done", "{video}", "Videos delivered to the output area")
         self.quarantined = meter.create_counter(
             "mpistyle.watch.videos.quarantined", "{video}",
-            "Videos quarantined, by reason: name (refused unread), input (not a usable video), attempts "
-            "(max_attempts failed jobs), output_name (another input holds its output name)")
+            "Videos quarantined, by reason: name (refused unread), input (not a usable video, or refused by the "
+            "probe or its settings before any job), attempts (max_attempts failed jobs), output_name (another input "
+            "holds its output name), watcher (intake=queue: watchers died max_attempts times holding its message)")
         self.attempts = meter.create_counter(
             "mpistyle.watch.attempts", "{attempt}", "Jobs started for a video (a batch job counts once for each of its videos)")
         self.failures = meter.create_counter(

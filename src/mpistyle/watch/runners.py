@@ -90,6 +90,11 @@ _MEANINGS = {
 }
 
 
+# Every job the watcher starts is named this and its video's key (or its batch's hash), so
+# that squeue tells the watchers' jobs from others.
+JOB_PREFIX = "mpistyle-"
+
+
 @dataclass(frozen=True)
 class JobSpec:
     """One mpistyle run: the Hydra overrides plus where its files go."""
@@ -174,6 +179,11 @@ class Runner:
         """The handle of ``job`` if it was started but the record missed it (a crash right
         after starting it) and it still runs."""
         return None
+
+    def active(self) -> int:
+        """How many watcher jobs (any watcher's) this runner's scheduler holds, queued or
+        running: what ``max_active_jobs`` bounds. 0 for a runner that holds none between calls."""
+        return 0
 
     def job_env(self, extra: dict[str, str]) -> dict[str, str]:
         """The allow-listed part of this process's environment, plus ``extra``."""
@@ -319,6 +329,11 @@ class LocalRunner(Runner):
                 return str(_LocalHandle.here(pid, proc.start))
         return None
 
+    def active(self) -> int:
+        """The watchers' local jobs on this host that have not ended: each is a session whose
+        leader is the wrapper (a killed watcher's jobs run on, and count)."""
+        return sum(1 for pid in _pids() if _is_wrapper(pid))
+
     def _exit_code(self, job: JobSpec) -> int | None:
         try:
             return int(job.exit_file.read_text().strip())
@@ -381,6 +396,18 @@ def _is_job(pid: int, job: JobSpec) -> bool:
     except OSError:
         return False
     return f"MPISTYLE_RUNS_DIR={job.runs_dir}".encode() in environ
+
+
+def _is_wrapper(pid: int) -> bool:
+    """Whether ``pid`` leads the session of a watcher's local job (its wrapper, alive)."""
+    proc = _proc(pid)
+    if proc is None or proc.session != pid or proc.state == "Z":
+        return False
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return command[:3] == [b"/bin/sh", b"-c", _WRAPPER.encode()]
 
 
 def _duration_s(text: str) -> float | None:
@@ -452,6 +479,12 @@ class SlurmRunner(Runner):
         done = self._run(["squeue", "--noheader", f"--name={job.name}", "--format=%i"])
         ids = done.stdout.split()
         return f"slurm:{ids[0]}" if ids else None
+
+    def active(self) -> int:
+        """This user's watcher jobs Slurm holds, queued or running (squeue lists no ended job):
+        those named as the watcher names them, mpistyle-<video key> or mpistyle-batch-<hash>."""
+        done = self._run(["squeue", "--noheader", f"--user={os.getuid()}", "--format=%j"])
+        return sum(1 for name in done.stdout.splitlines() if name.strip().startswith(JOB_PREFIX))
 
     def poll(self, handle: str, job: JobSpec) -> JobStatus:
         job_id = handle.removeprefix("slurm:")

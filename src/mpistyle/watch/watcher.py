@@ -19,6 +19,13 @@ the same name came first); ``abandoned`` (the input went before its job ended). 
 is not the input's fault (staging full, a failed node, ...) is retried on a later tick with
 backoff (:func:`mpistyle.watch.runners.blame`), and the others carry on.
 
+Before any job, a video is checked on this host as its job will check it (:meth:`Watcher._stage`):
+its settings file ``<name>.json`` (:mod:`.sidecar`), which becomes its job's overrides and is
+part of its job key, its style image, and the project's probe with the jobs' own ``limits.*``.
+What the job would refuse is quarantined here. Flood control (:meth:`Watcher._held`): no job
+starts while the runner holds ``max_active_jobs``, nor past ``max_submit_per_tick`` a tick; the
+videos wait, not downloaded ("held").
+
 With ``max_batch`` > 1, the videos of a tick that are ready to start run together, up to
 ``max_batch`` at a time, as one batch job (``inputs=`` a JSONL file in ``workdir/batches/``):
 each record still moves on its own, by its own outcome in the batch (its output, or its
@@ -55,18 +62,22 @@ from typing import Any, TypeVar
 import hydra
 from omegaconf import DictConfig
 
-from ..errors import ConfigError, MpistyleError, SomeVideosFailed, StorageError, first_line
+from ..config import plain
+from ..errors import ConfigError, InputError, MpistyleError, SomeVideosFailed, StorageError, first_line
 from ..files import write_atomic
 from ..formats import VIDEO_SUFFIXES
 from ..report import public_report
 from ..secrets import redact
+from ..video import Limits, probe, probe_picture
 from . import config as watch_config
 from . import metrics as watch_metrics
+from . import sidecar
 from .areas import Area, BlobArea, Entry, StateConflict, open_area
 from .intake import Event, EventQueue, Message, Unusable, blob_created, read, revisited
 from .names import UnsafeName, is_job_key, job_name, output_name, shown, suffix_of
 from .runners import (
     DEFAULT_SBATCH_SCRIPT,
+    JOB_PREFIX,
     JobSpec,
     JobStatus,
     LocalRunner,
@@ -82,6 +93,10 @@ FINAL = ("done", "quarantined", "superseded", "abandoned")
 # Delivered beside each video, under its name plus these.
 _SIDE_FILES = (".report.json", ".preview.png")
 _BATCH_NAME = re.compile(r"[0-9a-f]{16}")  # workdir/batches/<name>/: a hash of its videos' keys
+_WITHIN_LIMITS = (
+    "upload a video within the limit the reason names, or ask whoever runs the watcher to raise it (limits.* in "
+    "job_overrides); a new upload is a new job"
+)
 T = TypeVar("T")
 
 
@@ -137,6 +152,15 @@ class Taken:
     outcome: str = "ignored"
 
 
+class _Refused(Exception):
+    """What the video's job would refuse, found on this host before any job: the video is
+    quarantined at once, with the reason and what to do."""
+
+    def __init__(self, reason: str, what_to_do: str) -> None:
+        super().__init__(reason)
+        self.reason, self.what_to_do = reason, what_to_do
+
+
 class Watcher:
     def __init__(
         self, cfg: DictConfig, areas: dict[str, Area], runner: Runner, owner: str | None = None,
@@ -149,6 +173,11 @@ class Watcher:
         self.workdir = Path(cfg.workdir).expanduser().absolute()
         self.intake = intake
         self.metrics = metrics or watch_metrics.WatchMetrics()
+        self._sidecars: dict[str, Entry] = {}  # the listed settings files, by their video's name
+        self._limits: Limits | None = None  # the jobs' limits.*, composed once
+        # Flood control, per tick: the jobs this tick started, why it may start no more, and the
+        # runner's count of active jobs when the tick first asked.
+        self._started, self._full, self._active = 0, "", -1
 
     def tick(self) -> dict[str, int]:
         """Move the videos on (every one listed, or those the queue's events name); returns how
@@ -162,8 +191,9 @@ class Watcher:
     def _tick(self) -> dict[str, int]:
         began = time.monotonic()
         self.metrics.tick_started()
+        self._started, self._full, self._active = 0, "", -1
         if self.intake is None:
-            entries = self.input.list()
+            entries = self._videos(self.input.list())
             reached, swept = self._listed(entries, entries)
             unreached = len(entries) - len(reached)
         else:
@@ -232,15 +262,28 @@ class Watcher:
         except Unusable as why:
             log.warning("queue message %s ignored: %s", item.message.id, why)
             return "ignored"
+        name = created.name
+        if self.cfg.style_images and name.startswith(self.cfg.style_images):
+            return "ignored"  # a picture for model.style_image: read with the video that names it
+        if sidecar.is_sidecar(name):
+            name = name.removesuffix(sidecar.SUFFIX)  # its video's settings changed: a new version of it
         try:
-            entry = self.input.version(created.name)
+            entry = self.input.version(name)
         except UnsafeName:
             # Never read: quarantined by its name alone, as a listing would have it.
-            entry = Entry(created.name, created.etag or created.event_id, 0)
+            entry = Entry(name, created.etag or created.event_id, 0)
         if entry is None:
-            log.info("%s: gone before its event was read", redact(shown(created.name)))
+            log.info("%s: gone before its event was read", redact(shown(name)))
             return "gone"
-        item.key = job_name(entry.name, entry.etag)
+        self._sidecars.pop(entry.name, None)
+        if not sidecar.is_sidecar(entry.name):
+            try:
+                settings = self.input.version(entry.name + sidecar.SUFFIX)
+            except UnsafeName:
+                settings = None
+            if settings is not None:
+                self._sidecars[entry.name] = settings
+        item.key = self._key(entry)
         # Receives nobody accounted for: a watcher that died (or was killed) holding it.
         lost = item.message.dequeue_count - 1 - item.event.revisits
         poison = None
@@ -281,9 +324,9 @@ class Watcher:
         if found and time.time() - last < self.cfg.reconcile_every_s:
             return [], []
         started = time.time()
-        entries = self.input.list()
+        entries = self._videos(self.input.list())
         since_ns = int((last - self.cfg.lease_s) * 1e9) if last else 0
-        fresh = [entry for entry in entries if entry.modified >= since_ns]
+        fresh = [entry for entry in entries if max(entry.modified, self._settings_modified(entry)) >= since_ns]
         log.info("reconciling: %d blob(s) listed, %d written since the last listing", len(entries), len(fresh))
         outcomes = self._listed(entries, fresh)
         data = {"listed_at": started, "by": self.owner, "at": _now()}
@@ -295,6 +338,23 @@ class Watcher:
         except StateConflict:
             pass  # another watcher listed at the same time
         return outcomes
+
+    def _videos(self, listed: list[Entry]) -> list[Entry]:
+        """The listed names the tick takes on (a video, or a name to refuse): not the settings
+        files (kept, by their video's name, for its job key) nor the pictures in style_images."""
+        self._sidecars = {e.name.removesuffix(sidecar.SUFFIX): e for e in listed if sidecar.is_sidecar(e.name)}
+        folder = self.cfg.style_images
+        return [e for e in listed if not sidecar.is_sidecar(e.name) and not (folder and e.name.startswith(folder))]
+
+    def _settings_modified(self, entry: Entry) -> int:
+        settings = self._sidecars.get(entry.name)
+        return settings.modified if settings is not None else 0
+
+    def _key(self, entry: Entry) -> str:
+        """The job key of this version of the video: its name and etag, and its settings file's
+        etag, so that a changed settings file is a new version (a new job)."""
+        settings = self._sidecars.get(entry.name)
+        return job_name(entry.name, entry.etag if settings is None else f"{entry.etag}\0settings\0{settings.etag}")
 
     def _guarded(self, name: str, work: Callable[[], str]) -> str:
         """``work``'s outcome for the video ``name``, or "error", logged: one bad video (name,
@@ -323,15 +383,18 @@ class Watcher:
         """Move the video on as far as this tick can. With ``queue``, a video ready to start is
         put on it instead, its claim still held, for :meth:`_run_batch` ("queued"). With
         ``poison`` (a reason and what to do), it is quarantined instead, once claimed."""
-        key = job_name(entry.name, entry.etag)
+        key = self._key(entry)
         record = f"state/{key}.json"
         lease_until = time.time() + self.cfg.lease_s
         existing = self.work.read_json(record)
+        settings = self._sidecars.get(entry.name)
         if existing is None:
+            if settings is None and time.time_ns() - entry.modified < self.cfg.settings_wait_s * 1e9:
+                return "waiting"  # its settings file may be on its way (settings_wait_s)
             data = {
                 "input": entry.name, "etag": entry.etag, "size": entry.size, "key": key, "job": None, "step": "claimed",
                 "owner": self.owner, "lease_until": lease_until, "attempts": 0, "created": _now(),
-                "history": [{"step": "claimed", "at": _now()}],
+                "history": [{"step": "claimed", "at": _now()}], "settings_etag": settings.etag if settings else None,
             }
             etag = self.work.create_json(record, data)
             if etag is None:
@@ -363,10 +426,10 @@ class Watcher:
                 if refusal is not None:
                     # Never downloaded: neither its bytes nor its name go anywhere but quarantine.
                     reason, what_to_do = refusal
-                    self._quarantine(claim, entry, key, reason, None, what_to_do, cause="name")
+                    self._quarantine(claim, entry, key, reason, None, what_to_do, cause="watcher" if poison else "name")
                     self._clean_local(key)
                     return claim.data["step"]
-                outcome = self._run_steps(claim, entry, key, batching=queue is not None)
+                outcome = self._run_steps(claim, entry, key, batching=queue is not None, joining=bool(queue))
             except StateConflict:
                 log.warning("%s: another watcher took over; leaving it to them", redact(shown(entry.name)))
                 return "taken"
@@ -390,13 +453,14 @@ class Watcher:
         back from a record (a record is data anyone with work-area access can write)."""
         return self.workdir / key / f"input{suffix_of(name)}"
 
-    def _run_steps(self, claim: Claim, entry: Entry, key: str, batching: bool = False) -> str:
+    def _run_steps(self, claim: Claim, entry: Entry, key: str, batching: bool = False, joining: bool = False) -> str:
         """Move the video on, step by step, to a final state or to one that waits for a later
-        tick (returned: "waiting", "running", "failed", "retrying", "stuck"), or, ``batching``,
-        to the start of a job it shares with others ("queued")."""
+        tick (returned: "waiting", "held", "running", "failed", "retrying", "stuck"), or,
+        ``batching``, to the start of a job it shares with others ("queued"; ``joining``: one
+        that others already wait for)."""
         while claim.data["step"] not in FINAL:
             step = claim.data["step"]
-            if step == "staged" and not self._input_copy(key, entry.name).is_file():
+            if step == "staged" and not self._staged_here(claim, entry, key):
                 claim.update(step="claimed")  # the local copy is gone (another host, a wiped workdir)
                 continue
             if step == "finished" and not (self.workdir / key / "output.mp4").is_file():
@@ -404,9 +468,10 @@ class Watcher:
                 continue
             paused: str | None = None
             if step == "claimed":
-                self._stage(claim, entry, key)
+                # Not downloaded while no job could start: a flood of uploads waits in the input area.
+                paused = self._held(joining) or self._stage(claim, entry, key)
             elif step == "staged":
-                paused = self._start(claim, entry, key, batching)
+                paused = self._start(claim, entry, key, batching, joining)
             elif step == "submitted":
                 paused = self._follow(claim, entry, key)
             elif step == "finished":
@@ -418,16 +483,162 @@ class Watcher:
         self._clean_local(key)
         return claim.data["step"]
 
-    def _stage(self, claim: Claim, entry: Entry, key: str) -> None:
-        """Download the input to this host."""
-        (self.workdir / key).mkdir(parents=True, exist_ok=True)
-        self.input.download(entry.name, self._input_copy(key, entry.name))
-        claim.update(step="staged")
+    def _stage(self, claim: Claim, entry: Entry, key: str) -> str | None:
+        """Download the input, with its settings file and style image, to this host and check
+        them as its job will (the settings, the probe and the limits), so that what the job
+        would refuse is quarantined here and never takes a place in the cluster's queue.
+        "waiting" if its settings file changed meanwhile: that is a new version, for the next tick."""
+        local = self.workdir / key
+        local.mkdir(parents=True, exist_ok=True)
+        limits = self._job_limits()
+        try:
+            settings = self._fetch_settings(entry, key)
+            if settings is None:
+                return "waiting"
+            if limits.bytes is not None and entry.size > limits.bytes:
+                raise _Refused(f"input is {entry.size} bytes, over limits.bytes={limits.bytes} (never downloaded)",
+                               _WITHIN_LIMITS)
+            self._fetch_style_image(settings, entry, key, limits)
+            copy = self._input_copy(key, entry.name)
+            self.input.download(entry.name, copy)
+            try:
+                probe(str(copy), limits)
+            except InputError as err:
+                raise _Refused(str(err).replace(str(copy), entry.name), _WITHIN_LIMITS) from None
+        except _Refused as refused:
+            self._quarantine(claim, entry, key, refused.reason, InputError.exit_code, refused.what_to_do, cause="input")
+            return None
+        if settings.shown():
+            log.info("%s: its own settings: %s", redact(shown(entry.name)), redact(json.dumps(settings.shown())))
+        claim.update(step="staged", settings=settings.shown() or None)
+        return None
 
-    def _start(self, claim: Claim, entry: Entry, key: str, batching: bool = False) -> str | None:
+    def _job_limits(self) -> Limits:
+        """The jobs' own limits (limits.* of the config job_overrides make), which the probe
+        before any job applies too: one set of numbers."""
+        if self._limits is None:
+            self._limits = Limits(**plain(watch_config.job_config(self.cfg.job_overrides).limits))
+        return self._limits
+
+    def _fetch_settings(self, entry: Entry, key: str) -> sidecar.Settings | None:
+        """The video's settings from its settings file (none without one), downloaded and
+        checked against the allow-list and the job's config; None if the file changed since the
+        listing (a new version of the video)."""
+        listed = self._sidecars.get(entry.name)
+        copy = self.workdir / key / "settings.json"
+        if listed is None:
+            copy.unlink(missing_ok=True)
+            return sidecar.Settings()
+        name = sidecar.sidecar_of(entry.name)
+        what_to_do = f"fix the settings file {shown(name)} (docs/watch.md) and upload it again: a new settings file is a new job"
+        if listed.size > sidecar.MAX_BYTES:  # never downloaded
+            raise _Refused(f"the settings file {shown(name)} is {listed.size} bytes; a settings file is at most "
+                           f"{sidecar.MAX_BYTES}", what_to_do)
+        current = self.input.version(name)
+        if current is None or current.etag != listed.etag:
+            return None
+        self.input.download(name, copy)
+        try:
+            settings = self._settings(key, name)
+            if settings.values or settings.model:
+                # Composed as the job will compose it: a setting its config cannot take, or a
+                # value it refuses, would fail the job with exit 2, which is retried for ever.
+                style = self._style_copy(key, settings)
+                try:
+                    job_cfg = watch_config.job_config([*settings.choice(), *self.cfg.job_overrides, *settings.overrides(style)])
+                except ConfigError as err:
+                    raise InputError(f"the settings file {shown(name)} sets what the jobs here cannot take: {err}") from None
+                sidecar.check_job(job_cfg, settings, name)
+        except InputError as err:
+            raise _Refused(str(err), what_to_do) from None
+        return settings
+
+    def _settings(self, key: str, name: str = "settings.json") -> sidecar.Settings:
+        """The video's settings, from the copy of its settings file (``name``) on this host
+        (none without one)."""
+        copy = self.workdir / key / "settings.json"
+        if not copy.is_file():
+            return sidecar.Settings()
+        cfg = self.cfg
+        return sidecar.parse(copy.read_bytes(), name, cfg.settings_allowed, cfg.settings_models, cfg.style_images)
+
+    def _line_settings(self, key: str) -> dict[str, Any]:
+        """The video's own settings, for its line in a batch's JSONL file."""
+        settings = self._settings(key)
+        return settings.line(self._style_copy(key, settings))
+
+    def _style_copy(self, key: str, settings: sidecar.Settings) -> Path | None:
+        """Where this host keeps the copy of the video's style image (None: it has none)."""
+        image = settings.style_image
+        return self.workdir / key / f"style{suffix_of(image)}" if image is not None else None
+
+    def _fetch_style_image(self, settings: sidecar.Settings, entry: Entry, key: str, limits: Limits) -> None:
+        """Download the picture the video's settings name, checked as its job will read it (a
+        picture within limits.pixels), from the input area's style_images folder."""
+        image, copy = settings.style_image, self._style_copy(key, settings)
+        if image is None or copy is None:
+            return
+        what_to_do = (f"upload the picture to {shown(image)} in the input area (a PNG, JPEG or WebP of at most "
+                      f"{sidecar.STYLE_IMAGE_MAX_BYTES} bytes), then the settings file again: a new settings file is a new job")
+        try:
+            found = self.input.version(image)
+        except UnsafeName as err:
+            raise _Refused(f"its style image cannot be named so: {err.why}", what_to_do) from None
+        if found is None:
+            raise _Refused(f"its settings name the style image {shown(image)}, which is not in the input area", what_to_do)
+        if found.size > sidecar.STYLE_IMAGE_MAX_BYTES:
+            raise _Refused(f"its style image {shown(image)} is {found.size} bytes, over {sidecar.STYLE_IMAGE_MAX_BYTES}",
+                           what_to_do)
+        self.input.download(image, copy)
+        try:
+            probe_picture(str(copy), Limits(bytes=sidecar.STYLE_IMAGE_MAX_BYTES, pixels=limits.pixels))
+        except InputError as err:
+            raise _Refused(f"its style image: {str(err).replace(str(copy), shown(image))}", what_to_do) from None
+
+    def _staged_here(self, claim: Claim, entry: Entry, key: str) -> bool:
+        """Whether this host has what the video's job reads: the input's copy, and its settings
+        file's and style image's where it has them."""
+        if not self._input_copy(key, entry.name).is_file():
+            return False
+        if claim.data.get("settings_etag") is None:
+            return True
+        if not (self.workdir / key / "settings.json").is_file():
+            return False
+        try:
+            style = self._style_copy(key, self._settings(key))
+        except InputError:
+            return False
+        return style is None or style.is_file()
+
+    def _held(self, joining: bool = False) -> str | None:
+        """"held" when flood control lets no further job start this tick (the video waits, for a
+        later tick); None when one may, or ``joining``: the video joins a batch about to start."""
+        if joining:
+            return None
+        if not self._full:
+            if self.cfg.max_submit_per_tick and self._started >= self.cfg.max_submit_per_tick:
+                self._full = f"max_submit_per_tick={self.cfg.max_submit_per_tick} jobs started this tick"
+            elif self.cfg.max_active_jobs and (active := self._active_jobs()) >= self.cfg.max_active_jobs:
+                self._full = f"max_active_jobs={self.cfg.max_active_jobs}: {active} jobs queued or running"
+            if self._full:
+                log.info("flood control: %s; the videos still to start wait for a later tick", self._full)
+        return "held" if self._full else None
+
+    def _active_jobs(self) -> int:
+        """The watchers' jobs queued or running now. A runner whose jobs outlive the tick
+        (Slurm) is asked once a tick, and this tick's starts added (one squeue a tick, not one a
+        video; a job that ends meanwhile frees its place for the next tick); one whose jobs end
+        within it (local) each time, as only other watchers' jobs are left running."""
+        if self.runner.waits:
+            return self.runner.active()
+        if self._active < 0:
+            self._active = self.runner.active() - self._started
+        return self._active + self._started
+
+    def _start(self, claim: Claim, entry: Entry, key: str, batching: bool = False, joining: bool = False) -> str | None:
         """Start the video's next attempt (or quarantine it, past ``max_attempts``); "waiting"
-        while it backs off after a failure that was not the input's; "queued", ``batching``, for
-        :meth:`_run_batch` to start it with others."""
+        while it backs off after a failure that was not the input's; "held" while flood control
+        starts no job; "queued", ``batching``, for :meth:`_run_batch` to start it with others."""
         attempts = claim.data["attempts"]  # failures that may be the input's fault
         if attempts >= self.cfg.max_attempts:
             reason = f"failed {attempts} times, the last: {claim.data.get('failure', 'unknown')}"
@@ -435,13 +646,20 @@ class Watcher:
             return None
         if claim.data.get("retry_after", 0) > time.time():
             return "waiting"
-        if batching and attempts == 0 and not claim.data.get("alone"):
-            return "queued"  # a video something was held against runs alone: it cannot sink a batch
+        # A video something was held against runs alone (it cannot sink a batch), and so does
+        # one that chooses its own model (a batch has one).
+        alone = not batching or attempts > 0 or claim.data.get("alone") or self._settings(key).model is not None
+        held = self._held(joining and not alone)
+        if held is not None:
+            return held
+        if not alone:
+            return "queued"
         job = self._job(key, entry)
         claim.update(step="submitted", job=None, batch=None, submitted_at=time.time(), started_by=self.owner)
         handle = self.runner.start(job)
         self.metrics.attempts.add(1)
         self.metrics.job_running(handle)
+        self._started += 1
         claim.update(job=handle)
         log.info("%s: attempt %d started as %s", redact(shown(entry.name)), attempts + 1, handle)
         return None
@@ -523,15 +741,20 @@ class Watcher:
     def _job(self, key: str, entry: Entry) -> JobSpec:
         local = self.workdir / key
         output = local / "output.mp4"
+        settings = self._settings(key)
         overrides = [
             f"input={self._input_copy(key, entry.name)}",
             f"output={output}",
             # Inside the video's own folder, so every final state removes it with the rest.
             f"staging.root={local / 'staging'}",
+            # The video's own settings: its model config before the watcher's overrides (which
+            # may set that model's keys), its values after them (which they override).
+            *settings.choice(),
             *self.cfg.job_overrides,
+            *settings.overrides(self._style_copy(key, settings)),
         ]
         return JobSpec(
-            name=f"mpistyle-{key}", overrides=overrides, log=local / "job.log", runs_dir=local / "runs", folder=local,
+            name=f"{JOB_PREFIX}{key}", overrides=overrides, log=local / "job.log", runs_dir=local / "runs", folder=local,
             time_limit_s=self.cfg.job_time_limit_s,
         )
 
@@ -549,7 +772,7 @@ class Watcher:
             *self.cfg.job_overrides,
         ]
         return JobSpec(
-            name=f"mpistyle-batch-{name}", overrides=overrides, log=folder / "job.log", runs_dir=folder / "runs",
+            name=f"{JOB_PREFIX}batch-{name}", overrides=overrides, log=folder / "job.log", runs_dir=folder / "runs",
             folder=folder, time_limit_s=self.cfg.job_time_limit_s,
         )
 
@@ -593,8 +816,8 @@ class Watcher:
         if not members:
             return []
         if batch is not None:
-            lines = [{"input": str(self._input_copy(m.key, m.entry.name)), "output": str(self.workdir / m.key / "output.mp4")}
-                     for m in members]
+            lines = [{"input": str(self._input_copy(m.key, m.entry.name)), "output": str(self.workdir / m.key / "output.mp4"),
+                      **self._line_settings(m.key)} for m in members]
             job.folder.mkdir(parents=True, exist_ok=True)
             write_atomic(job.folder / "jobs.jsonl", "".join(json.dumps(line) + "\n" for line in lines).encode())
             for member in members:  # an earlier batch's verdict, never to be taken for this one's
@@ -602,6 +825,7 @@ class Watcher:
         handle = self.runner.start(job)
         self.metrics.attempts.add(len(members))
         self.metrics.job_running(handle)
+        self._started += 1
         members = self._record_all(members, job=handle)
         for member in members:
             log.info("%s: attempt %d started as %s%s", redact(shown(member.entry.name)), member.claim.data["attempts"] + 1,
@@ -698,7 +922,7 @@ class Watcher:
                 "rename one of the two inputs and upload it again", cause="output_name",
             )
             return
-        newer = self._newer_upload(entry, held[0] if held else None)
+        newer = self._newer_upload(entry, held[0] if held else None, claim.data.get("settings_etag"))
         if newer is not None:
             claim.update(step="superseded", reason=newer)
             log.info("%s: not delivered: %s", redact(shown(entry.name)), newer)
@@ -724,20 +948,39 @@ class Watcher:
             self.metrics.delivered(json.loads(report.read_text()))  # the public one: what a user sees too
         log.info("%s: done -> %s", redact(shown(entry.name)), redact(shown(target)))
         if self.cfg.delete_inputs:
-            self.input.delete(entry.name, entry.etag)
+            self._delete_input(claim, entry)
 
-    def _newer_upload(self, entry: Entry, held: dict[str, Any] | None) -> str | None:
+    def _newer_upload(self, entry: Entry, held: dict[str, Any] | None, settings_etag: str | None = None) -> str | None:
         """Why this version must not be delivered because a newer one of the same name exists.
 
         The name's current version is the newest (storage keeps one per name), so if it is ours,
-        ours goes out. If the name is gone (deleted, maybe by ``delete_inputs`` after a newer
-        version's delivery), the delivery record says whether a newer version went out."""
+        and so is its settings file (``settings_etag``: none, or the one the job had), ours goes
+        out. If the name is gone (deleted, maybe by ``delete_inputs`` after a newer version's
+        delivery), the delivery record says whether a newer version went out."""
         current = self.input.version(entry.name)
         if current is not None:
-            return None if current.etag == entry.etag else "a newer upload of the same name replaced it"
+            if current.etag != entry.etag:
+                return "a newer upload of the same name replaced it"
+            if self._settings_etag(entry.name) != settings_etag:
+                return "its settings file was replaced or removed since: that version is a new job"
+            return None
         if held is not None and held.get("etag") != entry.etag and int(held.get("modified") or 0) > entry.modified:
             return "a newer upload of the same name was delivered"
         return None
+
+    def _settings_etag(self, video: str) -> str | None:
+        """The etag of the video's settings file now (None: it has none)."""
+        try:
+            current = self.input.version(sidecar.sidecar_of(video))
+        except StorageError:
+            return None  # a name no area takes (too long with .json): there is none
+        return current.etag if current is not None else None
+
+    def _delete_input(self, claim: Claim, entry: Entry) -> None:
+        """``delete_inputs``: the version of the video done or quarantined, and of its settings file."""
+        self.input.delete(entry.name, entry.etag)
+        if claim.data.get("settings_etag"):
+            self.input.delete(sidecar.sidecar_of(entry.name), claim.data["settings_etag"])
 
     def _public_report(self, full: Path, entry: Entry, key: str, target: str) -> Path | None:
         """Keep the job's own report in the work area; return a copy fit for users (no paths,
@@ -770,6 +1013,8 @@ class Watcher:
         if kept:
             # A fixed name: the input's own (say "error.json") could overwrite the record below.
             self.work.upload(f"quarantine/{key}/{copy.name}", copy)
+        if (local / "settings.json").is_file():  # its settings file, as it was read
+            self.work.upload(f"quarantine/{key}/settings.json", local / "settings.json")
         tail = ""
         job_log = self._job_folder(claim, key) / "job.log"
         if job_log.exists():
@@ -794,7 +1039,7 @@ class Watcher:
         if self.cfg.delete_inputs and kept:
             # Only once its copy is in quarantine: a name refused unread (not a video name, or
             # unusable) stays where it is, the one copy there is.
-            self.input.delete(entry.name, entry.etag)
+            self._delete_input(claim, entry)
 
     def _upload_logs(self, key: str, folder: Path) -> None:
         """The log of the video's last job (in ``folder``: its own, or its batch's), to the work area."""
@@ -814,7 +1059,7 @@ class Watcher:
         upload: a new job) is never advanced again. Once unchanged for ``sweep_after_s``, end it:
         a running one becomes ``abandoned`` with its local files removed; a final one is deleted
         (its quarantine copy and logs stay)."""
-        current = {job_name(entry.name, entry.etag) for entry in listed}
+        current = {self._key(entry) for entry in listed}
         cutoff = time.time_ns() - int(self.cfg.sweep_after_s * 1e9)
         for record in self.work.list("state/"):
             key = record.name.removeprefix("state/").removesuffix(".json")
@@ -837,7 +1082,8 @@ class Watcher:
             current = self.input.version(str(data.get("input")))
         except StorageError:
             current = None  # a name no area takes: it cannot be listed, so it is gone
-        if current is not None and current.etag == data.get("etag"):
+        if (current is not None and current.etag == data.get("etag")
+                and self._settings_etag(str(data.get("input"))) == data.get("settings_etag")):
             return None  # still there: the listing missed it (an unreadable folder), it is not gone
         if data.get("step") in FINAL:
             self._clean_local(key)
