@@ -237,3 +237,20 @@ def test_a_listing_when_due_finds_the_uploads_no_event_announced(
     assert due.returncode == 0 and "2 blob(s) listed" in due.stderr and due.stderr.count("started as") == 1, due.stderr
     assert sorted((r["input"], r["step"], starts(r)) for r in records(service, "qlist")) == [
         ("before.mp4", "done", 1), ("missed.mp4", "done", 1)]
+
+
+@pytest.mark.azurite
+def test_an_event_for_a_settings_file_carries_its_video_on_with_those_settings(
+    azurite: Azurite, azurite_queue: Azurite, tmp_path: Path
+) -> None:
+    env, overrides, service, queue = queue_setup(azurite, azurite_queue, "qside")
+    listed_already(service, "qside")
+    inputs = service.get_container_client("qside-input")
+    upload(inputs, "clip.mp4", make_video(tmp_path / "clip.mp4", frames=4).read_bytes())
+    settings = upload(inputs, "clip.mp4.json", json.dumps({"model.style": 5}).encode())
+    announce(queue, azurite, "qside-input", "clip.mp4.json", settings)  # the video's own event was lost
+    done = run_watch(tmp_path, *overrides, f"workdir={tmp_path / 'scratch'}", env=env)
+    assert done.returncode == 0 and done.stderr.count("started as") == 1, done.stderr
+    (record,) = records(service, "qside")
+    assert record["input"] == "clip.mp4" and record["step"] == "done" and record["settings"] == {"model.style": 5}
+    assert queue.peek_messages() == []
