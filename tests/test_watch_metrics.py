@@ -72,7 +72,7 @@ def test_a_watcher_ticking_in_a_loop_serves_true_figures_to_prometheus(tmp_path:
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     make_video(inbox / "clip.mp4", frames=4, width=64, height=48)
-    (inbox / "notes.mp4").write_text("this is not a video")  # its job exits 3: quarantined
+    (inbox / "notes.mp4").write_text("this is not a video")  # the probe before any job quarantines it
     (inbox / "readme.txt").write_text("not a video name")  # quarantined unread
     make_video(inbox / "busy.mp4", frames=2, width=64, height=48)
     # Another watcher is at work on busy.mp4 (its claim's lease runs for an hour): it waits.
@@ -114,8 +114,8 @@ def test_a_watcher_ticking_in_a_loop_serves_true_figures_to_prometheus(tmp_path:
     assert samples["mpistyle_watch_videos_claimed_total"] == 3  # busy.mp4 was claimed by the other watcher
     assert samples['mpistyle_watch_videos_quarantined_total{reason="name"}'] == 1
     assert samples['mpistyle_watch_videos_quarantined_total{reason="input"}'] == 1
-    assert samples["mpistyle_watch_attempts_total"] == 2  # clip.mp4 and notes.mp4, once each
-    assert samples['mpistyle_watch_failures_total{fault="input"}'] == 1
+    assert samples["mpistyle_watch_attempts_total"] == 1  # clip.mp4 once; notes.mp4 never reached a job
+    assert 'mpistyle_watch_failures_total{fault="input"}' not in samples
     assert samples.get("mpistyle_watch_errors_total", 0) == 0
     assert samples["mpistyle_job_duration_seconds_count"] == 1 and samples["mpistyle_job_duration_seconds_sum"] > 0
     report = json.loads((tmp_path / "outbox" / "clip.mp4.report.json").read_text())
@@ -149,8 +149,8 @@ def test_attempts_and_failures_are_counted_per_video_in_a_batch_and_alone(tmp_pa
     reader = InMemoryMetricReader()
     watcher = local_watcher(tmp_path, "max_batch=2", "max_attempts=2", runner=FailingRunner())
     watcher.metrics = WatchMetrics(MeterProvider(metric_readers=[reader]).get_meter("test"))
-    for name in ("a.mp4", "b.mp4"):
-        (tmp_path / "inbox" / name).write_bytes(b"the quick runner never reads it")
+    for name in ("a.mp4", "b.mp4"):  # real videos: every input is probed before its job
+        make_video(tmp_path / "inbox" / name, frames=2, width=32, height=24)
 
     def figures() -> dict[str, float]:
         found = {}
