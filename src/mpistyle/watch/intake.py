@@ -22,7 +22,7 @@ import binascii
 import json
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -169,41 +169,39 @@ class EventQueue:
     def delete(self, message: Message) -> bool:
         """Delete ``message``; False when this watcher no longer holds it (it became visible
         and another receive took it: that receiver deals with it)."""
-        from azure.core.exceptions import ResourceNotFoundError
-
         with self._lock:
-            try:
-                retrying(self.label, "delete a message", lambda: self.client.delete_message(message.id, message.receipt))
-            except ResourceNotFoundError:
-                return False
-            except StorageError as err:
-                if "PopReceiptMismatch" in str(err) or "does not match" in str(err):
-                    return False
-                raise
-        return True
+            return self._while_held("delete a message", lambda: self.client.delete_message(message.id, message.receipt))
 
     def hide(self, message: Message, invisible_s: float, text: str | None = None) -> bool:
         """Keep ``message`` hidden for another ``invisible_s`` from now (with ``text`` as its new
         content); False when this watcher no longer holds it."""
-        from azure.core.exceptions import ResourceNotFoundError
-
         with self._lock:
+            replies: list[Any] = []
 
-            def update() -> Any:
-                return self.client.update_message(message.id, message.receipt, content=text,
-                                                  visibility_timeout=_seconds(invisible_s))
+            def update() -> None:
+                replies.append(self.client.update_message(message.id, message.receipt, content=text,
+                                                          visibility_timeout=_seconds(invisible_s)))
 
-            try:
-                reply = retrying(self.label, "update a message", update)
-            except ResourceNotFoundError:
+            if not self._while_held("update a message", update):
                 return False
-            except StorageError as err:
-                if "PopReceiptMismatch" in str(err) or "does not match" in str(err):
-                    return False
-                raise
-            message.receipt = reply.pop_receipt
+            message.receipt = replies[-1].pop_receipt
             if text is not None:
                 message.text = text
+        return True
+
+    def _while_held(self, what: str, action: Callable[[], Any]) -> bool:
+        """``action`` on a message this watcher received; False when its receipt no longer
+        holds (the message is gone, or another receive took it since)."""
+        from azure.core.exceptions import ResourceNotFoundError
+
+        try:
+            retrying(self.label, what, action)
+        except ResourceNotFoundError:
+            return False
+        except StorageError as err:
+            if "PopReceiptMismatch" in str(err) or "does not match" in str(err):
+                return False
+            raise
         return True
 
     def depth(self) -> int:
