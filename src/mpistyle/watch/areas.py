@@ -123,10 +123,7 @@ class BlobArea:
             container = urlparse(url).path.rstrip("/").rsplit("/", 1)[-1]
             self.client = ContainerClient.from_connection_string(secret, container, **options)
         else:
-            credential: Any = secret.lstrip("?") if secret else None
-            if credential is None and "sig=" not in url:
-                credential = _default_credential()
-            self.client = ContainerClient.from_container_url(url, credential=credential, **options)
+            self.client = ContainerClient.from_container_url(url, credential=url_credential(secret, url), **options)
 
     def _call(self, what: str, action: Callable[[], T]) -> T:
         return retrying(self.label, what, action)
@@ -231,6 +228,14 @@ class BlobArea:
         except (ResourceModifiedError, ResourceNotFoundError):
             raise StateConflict(name) from None
         return str(reply["etag"])
+
+
+def url_credential(secret: str | None, url: str) -> Any:
+    """What a client made from ``url`` signs in with: the SAS token in ``secret``, else (no SAS
+    in the URL either) ``DefaultAzureCredential``."""
+    if secret:
+        return secret.lstrip("?")
+    return None if "sig=" in url else _default_credential()
 
 
 def _default_credential() -> Any:

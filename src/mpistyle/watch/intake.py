@@ -30,7 +30,7 @@ from urllib.parse import unquote, urlparse
 
 from ..errors import StorageError
 from ..secrets import from_env, redact
-from .areas import _default_credential, retrying
+from .areas import retrying, url_credential
 
 log = logging.getLogger(__name__)
 
@@ -149,10 +149,7 @@ class EventQueue:
             name = urlparse(url).path.rstrip("/").rsplit("/", 1)[-1]
             self.client = QueueClient.from_connection_string(secret, name, **options)
         else:
-            credential: Any = secret.lstrip("?") if secret else None
-            if credential is None and "sig=" not in url:
-                credential = _default_credential()
-            self.client = QueueClient.from_queue_url(url, credential=credential, **options)
+            self.client = QueueClient.from_queue_url(url, credential=url_credential(secret, url), **options)
         self._lock = threading.Lock()  # receipts change with each update, from two threads
 
     def receive(self, count: int, invisible_s: float) -> list[Message]:
@@ -203,11 +200,6 @@ class EventQueue:
                 return False
             raise
         return True
-
-    def depth(self) -> int:
-        """About how many messages wait in the queue (the service's estimate)."""
-        properties = retrying(self.label, "read the queue's properties", self.client.get_queue_properties)
-        return int(properties.approximate_message_count or 0)
 
     @contextmanager
     def keeping(self, invisible_s: float) -> Iterator[list[Message]]:
