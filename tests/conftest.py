@@ -16,6 +16,7 @@ from azurite import Azurite, AzuriteUnavailable
 from mpistyle import config
 from mpistyle.sample import make_video
 from slurm_cluster import SlurmCluster, SlurmUnavailable
+from slurm_nodes import SlurmNodes
 
 TESTS = Path(__file__).parent
 config.register()
@@ -63,6 +64,25 @@ def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
         service_missing("Slurm", err)
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def slurm_nodes_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmNodes]:
+    """Three compute nodes, each in its own network namespace (tests/slurm_nodes.py)."""
+    cluster = SlurmNodes(tmp_path_factory.mktemp("slurm-nodes"))
+    try:
+        cluster.start()
+    except SlurmUnavailable as err:
+        service_missing("a Slurm cluster of network namespaces", err)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def nodes(slurm_nodes_cluster: SlurmNodes) -> Iterator[SlurmNodes]:
+    """The multi-node cluster, every node idle again after the test (lost ones started again)."""
+    yield slurm_nodes_cluster
+    slurm_nodes_cluster.heal()
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,11 @@ class SlurmUnavailable(RuntimeError):
     pass
 
 
+# munged, when one of this process's clusters started it: the clusters sharing it (the suite's
+# single node and the multi-node one may both run); the last one to stop stops it.
+_MUNGE = {"started": 0, "users": 0}
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -35,76 +40,99 @@ def _program(name: str) -> str:
     raise SlurmUnavailable(f"{name} not found: install slurm-wlm and munge (scripts/setup.sh --test)")
 
 
+def _memory_mb() -> int:
+    """This machine's memory less 1 GiB for the system, as slurmd reports it."""
+    return int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) // 1024 - 1024
+
+
 class SlurmCluster:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.conf = root / "slurm.conf"
         self._started: list[subprocess.Popen[bytes]] = []
-        self._munged: str | None = None
+        self.programs: dict[str, str] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self, timeout: float = 60) -> None:
-        programs = {name: _program(name) for name in DAEMONS}
+        self.programs = {name: _program(name) for name in DAEMONS}
         for sub in ("state", "spool", "log"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        self._start_munge(programs["munged"])
-        cpus = os.cpu_count() or 1
-        memory_mb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) // 1024 - 1024
-        host = socket.gethostname()
-        self.conf.write_text(
-            "\n".join(
-                [
-                    "ClusterName=mpistyle-test",
-                    f"SlurmctldHost={host}(127.0.0.1)",
-                    f"SlurmctldPort={_free_port()}",
-                    f"SlurmdPort={_free_port()}",
-                    "SlurmUser=root",
-                    "AuthType=auth/munge",
-                    # A requeued job waits this long before it may start again (default 120 s).
-                    "AuthInfo=cred_expire=10",
-                    f"StateSaveLocation={self.root / 'state'}",
-                    f"SlurmdSpoolDir={self.root / 'spool'}",
-                    f"SlurmctldPidFile={self.root / 'slurmctld.pid'}",
-                    f"SlurmdPidFile={self.root / 'slurmd.pid'}",
-                    f"SlurmctldLogFile={self.root / 'log' / 'slurmctld.log'}",
-                    f"SlurmdLogFile={self.root / 'log' / 'slurmd.log'}",
-                    # No cgroups or systemd on these machines.
-                    "ProctrackType=proctrack/linuxproc",
-                    "TaskPlugin=task/none",
-                    "SelectType=select/cons_tres",
-                    "SelectTypeParameters=CR_Core",
-                    "AccountingStorageType=accounting_storage/none",
-                    "JobCompType=jobcomp/none",
-                    "MpiDefault=none",
-                    "ReturnToService=2",
-                    "SchedulerType=sched/backfill",
-                    "KillWait=30",
-                    "MinJobAge=600",
-                    f"NodeName=localhost NodeHostname={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN",
-                    "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP",
-                    "",
-                ]
-            )
-        )
+        self._start_munge(self.programs["munged"])
+        self.conf.write_text("\n".join([*self.settings(), *self.layout(), ""]))
         log = (self.root / "log" / "daemons.out").open("ab")
-        for command in ([programs["slurmctld"], "-D"], [programs["slurmd"], "-D", "-N", "localhost"]):
+        for command in self.daemons():
             daemon = subprocess.Popen([*command, "-f", str(self.conf)], env=self.env(), stdout=log, stderr=log)
             self._started.append(daemon)
+        self.start_nodes()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for daemon in self._started:
                 if daemon.poll() is not None:
                     raise SlurmUnavailable(f"{daemon.args[0]} exited: {self._log_tail()}")
-            state = self.run("sinfo", "-h", "-o", "%T", check=False).stdout.strip()
-            if state == "idle":
+            if self.ready():
                 return
             time.sleep(0.3)
-        raise SlurmUnavailable(f"the node did not become idle in {timeout:.0f} s: {self._log_tail()}")
+        raise SlurmUnavailable(f"the nodes did not become idle in {timeout:.0f} s: {self._log_tail()}")
+
+    def settings(self) -> list[str]:
+        """slurm.conf lines of the controller and the policies, for every layout."""
+        return [
+            "ClusterName=mpistyle-test",
+            f"SlurmctldHost={socket.gethostname()}({self.controller_address})",
+            f"SlurmctldPort={_free_port()}",
+            f"SlurmdPort={_free_port()}",
+            "SlurmUser=root",
+            "AuthType=auth/munge",
+            # A requeued job waits this long before it may start again (default 120 s).
+            "AuthInfo=cred_expire=10",
+            f"StateSaveLocation={self.root / 'state'}",
+            f"SlurmdSpoolDir={self.root / 'spool'}",
+            f"SlurmctldPidFile={self.root / 'slurmctld.pid'}",
+            f"SlurmdPidFile={self.root / 'slurmd.pid'}",
+            f"SlurmctldLogFile={self.root / 'log' / 'slurmctld.log'}",
+            f"SlurmdLogFile={self.root / 'log' / 'slurmd.log'}",
+            # No cgroups or systemd on these machines.
+            "ProctrackType=proctrack/linuxproc",
+            "TaskPlugin=task/none",
+            "SelectType=select/cons_tres",
+            "SelectTypeParameters=CR_Core",
+            "AccountingStorageType=accounting_storage/none",
+            "JobCompType=jobcomp/none",
+            "MpiDefault=none",
+            "ReturnToService=2",
+            "SchedulerType=sched/backfill",
+            # A requeued job may start once cred_expire has passed, but only the next scheduling
+            # pass starts it: every second here, not the default 30 s.
+            "SchedulerParameters=bf_interval=1",
+            "KillWait=30",
+            "MinJobAge=600",
+        ]
+
+    controller_address = "127.0.0.1"
+
+    def layout(self) -> list[str]:
+        """The nodes and partitions: here one node, this machine, on loopback."""
+        cpus = os.cpu_count() or 1
+        host = socket.gethostname()
+        return [
+            f"NodeName=localhost NodeHostname={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={_memory_mb()} State=UNKNOWN",
+            "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP",
+        ]
+
+    def daemons(self) -> list[list[str]]:
+        return [[self.programs["slurmctld"], "-D"], [self.programs["slurmd"], "-D", "-N", "localhost"]]
+
+    def start_nodes(self) -> None:
+        """Start compute nodes that are not among daemons() (none here: slurmd is one of them)."""
+
+    def ready(self) -> bool:
+        return self.run("sinfo", "-h", "-o", "%T", check=False).stdout.strip() == "idle"
 
     def _start_munge(self, munged: str) -> None:
+        _MUNGE["users"] += 1
         if subprocess.run("munge -n | unmunge", shell=True, capture_output=True).returncode == 0:
-            return  # a munged is already running and answering
+            return  # a munged is already running and answering (this process's or the system's)
         key = Path("/etc/munge/munge.key")
         if not key.exists():
             subprocess.run(["mungekey", "--create"], check=True, capture_output=True)
@@ -112,7 +140,7 @@ class SlurmCluster:
         Path("/run/munge").mkdir(parents=True, exist_ok=True)
         shutil.chown("/run/munge", "munge", "munge")
         subprocess.run(["runuser", "-u", "munge", "--", munged], check=True, capture_output=True)
-        self._munged = munged
+        _MUNGE["started"] = 1
         for _ in range(50):
             if subprocess.run("munge -n | unmunge", shell=True, capture_output=True).returncode == 0:
                 return
@@ -127,15 +155,17 @@ class SlurmCluster:
                 daemon.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 daemon.kill()
-        if self._munged:
+        if self.programs:  # started: it counted itself among munged's users
+            _MUNGE["users"] -= 1
+            self.programs = {}
+        if _MUNGE["started"] and not _MUNGE["users"]:
             subprocess.run(["pkill", "-x", "munged"], capture_output=True)
+            _MUNGE["started"] = 0
 
     def _log_tail(self) -> str:
         lines = []
-        for name in ("daemons.out", "slurmctld.log", "slurmd.log"):
-            path = self.root / "log" / name
-            if path.exists():
-                lines += path.read_text(errors="replace").splitlines()[-5:]
+        for path in sorted((self.root / "log").glob("*")):
+            lines += path.read_text(errors="replace").splitlines()[-5:]
         return " | ".join(lines)
 
     # -- use ---------------------------------------------------------------------------------

@@ -1,0 +1,319 @@
+"""A real Slurm cluster of several compute nodes on this one machine, for the multi-node tests.
+
+Each compute node is a network namespace with its own address on a bridge (a veth pair each),
+its own hostname (a UTS namespace) and its own slurmd; slurmctld and munged run on the host, which
+holds the bridge's first address. The one filesystem stands in for the cluster's NFS share, so
+the staging area, the run directories and the output are shared as on a real cluster.
+
+What this layout needs (Slurm 22.05, OpenMPI 4.1), found by trying:
+- slurmd enters the namespace with ``nsenter --net=/run/netns/NS``, not ``ip netns exec``: the
+  latter remounts /sys, and slurmd then finds no cgroup tree.
+- The namespaces get no default route: name look-ups that cannot leave them fail at once,
+  where a route to nowhere makes each one hang 10-20 s.
+- ``TmpFS=<root>/tmp/%n``: PMIx makes a folder per job step in TmpFS on every node; one shared
+  /tmp would have the nodes trip over each other's folders.
+- ``SlurmdSpoolDir``, ``SlurmdPidFile`` and ``SlurmdLogFile`` take ``%n`` for the same reason.
+
+A node can be lost (every process in its namespace killed at once, as a machine that dies),
+brought back, or, with power saving, started and stopped by slurmctld itself through
+ResumeProgram and SuspendProgram (tests/slurm_power.py), as CycleCloud's autoscaler does.
+
+Names carry this process's id (``mst<pid>...``), so clusters of two test runs never meet, and
+start() removes what a killed earlier run left behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from slurm_cluster import SlurmCluster, SlurmUnavailable
+
+PREFIX = "mst"
+POWER_SCRIPT = Path(__file__).with_name("slurm_power.py")
+
+
+def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(["ip", *args], capture_output=True, text=True)
+    if check and done.returncode != 0:
+        raise SlurmUnavailable(f"ip {' '.join(args)}: {done.stderr.strip()}")
+    return done
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def namespace_pids(namespace: str) -> list[int]:
+    return [int(pid) for pid in _ip("netns", "pids", namespace, check=False).stdout.split()]
+
+
+def kill_namespace(namespace: str) -> None:
+    """Kill every process in the namespace at once (SIGKILL), as a machine that loses power."""
+    for _ in range(20):
+        pids = namespace_pids(namespace)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.1)
+
+
+def remove_leftovers() -> None:
+    """Namespaces and bridges of earlier test runs whose process is gone (a run killed hard)."""
+    for line in _ip("netns", "list", check=False).stdout.splitlines():
+        name = line.split()[0] if line.split() else ""
+        found = re.fullmatch(rf"{PREFIX}(\d+)-n\d+", name)
+        if found and not _alive(int(found.group(1))):
+            kill_namespace(name)
+            _ip("netns", "del", name, check=False)
+    for line in _ip("-o", "link", "show", check=False).stdout.splitlines():
+        found = re.search(rf"\d+: ({PREFIX}(\d+)(?:br|n\d+h))[:@]", line)
+        if found and not _alive(int(found.group(2))):
+            _ip("link", "del", found.group(1), check=False)
+
+
+class SlurmNodes(SlurmCluster):
+    """slurmctld on the host and ``count`` compute nodes n1..nN, each in its own namespace.
+
+    ``power_saving``: slurm.conf lines (SuspendTime=..., ResumeTimeout=..., ...) that turn on
+    Slurm's power saving: the nodes then start powered down (State=CLOUD) and slurmctld starts
+    and stops them itself through tests/slurm_power.py.
+    """
+
+    def __init__(self, root: Path, count: int = 3, cpus: int = 2, power_saving: list[str] | None = None) -> None:
+        super().__init__(root)
+        self.count = count
+        self.cpus = cpus
+        self.power_saving = power_saving or []
+        self.tag = f"{PREFIX}{os.getpid()}"
+        self.bridge = f"{self.tag}br"
+        # 10.213.<k>.0/24, k from the process id: addresses this project makes, on its own bridge.
+        self.subnet = f"10.213.{os.getpid() % 250}"
+        self.controller_address = f"{self.subnet}.1"
+        self.names = [f"n{index}" for index in range(1, count + 1)]
+        self._nodes: dict[str, subprocess.Popen[bytes]] = {}
+
+    def namespace(self, node: str) -> str:
+        return f"{self.tag}-{node}"
+
+    def address(self, node: str) -> str:
+        return f"{self.subnet}.{10 + self.names.index(node) + 1}"
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self, timeout: float = 60) -> None:
+        if os.geteuid() != 0:
+            raise SlurmUnavailable("network namespaces need root")
+        remove_leftovers()
+        try:
+            self._make_network()
+            for node in self.names:  # the %n folders: Slurm makes none of them itself
+                for folder in ("tmp", "spool"):
+                    (self.root / folder / node).mkdir(parents=True, exist_ok=True)
+            super().start(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _make_network(self) -> None:
+        _ip("link", "add", self.bridge, "type", "bridge")
+        _ip("addr", "add", f"{self.controller_address}/24", "dev", self.bridge)
+        _ip("link", "set", self.bridge, "up")
+        for node in self.names:
+            namespace = self.namespace(node)
+            host_end, node_end = f"{self.tag}{node}h", f"{self.tag}{node}n"
+            _ip("netns", "add", namespace)
+            _ip("link", "add", host_end, "type", "veth", "peer", "name", node_end)
+            _ip("link", "set", host_end, "master", self.bridge, "up")
+            _ip("link", "set", node_end, "netns", namespace)
+            _ip("-n", namespace, "link", "set", node_end, "name", "eth0")
+            _ip("-n", namespace, "addr", "add", f"{self.address(node)}/24", "dev", "eth0")
+            _ip("-n", namespace, "link", "set", "eth0", "up")
+            _ip("-n", namespace, "link", "set", "lo", "up")
+
+    def _write_power_description(self) -> None:
+        """What tests/slurm_power.py needs to start or stop a node when slurmctld asks."""
+        description = {
+            "conf": str(self.conf),
+            "slurmd": self.programs["slurmd"],
+            "log": str(self.root / "log" / "power.log"),
+            "namespaces": {node: self.namespace(node) for node in self.names},
+            "fail_resume": [],
+        }
+        (self.root / "power.json").write_text(json.dumps(description, indent=1))
+
+    def stop(self) -> None:
+        for node in self.names:
+            kill_namespace(self.namespace(node))
+        super().stop()
+        for node in self.names:
+            _ip("netns", "del", self.namespace(node), check=False)
+            _ip("link", "del", f"{self.tag}{node}h", check=False)  # its peer goes with it
+        _ip("link", "del", self.bridge, check=False)
+
+    # -- slurm.conf --------------------------------------------------------------------------
+
+    def settings(self) -> list[str]:
+        per_node = {
+            "SlurmdSpoolDir": self.root / "spool" / "%n",
+            "SlurmdPidFile": self.root / "%n.pid",
+            "SlurmdLogFile": self.root / "log" / "slurmd-%n.log",
+        }
+        lines = [line for line in super().settings() if line.split("=")[0] not in {*per_node, "KillWait"}]
+        lines += [f"{key}={value}" for key, value in per_node.items()]
+        lines += [
+            f"TmpFS={self.root / 'tmp' / '%n'}",
+            # A node whose slurmd stops answering is DOWN after this many seconds, and its
+            # jobs are requeued (NODE_FAIL); the default, 300 s, is long for a test.
+            "SlurmdTimeout=10",
+            "MessageTimeout=5",
+            # The ranks that survive a lost node wait in MPI for the lost ones, where no signal
+            # reaches them: Slurm kills them this long after its SIGTERM (default 30 s).
+            "KillWait=10",
+            # Requeue batch jobs whose node fails (Slurm's default too, said here).
+            "JobRequeue=1",
+            # The nodes say CPUs=2 while each runs on one of this machine's cores: slurmd takes
+            # slurm.conf's word for it instead of draining the node as smaller than configured.
+            "SlurmdParameters=config_overrides",
+        ]
+        if self.power_saving:
+            lines += [
+                f"ResumeProgram={POWER_SCRIPT} resume",
+                f"SuspendProgram={POWER_SCRIPT} suspend",
+                *self.power_saving,
+            ]
+        return lines
+
+    def layout(self) -> list[str]:
+        state = "CLOUD" if self.power_saving else "UNKNOWN"
+        nodes = [
+            f"NodeName={node} NodeHostname={node} NodeAddr={self.address(node)} CPUs={self.cpus} "
+            f"RealMemory=2000 State={state}"
+            for node in self.names
+        ]
+        return [*nodes, f"PartitionName=debug Nodes={','.join(self.names)} Default=YES MaxTime=INFINITE State=UP"]
+
+    def daemons(self) -> list[list[str]]:
+        return [[self.programs["slurmctld"], "-D"]]
+
+    def start_nodes(self) -> None:
+        self._write_power_description()
+        if not self.power_saving:
+            for node in self.names:
+                self.start_node(node)
+
+    def ready(self) -> bool:
+        if self.power_saving:
+            # Powered down until a job asks for them: ready once slurmctld answers.
+            return self.run("sinfo", "-h", "-o", "%T", check=False).returncode == 0
+        states = self.run("sinfo", "-h", "-N", "-o", "%T", check=False).stdout.split()
+        return len(states) == self.count and set(states) == {"idle"}
+
+    # -- nodes -------------------------------------------------------------------------------
+
+    def node_cpus(self, node: str) -> list[int]:
+        """The machine's CPUs this node runs on: one each, in turn, as if each node had its own
+        core (a job's ranks on two nodes then do not share one, as on a real cluster)."""
+        cpus = sorted(os.sched_getaffinity(0))
+        return [cpus[self.names.index(node) % len(cpus)]]
+
+    def start_node(self, node: str) -> None:
+        """Start the node's slurmd in its namespace (after a loss, ReturnToService=2 lets it back)."""
+        self._nodes[node] = subprocess.Popen(
+            node_command(self.namespace(node), node, self.programs["slurmd"], self.conf),
+            preexec_fn=lambda: os.sched_setaffinity(0, self.node_cpus(node)),
+            env=self.env(),
+            stdout=(self.root / "log" / f"daemons-{node}.out").open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+
+    def kill_node(self, node: str) -> None:
+        """The node dies: its slurmd, the job steps and every rank on it, all at once."""
+        kill_namespace(self.namespace(node))
+        daemon = self._nodes.pop(node, None)
+        if daemon is not None:
+            daemon.wait(timeout=10)
+
+    def heal(self, timeout: float = 60) -> None:
+        """Back to every node idle, for the next test: no job left, lost nodes started again."""
+        self.run("scancel", "--full", "--partition=debug", check=False)
+        for node in self.names:
+            if not self.processes_on(node):
+                self.start_node(node)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            states = self.run("sinfo", "-h", "-N", "-o", "%N %T", check=False).stdout.split("\n")
+            waiting = [line.split()[0] for line in states if line.strip() and line.split()[1] != "idle"]
+            if not waiting:
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"nodes not idle again after {timeout:.0f} s: {', '.join(waiting)}")
+
+    def node_state(self, node: str) -> str:
+        return self.run("sinfo", "-h", "-n", node, "-N", "-o", "%T", check=False).stdout.strip()
+
+    def wait_node(self, node: str, states: set[str], timeout: float = 60) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = self.node_state(node)
+            if state in states:
+                return state
+            time.sleep(0.3)
+        raise TimeoutError(f"node {node} still {self.node_state(node)!r} after {timeout:.0f} s, not one of {states}")
+
+    def processes_on(self, node: str) -> list[int]:
+        return namespace_pids(self.namespace(node))
+
+    def busy(self, node: str) -> bool:
+        """Whether anything besides slurmd runs on the node (a job's steps, ranks, script)."""
+        for pid in self.processes_on(node):
+            try:
+                if Path(f"/proc/{pid}/comm").read_text().strip() != "slurmd":
+                    return True
+            except OSError:
+                continue
+        return False
+
+    def fail_resume(self, *nodes: str) -> None:
+        """Make the power program refuse to start these nodes (a VM that never boots)."""
+        path = self.root / "power.json"
+        description = json.loads(path.read_text())
+        description["fail_resume"] = list(nodes)
+        path.write_text(json.dumps(description, indent=1))
+
+
+def node_command(namespace: str, node: str, slurmd: str, conf: Path) -> list[str]:
+    """slurmd as node ``node``: in its network namespace, under its own hostname."""
+    return [
+        "nsenter", f"--net=/run/netns/{namespace}", "--",
+        "unshare", "--uts", "--",
+        "sh", "-c", 'hostname "$0" && exec "$1" -D -N "$0" -f "$2"', node, slurmd, str(conf),
+    ]
+
+
+if __name__ == "__main__":
+    # For developers: python tests/slurm_nodes.py /tmp/cluster — a 3-node cluster until Ctrl-C.
+    cluster = SlurmNodes(Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/mpistyle-nodes"))
+    cluster.start()
+    print(f"export SLURM_CONF={cluster.conf}  # nodes: {', '.join(cluster.names)}; Ctrl-C stops them")
+    try:
+        signal.pause()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        cluster.stop()

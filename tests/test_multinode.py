@@ -1,0 +1,165 @@
+"""`sbatch slurm/style.sbatch` across several Slurm nodes, each in its own network namespace
+(tests/slurm_nodes.py): ranks on different nodes talk over TCP, the staging area is on the one
+shared filesystem, and a node can die mid-job.
+
+Every job must write the same file, byte for byte, as one rank alone on the same input.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from mpistyle.sample import make_video
+from slurm_nodes import SlurmNodes
+
+from conftest import MPI_ENV, TESTS, run_mpistyle
+
+SCRIPT = TESTS.parent / "slurm" / "style.sbatch"
+pytestmark = [pytest.mark.slurm, pytest.mark.multinode, pytest.mark.slow]
+# A clip long enough to lose a node in the middle of: 10 segments of 12 frames.
+LONG = {"frames": 120, "width": 160, "height": 90, "gop": 4}
+
+
+@pytest.fixture(scope="module")
+def alone(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Path], bytes]:
+    """The file one rank alone writes for an input (each input run once per module)."""
+    done: dict[Path, bytes] = {}
+
+    def output(source: Path) -> bytes:
+        if source not in done:
+            folder = tmp_path_factory.mktemp("alone")
+            result = run_mpistyle(f"input={source}", f"output={folder / 'out.mp4'}", f"staging.root={folder / 'staging'}",
+                                  "report.preview_frames=0", cwd=folder)
+            assert result.returncode == 0, result.stderr
+            done[source] = (folder / "out.mp4").read_bytes()
+        return done[source]
+
+    return output
+
+
+@pytest.fixture(scope="module")
+def long_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_video(tmp_path_factory.mktemp("clip") / "long.mp4", **LONG)
+
+
+def job_env(tmp_path: Path, launcher: str = "srun") -> dict[str, str]:
+    return {
+        **MPI_ENV,
+        "MPISTYLE_PYTHON": sys.executable,
+        "MPISTYLE_STAGING": str(tmp_path / "staging"),
+        "MPISTYLE_LAUNCHER": launcher,
+        "PYTHONPATH": str(TESTS),
+    }
+
+
+def submit(nodes: SlurmNodes, tmp_path: Path, source: Path, *flags: str, launcher: str = "srun") -> int:
+    return nodes.sbatch(*flags, str(SCRIPT), f"input={source}", f"output={tmp_path / 'out.mp4'}", "report.preview_frames=0",
+                        cwd=tmp_path, env=job_env(tmp_path, launcher))
+
+
+def job_log(tmp_path: Path, job: int) -> str:
+    return (tmp_path / f"mpistyle-{job}.out").read_text()
+
+
+def rank_hosts(log: str) -> dict[int, str]:
+    """Each rank's node, as the ranks log it ("rank 1/4 on n2: cpu, ...")."""
+    return {int(rank): host for rank, host in re.findall(r"INFO rank (\d+)/\d+ on (\S+):", log)}
+
+
+def staged_frames(tmp_path: Path) -> int:
+    """Frames in finished segment files (segment-<first>-<stop>.h5; partial files never count)."""
+    total = 0
+    for path in (tmp_path / "staging").glob("*/segment-*.h5"):
+        first, stop = re.fullmatch(r"segment-(\d+)-(\d+)\.h5", path.name).groups()
+        total += int(stop) - int(first)
+    return total
+
+
+def wait_for_staged(tmp_path: Path, nodes: SlurmNodes, job: int, frames: int = 1, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while staged_frames(tmp_path) < frames:
+        assert time.monotonic() < deadline, f"nothing staged; job {nodes.job(job).get('JobState')}"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize(
+    ("launcher", "flags"),
+    [
+        ("srun", ("--nodes=2", "--ntasks-per-node=1")),
+        ("srun", ("--nodes=3", "--ntasks-per-node=2")),
+        ("mpirun", ("--nodes=2", "--ntasks-per-node=1")),
+    ],
+    ids=["srun-2x1", "srun-3x2", "mpirun-2x1"],
+)
+def test_ranks_on_several_nodes_write_the_same_file_as_one_rank(
+    nodes: SlurmNodes, video: Callable[..., Path], alone: Callable[[Path], bytes], tmp_path: Path,
+    launcher: str, flags: tuple[str, ...],
+) -> None:
+    source = video(frames=48, gop=4)
+    job = submit(nodes, tmp_path, source, *flags, launcher=launcher)
+    info = nodes.wait(job)
+    log = job_log(tmp_path, job)
+    assert info["JobState"] == "COMPLETED", log
+    count, per_node = (int(flag.split("=")[1]) for flag in flags)
+    hosts = rank_hosts(log)
+    assert len(hosts) == count * per_node, log
+    assert sorted(set(hosts.values())) == nodes.names[:count]  # every node ran ranks
+    assert (tmp_path / "out.mp4").read_bytes() == alone(source)
+    assert json.loads((tmp_path / "out.mp4.report.json").read_text())["ranks"] == count * per_node
+
+
+def test_a_node_lost_mid_job_is_requeued_and_the_job_finishes_on_the_others(
+    nodes: SlurmNodes, long_clip: Path, alone: Callable[[Path], bytes], tmp_path: Path
+) -> None:
+    job = submit(nodes, tmp_path, long_clip, "--nodes=2", "--ntasks-per-node=1")
+    wait_for_staged(tmp_path, nodes, job, frames=24)
+    lost = nodes.names[1]  # the second node of the job's n[1-2]
+    assert nodes.job(job)["NodeList"] == "n[1-2]"
+    killed = time.monotonic()
+    nodes.kill_node(lost)
+    staged_at_kill = staged_frames(tmp_path)
+    info = nodes.wait(job, timeout=240)
+    finished = time.monotonic()
+    log = job_log(tmp_path, job)
+    assert info["JobState"] == "COMPLETED", log
+    assert info["Restarts"] == "1"
+    assert lost not in info["NodeList"] and nodes.node_state(lost).startswith("down")
+    assert (tmp_path / "out.mp4").read_bytes() == alone(long_clip)
+    report = json.loads((tmp_path / "out.mp4.report.json").read_text())
+    assert report["frames_reused"] >= staged_at_kill > 0
+    print(f"\nnode {lost} killed with {staged_at_kill}/{LONG['frames']} frames staged: the requeued job "
+          f"finished on {info['NodeList']} {finished - killed:.1f} s later, reusing {report['frames_reused']} frames")
+    # The node comes back by itself once its slurmd does (ReturnToService=2).
+    nodes.start_node(lost)
+    nodes.wait_node(lost, {"idle"})
+
+
+def test_scontrol_requeue_of_a_running_job_resumes_without_scoring_finished_segments_again(
+    nodes: SlurmNodes, long_clip: Path, alone: Callable[[Path], bytes], tmp_path: Path
+) -> None:
+    # A preemption drill: what Slurm does to a job when a higher-priority one (PreemptMode=REQUEUE)
+    # or an operator takes its nodes.
+    job = submit(nodes, tmp_path, long_clip, "--nodes=2", "--ntasks-per-node=1")
+    wait_for_staged(tmp_path, nodes, job, frames=24)
+    nodes.run("scontrol", "requeue", str(job))
+    # The ranks finish the batch in hand and exit; the job waits to be started again.
+    deadline = time.monotonic() + 60
+    while any(nodes.busy(node) for node in nodes.names[:2]) or nodes.job(job)["JobState"] != "PENDING":
+        assert time.monotonic() < deadline, f"job {job} still {nodes.job(job)['JobState']} after scontrol requeue"
+        time.sleep(0.2)
+    staged = staged_frames(tmp_path)  # everything the first run finished
+    assert nodes.job(job)["JobState"] == "PENDING"  # not started again while counting
+    info = nodes.wait(job, timeout=240)
+    log = job_log(tmp_path, job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
+    assert (tmp_path / "out.mp4").read_bytes() == alone(long_clip)
+    report = json.loads((tmp_path / "out.mp4.report.json").read_text())
+    # Scored twice: only what was in flight when the signal came (never a finished segment).
+    assert report["frames_reused"] == staged > 0
+    print(f"\nrequeued with {staged}/{LONG['frames']} frames staged; the second run reused all {staged}")
