@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ import pytest
 
 from mpistyle.sample import make_video
 from slurm_nodes import SlurmNodes
+from test_watch import local_overrides, run_watch, starts, states
 
 from conftest import MPI_ENV, TESTS, run_mpistyle
 
@@ -163,3 +165,38 @@ def test_scontrol_requeue_of_a_running_job_resumes_without_scoring_finished_segm
     # Scored twice: only what was in flight when the signal came (never a finished segment).
     assert report["frames_reused"] == staged > 0
     print(f"\nrequeued with {staged}/{LONG['frames']} frames staged; the second run reused all {staged}")
+
+
+def test_the_watcher_submits_again_a_job_whose_node_died_without_holding_it_against_the_video(
+    nodes: SlurmNodes, long_clip: Path, alone: Callable[[Path], bytes], tmp_path: Path
+) -> None:
+    watch = local_overrides(tmp_path, "runner=slurm", "runner.sbatch_args=['--nodes=2','--ntasks-per-node=1']",
+                            "retry_backoff_s=1", "job_overrides=['report.preview_frames=0']")
+    shutil.copy(long_clip, tmp_path / "inbox" / "clip.mp4")
+    env = {**nodes.env(), "MPISTYLE_PYTHON": sys.executable}
+    first = run_watch(tmp_path, *watch, env=env)
+    assert first.returncode == 0 and "started as slurm:" in first.stderr, first.stderr
+    job = int(states(tmp_path / "work")["clip.mp4"]["job"].removeprefix("slurm:"))
+    scratch = tmp_path / "scratch"
+    deadline = time.monotonic() + 120
+    while staged_frames_under(scratch) < 24:
+        assert time.monotonic() < deadline, f"nothing staged; job {nodes.job(job).get('JobState')}"
+        time.sleep(0.1)
+    nodes.kill_node(nodes.names[1])
+    # Slurm ends the job (the watcher submits with --no-requeue); a later tick submits it again.
+    assert nodes.wait(job, timeout=120)["JobState"] == "NODE_FAIL"
+    deadline = time.monotonic() + 240
+    while states(tmp_path / "work")["clip.mp4"]["step"] != "done":
+        assert time.monotonic() < deadline, states(tmp_path / "work")
+        time.sleep(1)
+        tick = run_watch(tmp_path, *watch, env=env)
+        assert tick.returncode == 0, tick.stderr
+    record = states(tmp_path / "work")["clip.mp4"]
+    assert starts(record) == 2 and record["attempts"] == 0 and record["retries"] == 1
+    assert "NODE_FAIL" in record["failure"]
+    assert (tmp_path / "outbox" / "clip.mp4").read_bytes() == alone(long_clip)
+    assert json.loads((tmp_path / "outbox" / "clip.mp4.report.json").read_text())["frames_reused"] >= 24
+
+
+def staged_frames_under(folder: Path) -> int:
+    return sum(staged_frames(staging.parent) for staging in folder.glob("*/staging"))

@@ -450,15 +450,17 @@ class SlurmRunner(Runner):
 
     def start(self, job: JobSpec) -> str:
         job.log.parent.mkdir(parents=True, exist_ok=True)
-        # No requeues from the script: a requeued job's run time starts again, so --time would
-        # no longer bound the job; the watcher's own retries (which resume from staging) do.
+        # No requeues, neither from the script nor by Slurm (--no-requeue): a requeued job's run
+        # time starts again, so --time would no longer bound the job. A job whose node fails or
+        # is preempted ends (NODE_FAIL, PREEMPTED) and the watcher's own retry on a later tick,
+        # which resumes from staging, takes its place without counting against the video.
         env = {"MPISTYLE_RUNS_DIR": str(job.runs_dir), "MPISTYLE_MAX_REQUEUES": "0"}
         # sbatch would export its whole environment; name the allow-listed variables instead
         # (their values come from sbatch's own environment, which is the same allow-listed one).
         exported = ",".join(sorted(self.job_env(env)))
         command = [
             "sbatch", "--parsable", f"--job-name={job.name}", f"--output={job.log}",
-            f"--time={max(1, math.ceil(job.time_limit_s / 60))}", f"--export={exported}",
+            f"--time={max(1, math.ceil(job.time_limit_s / 60))}", "--no-requeue", f"--export={exported}",
             *self.sbatch_args, str(self.script), *job.overrides,
         ]
         # Not retried blindly: a submission that timed out may still have created the job.
