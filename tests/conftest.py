@@ -68,8 +68,9 @@ def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
 
 @pytest.fixture(scope="session")
 def slurm_nodes_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmNodes]:
-    """Three compute nodes, each in its own network namespace (tests/slurm_nodes.py)."""
-    cluster = SlurmNodes(tmp_path_factory.mktemp("slurm-nodes"))
+    """Four compute nodes, each in its own network namespace (tests/slurm_nodes.py): a job on
+    three of them still has three when one is lost."""
+    cluster = SlurmNodes(tmp_path_factory.mktemp("slurm-nodes"), count=4)
     try:
         cluster.start()
     except SlurmUnavailable as err:

@@ -174,17 +174,19 @@ class SlurmNodes(SlurmCluster):
             "SlurmdPidFile": self.root / "%n.pid",
             "SlurmdLogFile": self.root / "log" / "slurmd-%n.log",
         }
-        lines = [line for line in super().settings() if line.split("=")[0] not in {*per_node, "KillWait"}]
+        lines = [line for line in super().settings() if line.split("=")[0] not in {*per_node, "KillWait", "AuthInfo"}]
         lines += [f"{key}={value}" for key, value in per_node.items()]
         lines += [
             f"TmpFS={self.root / 'tmp' / '%n'}",
             # A node whose slurmd stops answering is DOWN after this many seconds, and its
             # jobs are requeued (NODE_FAIL); the default, 300 s, is long for a test.
-            "SlurmdTimeout=10",
+            "SlurmdTimeout=5",
             "MessageTimeout=5",
             # The ranks that survive a lost node wait in MPI for the lost ones, where no signal
             # reaches them: Slurm kills them this long after its SIGTERM (default 30 s).
-            "KillWait=10",
+            "KillWait=5",
+            # A requeued job may start again this long after it ended (default 120 s).
+            "AuthInfo=cred_expire=5",
             # Requeue batch jobs whose node fails (Slurm's default too, said here).
             "JobRequeue=1",
             # The nodes say CPUs=2 while each runs on one of this machine's cores: slurmd takes

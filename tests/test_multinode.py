@@ -21,6 +21,7 @@ from slurm_nodes import SlurmNodes
 from test_watch import local_overrides, run_watch, starts, states
 
 from conftest import MPI_ENV, TESTS, run_mpistyle
+from media import decode_all
 
 SCRIPT = TESTS.parent / "slurm" / "style.sbatch"
 pytestmark = [pytest.mark.slurm, pytest.mark.multinode, pytest.mark.slow]
@@ -200,3 +201,40 @@ def test_the_watcher_submits_again_a_job_whose_node_died_without_holding_it_agai
 
 def staged_frames_under(folder: Path) -> int:
     return sum(staged_frames(staging.parent) for staging in folder.glob("*/staging"))
+
+
+def test_a_batch_over_three_nodes_with_one_lost_delivers_every_video_once_on_the_three_left(
+    nodes: SlurmNodes, video: Callable[..., Path], tmp_path: Path
+) -> None:
+    (tmp_path / "in").mkdir()
+    sources = [video(f"in/{index}.mp4", frames=36, width=128, height=72, gop=4, start=index * 50) for index in range(6)]
+    outputs = [tmp_path / "out" / f"{index}.mp4" for index in range(6)]
+    jobs = tmp_path / "jobs.jsonl"
+    lines = [json.dumps({"input": str(source), "output": str(output)}) for source, output in zip(sources, outputs, strict=True)]
+    jobs.write_text("\n".join(lines) + "\n")
+    job = nodes.sbatch("--nodes=3", "--ntasks-per-node=1", str(SCRIPT), f"inputs={jobs}", "report.preview_frames=0",
+                       cwd=tmp_path, env=job_env(tmp_path))
+    deadline = time.monotonic() + 180
+    while not any(output.exists() for output in outputs):
+        assert time.monotonic() < deadline, f"nothing delivered; job {nodes.job(job).get('JobState')}"
+        time.sleep(0.1)
+    assert nodes.job(job)["NodeList"] == "n[1-3]"
+    nodes.kill_node(nodes.names[1])
+    # What the first run delivered: its ranks on the nodes left go on until Slurm ends the job.
+    deadline = time.monotonic() + 120
+    while nodes.job(job)["Restarts"] == "0" or any(nodes.busy(node) for node in ("n1", "n3")):
+        assert time.monotonic() < deadline, f"job {job} still {nodes.job(job)['JobState']} on a lost node"
+        time.sleep(0.2)
+    before = {output: output.stat().st_mtime_ns for output in outputs if output.exists()}
+    assert nodes.job(job)["JobState"] in {"COMPLETING", "PENDING"}  # not started again yet
+    info = nodes.wait(job, timeout=240)
+    log = job_log(tmp_path, job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1" and info["NodeList"] == "n[1,3-4]", log
+    assert len(before) < len(outputs), "the whole batch was done before the job was requeued"
+    report = json.loads((tmp_path / "batch-report.json").read_text())
+    statuses = {Path(video["output"]).name: video["status"] for video in report["per_video"]}
+    # Each video delivered once: by the first run (and not again) or by the requeued one.
+    for output in outputs:
+        assert statuses[output.name] == ("delivered before" if output in before else "done"), statuses
+        assert len(decode_all(output)[0]) == 36
+    assert {output: output.stat().st_mtime_ns for output in before} == before
