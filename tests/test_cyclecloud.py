@@ -502,6 +502,45 @@ def test_execute_script_fails_clearly_without_the_shared_environment(tmp_path: P
     assert f"{tmp_path}/mpistyle/venv is not ready after 0 minute(s)" in done.stderr
 
 
+def test_a_failed_build_at_boot_leaves_slurmctld_to_start_and_stops_the_execute_nodes_waiting(tmp_path: Path) -> None:
+    """cyclecloud/slurm starts slurmctld only once every cluster-init script of the scheduler has
+    succeeded: under cluster-init (CYCLECLOUD_SPEC_PATH set) the build's failure is reported and
+    recorded, and the script succeeds. Run by hand it fails."""
+    root = tmp_path / "shared" / "mpistyle"
+    (root / "src").mkdir(parents=True)
+    python = tmp_path / "python3"
+    python.write_text("#!/bin/bash\necho 'python3: No module named venv' >&2\nexit 1\n")
+    python.chmod(0o755)
+    config = {"mpistyle.root": str(root), "mpistyle.source": str(root / "src"), "mpistyle.torch": "torch==2.13.0",
+              "mpistyle.python": str(python)}
+    at_boot = {"CYCLECLOUD_SPEC_PATH": str(SPECS / "scheduler" / "cluster-init")}
+    record = root / ".install-failed"
+
+    by_hand = run_script("scheduler", "20-mpistyle-venv.sh", tmp_path, config)
+    assert by_hand.returncode == 1 and "No module named venv" in by_hand.stderr
+
+    boot = run_script("scheduler", "20-mpistyle-venv.sh", tmp_path, config, at_boot)
+    assert boot.returncode == 0, f"a failing cluster-init script keeps slurmctld from starting: {boot.stderr}"
+    assert f"error: {root}/venv was not built; slurmctld starts anyway" in boot.stderr
+    assert "failed" in record.read_text() and not (root / "venv" / ".mpistyle-install").exists()
+
+    # The execute nodes stop waiting at once and say why, instead of after mpistyle.venv_wait_minutes.
+    node = {"mpistyle.root": str(root), "mpistyle.expect_gpu": "False", "mpistyle.venv_wait_minutes": "30"}
+    done = run_script("execute", "20-check-node.sh", tmp_path, node)
+    assert done.returncode == 1 and "the scheduler could not build" in done.stderr and "failed" in done.stderr
+
+    # Once the environment is in place (here: its marker), the record goes.
+    (root / "venv").mkdir(exist_ok=True)
+    (root / "venv" / ".mpistyle-install").write_text(f"source={root}/src\ntorch=torch==2.13.0\npython={python}\n")
+    assert run_script("scheduler", "20-mpistyle-venv.sh", tmp_path, config, at_boot).returncode == 0
+    assert not record.exists()
+
+    # Without the shared filesystem at all there is nothing to record, and slurmctld still starts.
+    missing = {**config, "mpistyle.root": str(tmp_path / "not-mounted" / "mpistyle")}
+    done = run_script("scheduler", "20-mpistyle-venv.sh", tmp_path, missing, at_boot)
+    assert done.returncode == 0 and "is the shared filesystem mounted?" in done.stderr
+
+
 @pytest.mark.skipif(shutil.which("nvidia-smi", path="/usr/bin:/bin") is not None, reason="this machine has nvidia-smi")
 def test_execute_script_refuses_a_gpu_node_without_a_driver(tmp_path: Path) -> None:
     config = {"mpistyle.root": str(tmp_path / "mpistyle"), "mpistyle.expect_gpu": "True", "mpistyle.venv_wait_minutes": "0"}
