@@ -24,6 +24,7 @@ from cyclecloud_slurm_conf import (
     parse_with_local_slurm,
     power_saving_settings,
     scontrol,
+    slurm_conf_settings,
     write_slurm_config,
 )
 from cyclecloud_template import (
@@ -79,6 +80,10 @@ INTEGRATION_READS = {
 }
 # What CycleCloud itself gives every node, and install.py reads: never the template's to set.
 FROM_CYCLECLOUD = {"cyclecloud.cluster.name", "cyclecloud.node.name", "hostname", "ipaddress", "azure.metadata.compute.vmsize"}
+# The rest of an execute node's start besides waiting for the environment (VM boot, jetpack, the
+# apt installs of the every-node spec and of cyclecloud/slurm): at least this long. An estimate:
+# nothing here measures it.
+REST_OF_A_NODE_START_S = 10 * 60
 
 
 @pytest.fixture(scope="module")
@@ -390,6 +395,18 @@ def test_power_saving_and_node_failure_settings_are_the_installers() -> None:
     assert node_failure_settings(TEMPLATE) == {"ReturnToService": "2"}
 
 
+def test_the_readme_quotes_the_slurm_settings_as_they_are() -> None:
+    readme = (CC / "README.md").read_text()
+    rendered = slurm_conf_settings(TEMPLATE)
+    quoted = dict(re.findall(r"`([A-Z][a-z]\w*)=([^`\s]+)`", readme))  # Slurm's CamelCase keys
+    for key in ("SuspendTime", "SuspendTimeout", "ResumeTimeout", "ReturnToService", "SlurmctldParameters"):
+        assert key in quoted, f"cyclecloud/README.md should say what {key} is"
+    wrong = {k: (v, rendered.get(k)) for k, v in quoted.items() if k in rendered and rendered[k] != v}
+    assert not wrong, f"cyclecloud/README.md quotes (README, slurm.conf): {wrong}"
+    # Not in slurm.conf, so Slurm's default (slurm.conf(5)); 4.0.1's ReconfigFlags is mentioned for later.
+    assert "SlurmdTimeout" not in rendered and quoted.get("SlurmdTimeout") == "300"
+
+
 # --- the cluster-init project and the parameters file ------------------------------------------
 
 
@@ -539,6 +556,20 @@ def test_a_failed_build_at_boot_leaves_slurmctld_to_start_and_stops_the_execute_
     missing = {**config, "mpistyle.root": str(tmp_path / "not-mounted" / "mpistyle")}
     done = run_script("scheduler", "20-mpistyle-venv.sh", tmp_path, missing, at_boot)
     assert done.returncode == 0 and "is the shared filesystem mounted?" in done.stderr
+
+
+def test_execute_nodes_give_up_waiting_before_slurm_gives_up_on_them() -> None:
+    """Slurm marks a node down and shuts it down when it has not registered ResumeTimeout after
+    Slurm asked for it; a node that waits longer for the environment never fails with its own
+    reason (slurmd starts only after the cluster-init scripts)."""
+    script = (SPECS / "execute" / "cluster-init" / "scripts" / "20-check-node.sh").read_text()
+    wait = re.search(r"jetpack config mpistyle\.venv_wait_minutes (\d+)", script)
+    assert wait, "20-check-node.sh should read mpistyle.venv_wait_minutes with a default"
+    resume_timeout = int(power_saving_settings(TEMPLATE)["ResumeTimeout"])
+    assert int(wait.group(1)) * 60 + REST_OF_A_NODE_START_S <= resume_timeout
+    readme = (CC / "README.md").read_text()
+    said = re.search(r"`mpistyle\.venv_wait_minutes`,? (\d+) minutes by default", " ".join(readme.split()))
+    assert said and said.group(1) == wait.group(1), "cyclecloud/README.md should give the same default wait"
 
 
 @pytest.mark.skipif(shutil.which("nvidia-smi", path="/usr/bin:/bin") is not None, reason="this machine has nvidia-smi")
