@@ -1,7 +1,9 @@
 """cyclecloud/ without Azure: the cluster template parsed and checked (structure, parameters and
-their defaults, spot, autoscale from zero, shared NFS), the cluster-init project and the parameters
-file checked against it, and the cluster-init scripts run against a fake `jetpack` on the paths
-that need no root, apt or network. bash -n and shellcheck of the scripts: test_sbatch_script.py."""
+their defaults, spot, autoscale from zero, shared NFS), against what the cyclecloud/slurm
+integration it pins reads, and the slurm.conf that integration would write from it parsed by the
+local Slurm; the cluster-init project and the parameters file checked against it, and the
+cluster-init scripts run against a fake `jetpack` on the paths that need no root, apt or network.
+bash -n and shellcheck of the scripts: test_sbatch_script.py."""
 from __future__ import annotations
 
 import configparser
@@ -11,12 +13,33 @@ import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from cyclecloud_template import Section, Template, TemplateError, load, names_in_expression, parse, references, unquote
+from cyclecloud_slurm_conf import (
+    InstallerError,
+    node_configuration,
+    node_failure_settings,
+    parse_with_local_slurm,
+    power_saving_settings,
+    scontrol,
+    slurm_conf_settings,
+    write_slurm_config,
+)
+from cyclecloud_template import (
+    ATTRIBUTE,
+    Section,
+    Template,
+    TemplateError,
+    load,
+    names_in_expression,
+    parse,
+    references,
+    unquote,
+)
 
-from conftest import TESTS
+from conftest import TESTS, service_missing
 
 ROOT = TESTS.parent
 CC = ROOT / "cyclecloud"
@@ -29,6 +52,38 @@ GPU_SIZES_SOLD = ("Standard_NC4as_T4_v3", "Standard_NC24ads_A100_v4", "Standard_
 # Parameters the user picks in the UI or params.json: no sensible default to give.
 NO_DEFAULT_TYPES = {"Cloud.Credentials", "Cloud.Region", "Azure.Subnet", "String"}
 CLUSTER_INIT = re.compile(r"^(?:(?P<locker>[\w.-]+)/)?(?P<project>[\w.-]+):(?P<spec>[\w.-]+):(?P<version>[\w.-]+)$")
+
+# What the pinned integration reads from a node's configuration, from reading Azure/cyclecloud-slurm
+# at tag 4.0.0: azure-slurm-install/install.py (InstallSettings.__init__, _load_config; the same
+# reads in 4.0.1 and 4.0.2), which runs on the scheduler and on every execute node.
+# Keys the template must set: read with no default, or with a default that breaks slurm.conf.
+INSTALLER_NEEDS = {
+    "slurm.version": "config['slurm']['version'] has no default: KeyError",
+    "slurm.accounting": "4.0.0 to 4.0.2 fill in config['slurm']['acccounting'] (sic) when it is missing, then read "
+                        "config['slurm']['accounting']: KeyError unless some slurm.accounting.* is set",
+    "slurm.launch_parameters": "defaults to '', written as 'LaunchParameters=', which Slurm refuses",
+}
+# Keys the integration reads with a default that works (install.py; azure-slurm/slurmcc/partition.py
+# for each nodearray; the chef roles and delayed_services recipe for slurm.role; the cluster-init
+# scripts and azure-slurm/install.sh; imex_prolog.sh): any slurm.* key the template sets must be one
+# of these or of INSTALLER_NEEDS, so that a misspelt key fails here instead of being ignored there.
+INTEGRATION_READS = {
+    "slurm.accounting.enabled", "slurm.accounting.user", "slurm.accounting.password", "slurm.accounting.url",
+    "slurm.accounting.certificate_url", "slurm.accounting.storageloc", "slurm.autoscale_dir", "slurm.user.name",
+    "slurm.user.group", "slurm.user.uid", "slurm.user.gid", "slurm.group.name", "slurm.use_nodename_as_hostname",
+    "slurm.node_prefix", "slurm.ensure_waagent_monitor_hostname", "slurm.dynamic_config", "slurm.dynamic_feature",
+    "slurm.max_node_count", "slurm.additional.config", "slurm.secondary_scheduler_name", "slurm.is_primary_scheduler",
+    "slurm.ubuntu22_waagent_fix", "slurm.role", "slurm.hpc", "slurm.autoscale", "slurm.partition",
+    "slurm.dampen_memory", "slurm.use_pcpu", "slurm.overallocation", "slurm.gpu_device_config",
+    "slurm.default_partition", "slurm.do_install", "slurm.install_pkg", "slurm.autoscale_pkg", "slurm.project_name",
+    "slurm.imex.enabled",
+}
+# What CycleCloud itself gives every node, and install.py reads: never the template's to set.
+FROM_CYCLECLOUD = {"cyclecloud.cluster.name", "cyclecloud.node.name", "hostname", "ipaddress", "azure.metadata.compute.vmsize"}
+# The rest of an execute node's start besides waiting for the environment (VM boot, jetpack, the
+# apt installs of the every-node spec and of cyclecloud/slurm): at least this long. An estimate:
+# nothing here measures it.
+REST_OF_A_NODE_START_S = 10 * 60
 
 
 @pytest.fixture(scope="module")
@@ -244,6 +299,114 @@ def test_shared_is_nfs_on_every_node_from_the_scheduler_or_an_external_server(cl
     assert configuration(scheduler, "cyclecloud.exports.builtinshared").get("export_path") == "/shared"
 
 
+def test_what_every_node_mounts_keeps_its_value_with_the_builtin_shared(cluster: Section, parameters: dict[str, Section]) -> None:
+    """An Excluded parameter has no value at all. The nfs_shared mount applies to every execute
+    node whichever server it uses, so a parameter it reads plainly ($Name) may be hidden from the
+    form with the built-in server but not excluded (Azure's template: Conditions.Hidden)."""
+    mount = configuration(one(cluster, "node", "defaults"), "cyclecloud.mounts.nfs_shared")
+    read = {name for value in mount.values() for name in re.findall(r"^\$(\w+)$", value)}
+    assert "NFSSharedExportPath" in read
+    for name in read:
+        assert parameters[name].get("Conditions.Excluded") is None, f"{name} is read by every node's /shared mount"
+    assert unquote(parameters["NFSSharedExportPath"].get("DefaultValue") or "") == "/shared"
+
+
+def test_values_are_plain_words_or_quoted_whole() -> None:
+    """CycleCloud reads a quote as the start of a string: an unquoted value with an apostrophe in
+    it ("the scheduler's disk") is not plain text to it. Quote such a value whole."""
+    wrong = []
+    for number, raw in enumerate(TEMPLATE.read_text().splitlines(), 1):
+        line = raw.strip()
+        attribute = ATTRIBUTE.match(line)
+        if line.startswith("#") or not attribute or attribute.group(2) == ":=":
+            continue
+        value = attribute.group(3).strip()
+        if value.startswith("${") or value.startswith("'''"):
+            continue  # an expression, whose string literals are its own; a multi-line string
+        if value.startswith('"'):
+            if not (len(value) >= 2 and value.endswith('"') and '"' not in value[1:-1]):
+                wrong.append(f"line {number}: {line}")
+        elif "'" in value or '"' in value:
+            wrong.append(f"line {number}: {line}")
+    assert not wrong, f"quote these values whole: {wrong}"
+
+
+# --- what the pinned cyclecloud/slurm reads, and the slurm.conf it writes -------------------------
+
+
+@pytest.mark.parametrize("node", ["scheduler", "gpu", "cpu"])
+def test_every_node_sets_what_the_slurm_installer_needs(template: Template, node: str) -> None:
+    flat = node_configuration(template, node)
+    for key, why in INSTALLER_NEEDS.items():
+        present = {k: v for k, v in flat.items() if k == key or k.startswith(key + ".")}
+        assert present, f"[[node {node}]] does not set {key}: {why}"
+        assert all(str(v).strip() for v in present.values()), f"[[node {node}]] sets {key} empty: {why}"
+    unknown = sorted(k for k in flat if k.startswith("slurm.") and k not in INSTALLER_NEEDS and k not in INTEGRATION_READS)
+    assert not unknown, f"slurm.* keys cyclecloud/slurm 4.0.0 never reads (misspelt?): {unknown}"
+    assert not FROM_CYCLECLOUD & set(flat), f"CycleCloud sets these itself: {FROM_CYCLECLOUD & set(flat)}"
+
+
+def test_the_template_pins_the_integration_these_checks_were_read_from(template: Template) -> None:
+    pinned = {m["version"] for s in template.walk() if s.kind == "cluster-init"
+              for m in [CLUSTER_INIT.match(s.name)] if m and m["locker"] == "cyclecloud" and m["project"] == "slurm"}
+    assert pinned == {"4.0.0"}, "INSTALLER_NEEDS, INTEGRATION_READS and cyclecloud_slurm_conf.py describe 4.0.0: read the new tag"
+
+
+def params_example() -> dict[str, Any]:
+    return json.loads((CC / "params.example.json").read_text())
+
+
+@pytest.mark.parametrize("params", [None, "params.example.json"])
+def test_the_slurm_conf_the_template_gives_parses_with_the_local_slurm(tmp_path: Path, params: str | None) -> None:
+    if scontrol() is None:
+        service_missing("Slurm (scontrol)", FileNotFoundError("scontrol"))
+    conf = write_slurm_config(tmp_path, TEMPLATE, params_example() if params else None)
+    done = parse_with_local_slurm(conf)
+    assert done.returncode == 0, f"Slurm refuses {conf}: {done.stderr}"
+    assert done.stdout == "parse-check\n"
+    assert "error" not in done.stderr.lower(), done.stderr
+
+
+def test_the_checks_catch_what_kept_the_template_from_starting(tmp_path: Path) -> None:
+    """Without slurm.launch_parameters the installer writes "LaunchParameters=" and the local
+    Slurm refuses the whole file, as 24.11 does on the scheduler; without any slurm.accounting.*
+    the installer stops before writing anything."""
+    if scontrol() is None:
+        service_missing("Slurm (scontrol)", FileNotFoundError("scontrol"))
+    conf = write_slurm_config(tmp_path / "no-launch", TEMPLATE, config_changes={"slurm.launch_parameters": None})
+    assert "\nLaunchParameters=\n" in conf.read_text()
+    done = parse_with_local_slurm(conf)
+    assert done.returncode != 0 and "Unable to process configuration file" in done.stderr, done.stderr
+    with pytest.raises(InstallerError, match="accounting"):
+        write_slurm_config(tmp_path / "no-accounting", TEMPLATE, config_changes={"slurm.accounting.enabled": None})
+
+
+def test_power_saving_and_node_failure_settings_are_the_installers() -> None:
+    """Golden: what a test cluster copies to behave like the CycleCloud one (point 7 of issue 19)."""
+    assert power_saving_settings(TEMPLATE) == {
+        "SlurmctldParameters": "idle_on_node_suspend",
+        "ResumeTimeout": "1800",
+        "SuspendTimeout": "600",
+        "SuspendTime": "300",
+        "ResumeProgram": "/opt/azurehpc/slurm/resume_program.sh",
+        "ResumeFailProgram": "/opt/azurehpc/slurm/resume_fail_program.sh",
+        "SuspendProgram": "/opt/azurehpc/slurm/suspend_program.sh",
+    }
+    assert node_failure_settings(TEMPLATE) == {"ReturnToService": "2"}
+
+
+def test_the_readme_quotes_the_slurm_settings_as_they_are() -> None:
+    readme = (CC / "README.md").read_text()
+    rendered = slurm_conf_settings(TEMPLATE)
+    quoted = dict(re.findall(r"`([A-Z][a-z]\w*)=([^`\s]+)`", readme))  # Slurm's CamelCase keys
+    for key in ("SuspendTime", "SuspendTimeout", "ResumeTimeout", "ReturnToService", "SlurmctldParameters"):
+        assert key in quoted, f"cyclecloud/README.md should say what {key} is"
+    wrong = {k: (v, rendered.get(k)) for k, v in quoted.items() if k in rendered and rendered[k] != v}
+    assert not wrong, f"cyclecloud/README.md quotes (README, slurm.conf): {wrong}"
+    # Not in slurm.conf, so Slurm's default (slurm.conf(5)); 4.0.1's ReconfigFlags is mentioned for later.
+    assert "SlurmdTimeout" not in rendered and quoted.get("SlurmdTimeout") == "300"
+
+
 # --- the cluster-init project and the parameters file ------------------------------------------
 
 
@@ -354,6 +517,59 @@ def test_execute_script_fails_clearly_without_the_shared_environment(tmp_path: P
     done = run_script("execute", "20-check-node.sh", tmp_path, config)
     assert done.returncode == 1
     assert f"{tmp_path}/mpistyle/venv is not ready after 0 minute(s)" in done.stderr
+
+
+def test_a_failed_build_at_boot_leaves_slurmctld_to_start_and_stops_the_execute_nodes_waiting(tmp_path: Path) -> None:
+    """cyclecloud/slurm starts slurmctld only once every cluster-init script of the scheduler has
+    succeeded: under cluster-init (CYCLECLOUD_SPEC_PATH set) the build's failure is reported and
+    recorded, and the script succeeds. Run by hand it fails."""
+    root = tmp_path / "shared" / "mpistyle"
+    (root / "src").mkdir(parents=True)
+    python = tmp_path / "python3"
+    python.write_text("#!/bin/bash\necho 'python3: No module named venv' >&2\nexit 1\n")
+    python.chmod(0o755)
+    config = {"mpistyle.root": str(root), "mpistyle.source": str(root / "src"), "mpistyle.torch": "torch==2.13.0",
+              "mpistyle.python": str(python)}
+    at_boot = {"CYCLECLOUD_SPEC_PATH": str(SPECS / "scheduler" / "cluster-init")}
+    record = root / ".install-failed"
+
+    by_hand = run_script("scheduler", "20-mpistyle-venv.sh", tmp_path, config)
+    assert by_hand.returncode == 1 and "No module named venv" in by_hand.stderr
+
+    boot = run_script("scheduler", "20-mpistyle-venv.sh", tmp_path, config, at_boot)
+    assert boot.returncode == 0, f"a failing cluster-init script keeps slurmctld from starting: {boot.stderr}"
+    assert f"error: {root}/venv was not built; slurmctld starts anyway" in boot.stderr
+    assert "failed" in record.read_text() and not (root / "venv" / ".mpistyle-install").exists()
+
+    # The execute nodes stop waiting at once and say why, instead of after mpistyle.venv_wait_minutes.
+    node = {"mpistyle.root": str(root), "mpistyle.expect_gpu": "False", "mpistyle.venv_wait_minutes": "30"}
+    done = run_script("execute", "20-check-node.sh", tmp_path, node)
+    assert done.returncode == 1 and "the scheduler could not build" in done.stderr and "failed" in done.stderr
+
+    # Once the environment is in place (here: its marker), the record goes.
+    (root / "venv").mkdir(exist_ok=True)
+    (root / "venv" / ".mpistyle-install").write_text(f"source={root}/src\ntorch=torch==2.13.0\npython={python}\n")
+    assert run_script("scheduler", "20-mpistyle-venv.sh", tmp_path, config, at_boot).returncode == 0
+    assert not record.exists()
+
+    # Without the shared filesystem at all there is nothing to record, and slurmctld still starts.
+    missing = {**config, "mpistyle.root": str(tmp_path / "not-mounted" / "mpistyle")}
+    done = run_script("scheduler", "20-mpistyle-venv.sh", tmp_path, missing, at_boot)
+    assert done.returncode == 0 and "is the shared filesystem mounted?" in done.stderr
+
+
+def test_execute_nodes_give_up_waiting_before_slurm_gives_up_on_them() -> None:
+    """Slurm marks a node down and shuts it down when it has not registered ResumeTimeout after
+    Slurm asked for it; a node that waits longer for the environment never fails with its own
+    reason (slurmd starts only after the cluster-init scripts)."""
+    script = (SPECS / "execute" / "cluster-init" / "scripts" / "20-check-node.sh").read_text()
+    wait = re.search(r"jetpack config mpistyle\.venv_wait_minutes (\d+)", script)
+    assert wait, "20-check-node.sh should read mpistyle.venv_wait_minutes with a default"
+    resume_timeout = int(power_saving_settings(TEMPLATE)["ResumeTimeout"])
+    assert int(wait.group(1)) * 60 + REST_OF_A_NODE_START_S <= resume_timeout
+    readme = (CC / "README.md").read_text()
+    said = re.search(r"`mpistyle\.venv_wait_minutes`,? (\d+) minutes by default", " ".join(readme.split()))
+    assert said and said.group(1) == wait.group(1), "cyclecloud/README.md should give the same default wait"
 
 
 @pytest.mark.skipif(shutil.which("nvidia-smi", path="/usr/bin:/bin") is not None, reason="this machine has nvidia-smi")

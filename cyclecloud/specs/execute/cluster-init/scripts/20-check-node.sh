@@ -1,12 +1,15 @@
 #!/bin/bash
 # mpistyle cluster-init, execute nodes: log the GPUs this node has, wait for the shared virtual
 # environment the scheduler builds, and check that it runs here. A node that cannot run mpistyle
-# fails its start (CycleCloud shows why; Slurm never gets the node):
+# fails its start (CycleCloud shows why; slurmd is never started, so Slurm never gets the node):
 #   - mpistyle.expect_gpu is true (the gpu nodearray) and nvidia-smi finds no GPU: the image
 #     has no NVIDIA driver;
-#   - the environment is not ready within mpistyle.venv_wait_minutes (default 30);
+#   - the scheduler recorded a failed build (<root>/.install-failed), or the environment is not
+#     ready within mpistyle.venv_wait_minutes (default 15);
 #   - its Python does not run here (nodes on different images), or its torch sees no GPU on a
 #     GPU node (a CPU-only torch build).
+# Slurm itself gives up on a node that has not registered ResumeTimeout (1800 s) after it asked
+# for it, and shuts it down: the wait stays well inside that, so the node fails with its own reason.
 set -euo pipefail
 PATH=$PATH:/opt/cycle/jetpack/bin  # jetpack, also when run again by hand under sudo
 
@@ -16,7 +19,7 @@ fail() { echo "mpistyle (execute): error: $*" >&2; exit 1; }
 root=$(jetpack config mpistyle.root /shared/mpistyle)
 expect_gpu=$(jetpack config mpistyle.expect_gpu false)
 expect_gpu=${expect_gpu,,}  # jetpack may print booleans as True/False
-wait_minutes=$(jetpack config mpistyle.venv_wait_minutes 30)
+wait_minutes=$(jetpack config mpistyle.venv_wait_minutes 15)
 venv=$root/venv
 
 gpus=""
@@ -32,6 +35,9 @@ fi
 
 deadline=$((SECONDS + wait_minutes * 60))
 until [ -f "$venv/.mpistyle-install" ]; do
+  if [ -f "$root/.install-failed" ]; then
+    fail "the scheduler could not build $venv: $(cat "$root/.install-failed") (see cyclecloud/README.md)"
+  fi
   if [ "$SECONDS" -ge "$deadline" ]; then
     fail "$venv is not ready after $wait_minutes minute(s): the scheduler builds it (see its cluster-init log, and cyclecloud/README.md)"
   fi

@@ -6,6 +6,11 @@
 # A marker in the environment records what was installed (source, torch, interpreter): when it
 # matches, nothing is rebuilt. MPISTYLE_REINSTALL=1 rebuilds anyway (new code at the same path);
 # do that with no jobs running. A lock keeps two runs from building at once.
+# At boot a failure here must not fail the node: cyclecloud/slurm starts slurmctld only after every
+# cluster-init script has succeeded (its delayed_services recipe runs last), so a failed build would
+# leave the cluster without a scheduler. Under cluster-init (CycleCloud sets CYCLECLOUD_SPEC_PATH)
+# the script reports the failure, records it in <root>/.install-failed, where the execute nodes
+# look, and exits 0; run by hand it exits 1.
 # Configuration (jetpack config):
 #   mpistyle.root    default /shared/mpistyle
 #   mpistyle.source  what pip installs as mpistyle (default <root>/src, a copy of the repository)
@@ -15,7 +20,26 @@ set -euo pipefail
 PATH=$PATH:/opt/cycle/jetpack/bin  # jetpack, also when run again by hand under sudo
 
 say() { echo "mpistyle (scheduler): $*"; }
-fail() { echo "mpistyle (scheduler): error: $*" >&2; exit 1; }
+reason=""
+fail() { reason=$*; echo "mpistyle (scheduler): error: $*" >&2; exit 1; }
+
+record=""  # <root>/.install-failed, once the root is known
+finish() {
+  local status=$?
+  if [ "$status" -eq 0 ]; then
+    [ -z "$record" ] || rm -f "$record"
+    return
+  fi
+  if [ -n "$record" ] && [ -d "$(dirname "$record")" ]; then
+    printf '%s\n' "${reason:-a step exited with status $status}; see the scheduler's cluster-init log" >"$record" || true
+  fi
+  if [ -n "${CYCLECLOUD_SPEC_PATH:-}" ]; then
+    echo "mpistyle (scheduler): error: ${venv:-the environment} was not built; slurmctld starts anyway." \
+      "Fix the cause, then run: sudo bash $0" >&2
+    exit 0
+  fi
+}
+trap finish EXIT
 
 root=$(jetpack config mpistyle.root /shared/mpistyle)
 src=$(jetpack config mpistyle.source "$root/src")
@@ -34,6 +58,7 @@ marker=$venv/.mpistyle-install
 for dir in "$root" "$root/staging" "$root/runs"; do
   mkdir -p "$dir"
 done
+record=$root/.install-failed
 chmod 1777 "$root/staging" "$root/runs"
 
 if [[ "$src" == /* && ! -e "$src" ]]; then
@@ -52,7 +77,9 @@ if [ "${MPISTYLE_REINSTALL:-0}" != 1 ] && [ -f "$marker" ] && [ "$(cat "$marker"
 fi
 
 [ -x "$python" ] || fail "$python not found: the every-node spec installs it; or set mpistyle.python"
+rm -f "$record"  # a new attempt: execute nodes wait for it rather than give up on an old failure
 say "building $venv with $("$python" --version) from $src and $torch"
+reason="building $venv from $src with $torch failed"
 rm -rf "$venv"  # a half-built environment (no marker) or a different one: start clean
 "$python" -m venv "$venv"
 pip=("$venv/bin/python" -m pip install --disable-pip-version-check --no-cache-dir)
