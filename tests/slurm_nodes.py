@@ -13,6 +13,14 @@ What this layout needs (Slurm 22.05, OpenMPI 4.1), found by trying:
 - ``TmpFS=<root>/tmp/%n``: PMIx makes a folder per job step in TmpFS on every node; one shared
   /tmp would have the nodes trip over each other's folders.
 - ``SlurmdSpoolDir``, ``SlurmdPidFile`` and ``SlurmdLogFile`` take ``%n`` for the same reason.
+- Each slurmd also gets a time namespace whose boot time is the moment it starts (``unshare
+  --time --boottime``): with power saving, slurmctld counts a node as resumed only when it
+  registers with a boot time after the resume request; the machine's real uptime would make
+  every resume fail at ResumeTimeout.
+- Each node runs on one of the machine's cores in turn (``SlurmdParameters=config_overrides``
+  keeps slurmd from draining it as smaller than slurm.conf says), so the ranks of a job on two
+  nodes do not fight over the same core, and each rank's CPU share is what it would be on a
+  real node.
 
 A node can be lost (every process in its namespace killed at once, as a machine that dies),
 brought back, or, with power saving, started and stopped by slurmctld itself through
@@ -151,11 +159,18 @@ class SlurmNodes(SlurmCluster):
         description = {
             "conf": str(self.conf),
             "slurmd": self.programs["slurmd"],
-            "log": str(self.root / "log" / "power.log"),
-            "namespaces": {node: self.namespace(node) for node in self.names},
+            "root": str(self.root),
+            "nodes": {node: {"namespace": self.namespace(node), "cpus": self.node_cpus(node)} for node in self.names},
             "fail_resume": [],
         }
         (self.root / "power.json").write_text(json.dumps(description, indent=1))
+        # slurmctld runs ResumeProgram and the others with the node list as their one argument.
+        for action in ("resume", "suspend", "resume_fail"):
+            program = self.root / f"{action}.sh"
+            program.write_text(
+                f'#!/bin/sh\nexec "{sys.executable}" "{POWER_SCRIPT}" {action} "{self.root / "power.json"}" "$@"\n'
+            )
+            program.chmod(0o755)
 
     def stop(self) -> None:
         for node in self.names:
@@ -195,9 +210,11 @@ class SlurmNodes(SlurmCluster):
         ]
         if self.power_saving:
             lines += [
-                f"ResumeProgram={POWER_SCRIPT} resume",
-                f"SuspendProgram={POWER_SCRIPT} suspend",
-                *self.power_saving,
+                f"ResumeProgram={self.root / 'resume.sh'}",
+                f"SuspendProgram={self.root / 'suspend.sh'}",
+                f"ResumeFailProgram={self.root / 'resume_fail.sh'}",
+                # The rest as given (the CycleCloud template's), less the programs: these are ours.
+                *(line for line in self.power_saving if not line.split("=")[0].endswith("Program")),
             ]
         return lines
 
@@ -236,13 +253,7 @@ class SlurmNodes(SlurmCluster):
 
     def start_node(self, node: str) -> None:
         """Start the node's slurmd in its namespace (after a loss, ReturnToService=2 lets it back)."""
-        self._nodes[node] = subprocess.Popen(
-            node_command(self.namespace(node), node, self.programs["slurmd"], self.conf),
-            preexec_fn=lambda: os.sched_setaffinity(0, self.node_cpus(node)),
-            env=self.env(),
-            stdout=(self.root / "log" / f"daemons-{node}.out").open("ab"),
-            stderr=subprocess.STDOUT,
-        )
+        self._nodes[node] = launch_slurmd(json.loads((self.root / "power.json").read_text()), node, self.env())
 
     def kill_node(self, node: str) -> None:
         """The node dies: its slurmd, the job steps and every rank on it, all at once."""
@@ -299,13 +310,24 @@ class SlurmNodes(SlurmCluster):
         path.write_text(json.dumps(description, indent=1))
 
 
-def node_command(namespace: str, node: str, slurmd: str, conf: Path) -> list[str]:
-    """slurmd as node ``node``: in its network namespace, under its own hostname."""
-    return [
-        "nsenter", f"--net=/run/netns/{namespace}", "--",
-        "unshare", "--uts", "--",
-        "sh", "-c", 'hostname "$0" && exec "$1" -D -N "$0" -f "$2"', node, slurmd, str(conf),
+def launch_slurmd(description: dict, node: str, env: dict[str, str], detach: bool = False) -> subprocess.Popen[bytes]:
+    """slurmd as node ``node``: in its network namespace, under its own hostname, on its CPUs.
+    ``description``: the cluster's power.json. ``detach``: in a session of its own, to outlive
+    the caller (the power program that slurmctld runs and waits for)."""
+    facts = description["nodes"][node]
+    command = [
+        "nsenter", f"--net=/run/netns/{facts['namespace']}", "--",
+        # Booted just now: slurmctld takes a resumed node that registers with a boot time before
+        # the resume request for one that never rebooted, and waits on until ResumeTimeout.
+        "unshare", "--uts", "--time", "--boottime", str(-int(float(Path("/proc/uptime").read_text().split()[0]))), "--",
+        "sh", "-c", 'hostname "$0" && exec "$1" -D -N "$0" -f "$2"', node, description["slurmd"], description["conf"],
     ]
+    log = Path(description["root"]) / "log" / f"daemons-{node}.out"
+    with log.open("ab") as output:
+        return subprocess.Popen(
+            command, env=env, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, start_new_session=detach,
+            preexec_fn=lambda: os.sched_setaffinity(0, facts["cpus"]),
+        )
 
 
 if __name__ == "__main__":

@@ -16,14 +16,17 @@ from pathlib import Path
 
 import pytest
 
+from cyclecloud_slurm_conf import power_saving_settings, slurm_conf_settings
 from mpistyle.sample import make_video
+from slurm_cluster import SlurmUnavailable
 from slurm_nodes import SlurmNodes
 from test_watch import local_overrides, run_watch, starts, states
 
-from conftest import MPI_ENV, TESTS, run_mpistyle
+from conftest import MPI_ENV, TESTS, run_mpistyle, service_missing
 from media import decode_all
 
 SCRIPT = TESTS.parent / "slurm" / "style.sbatch"
+CYCLECLOUD_TEMPLATE = TESTS.parent / "cyclecloud" / "mpistyle-slurm.txt"
 pytestmark = [pytest.mark.slurm, pytest.mark.multinode, pytest.mark.slow]
 # A clip long enough to lose a node in the middle of: 10 segments of 12 frames.
 LONG = {"frames": 120, "width": 160, "height": 90, "gop": 4}
@@ -238,3 +241,61 @@ def test_a_batch_over_three_nodes_with_one_lost_delivers_every_video_once_on_the
         assert statuses[output.name] == ("delivered before" if output in before else "done"), statuses
         assert len(decode_all(output)[0]) == 36
     assert {output: output.stat().st_mtime_ns for output in before} == before
+
+
+def test_autoscale_as_cyclecloud_sets_it_starts_nodes_for_a_job_and_stops_them_when_idle(
+    video: Callable[..., Path], tmp_path: Path
+) -> None:
+    """Slurm's power saving with the settings the CycleCloud template produces (its autoscale),
+    the times scaled down for a test; the resume, suspend and resume-fail programs start and
+    stop node namespaces as CycleCloud's start and deallocate VMs."""
+    settings = power_saving_settings(CYCLECLOUD_TEMPLATE)
+    # And how it shows and reaches powered-down nodes: sinfo lists them, slurmctld talks to each.
+    settings |= {key: slurm_conf_settings(CYCLECLOUD_TEMPLATE)[key] for key in ("PrivateData", "TreeWidth")}
+    scaled = {"SuspendTime": "5", "SuspendTimeout": "5", "ResumeTimeout": "10"}
+    assert scaled.keys() <= settings.keys() and "idle_on_node_suspend" in settings["SlurmctldParameters"]
+    cluster = SlurmNodes(tmp_path / "cluster", count=3, power_saving=[f"{k}={scaled.get(k, v)}" for k, v in settings.items()])
+    try:
+        cluster.start()
+    except SlurmUnavailable as err:
+        service_missing("a Slurm cluster of network namespaces", err)
+    try:
+        powered_down = {node: "idle~" for node in cluster.names}
+        assert node_states(cluster) == powered_down
+        assert not any(cluster.processes_on(node) for node in cluster.names)
+        # A job for two nodes on a cluster with every node powered down, one of which will not
+        # come up (a VM that never boots): two are started, n1 is given up at ResumeTimeout,
+        # the job is requeued and a third node started for it.
+        cluster.fail_resume("n1")
+        source = video(frames=24, gop=4)
+        submitted = time.monotonic()
+        job = submit(cluster, tmp_path, source, "--nodes=2", "--ntasks-per-node=1")
+        info = cluster.wait(job, timeout=180)
+        ended = time.monotonic()
+        assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1" and info["NodeList"] == "n[2-3]", info
+        assert len(decode_all(tmp_path / "out.mp4")[0]) == 24
+        power = (tmp_path / "cluster" / "log" / "power.log").read_text()
+        assert "resume n[1-2]" in power and "resume_fail n1" in power and "resume n3" in power, power
+        # Idle for SuspendTime: powered down again, their slurmd and everything else gone.
+        wait_for(lambda: node_states(cluster) == {**powered_down, "n1": "down~"}, 60)
+        assert not any(map(cluster.processes_on, cluster.names))
+        print(f"\nautoscale: a job sent to a powered-down cluster ran in {ended - submitted:.1f} s (one node failed to "
+              f"start); its nodes were powered down {time.monotonic() - ended:.1f} s after it ended")
+        # The node that failed stays down (with the reason) until someone puts it back into power
+        # saving, after which the next job may try it again.
+        assert "ResumeTimeout" in cluster.run("sinfo", "-h", "-R", "-n", "n1", "-o", "%E").stdout
+        cluster.run("scontrol", "update", "nodename=n1", "state=resume")
+        wait_for(lambda: cluster.node_state("n1") == "idle~", 30)
+    finally:
+        cluster.stop()
+
+
+def node_states(cluster: SlurmNodes) -> dict[str, str]:
+    return dict(line.split() for line in cluster.run("sinfo", "-h", "-N", "-o", "%N %T").stdout.splitlines())
+
+
+def wait_for(condition: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not so after {timeout:.0f} s"
+        time.sleep(0.5)
