@@ -30,7 +30,8 @@ python3 -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(
   || need+=(python3-dev)
 python3 -c 'import ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ "$with_tests" = 1 ]; then
-  for pkg in slurm-wlm munge shellcheck; do
+  # iproute2 and util-linux (ip, nsenter, unshare): the multi-node tests' network namespaces.
+  for pkg in slurm-wlm munge shellcheck iproute2 util-linux; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
   done
   command -v npm >/dev/null || need+=(nodejs npm)
