@@ -61,6 +61,7 @@ def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
     try:
         cluster.start()
     except SlurmUnavailable as err:
+        cluster.stop()
         service_missing("Slurm", err)
     yield cluster
     cluster.stop()

@@ -318,8 +318,9 @@ def power_saving_settings(template_path: Path, params: dict[str, Any] | None = N
 
 
 def node_failure_settings(template_path: Path, params: dict[str, Any] | None = None) -> dict[str, str]:
-    """What the template's slurm.conf sets for nodes that stop answering: ReturnToService only
-    (SlurmdTimeout and JobRequeue are left at Slurm's defaults, 300 s and 1)."""
+    """What the template's slurm.conf sets for nodes that stop answering: ReturnToService (from
+    cyclecloud/slurm) and SlurmdTimeout (the template's slurm.additional.config); JobRequeue is
+    left at Slurm's default, 1."""
     return {k: v for k, v in slurm_conf_settings(template_path, params).items() if k in NODE_FAILURE_KEYS}
 
 

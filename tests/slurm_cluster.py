@@ -46,11 +46,14 @@ def _memory_mb() -> int:
 
 
 class SlurmCluster:
+    controller_address = "127.0.0.1"  # where slurmctld listens for the nodes
+
     def __init__(self, root: Path) -> None:
         self.root = root
         self.conf = root / "slurm.conf"
         self._started: list[subprocess.Popen[bytes]] = []
         self.programs: dict[str, str] = {}
+        self._munge_user = False  # counted among munged's users (_MUNGE)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -102,14 +105,13 @@ class SlurmCluster:
             "MpiDefault=none",
             "ReturnToService=2",
             "SchedulerType=sched/backfill",
-            # A requeued job may start once cred_expire has passed, but only the next scheduling
-            # pass starts it: every second here, not the default 30 s.
-            "SchedulerParameters=bf_interval=1",
+            # A requeued job may start once cred_expire has passed, but only a scheduling pass
+            # starts it: the backfill one runs only after some change, the main one every
+            # sched_interval (60 s by default); here every 2 s.
+            "SchedulerParameters=bf_interval=1,sched_interval=2",
             "KillWait=30",
             "MinJobAge=600",
         ]
-
-    controller_address = "127.0.0.1"
 
     def layout(self) -> list[str]:
         """The nodes and partitions: here one node, this machine, on loopback."""
@@ -131,6 +133,7 @@ class SlurmCluster:
 
     def _start_munge(self, munged: str) -> None:
         _MUNGE["users"] += 1
+        self._munge_user = True
         if subprocess.run("munge -n | unmunge", shell=True, capture_output=True).returncode == 0:
             return  # a munged is already running and answering (this process's or the system's)
         key = Path("/etc/munge/munge.key")
@@ -155,9 +158,9 @@ class SlurmCluster:
                 daemon.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 daemon.kill()
-        if self.programs:  # started: it counted itself among munged's users
+        if self._munge_user:
             _MUNGE["users"] -= 1
-            self.programs = {}
+            self._munge_user = False
         if _MUNGE["started"] and not _MUNGE["users"]:
             subprocess.run(["pkill", "-x", "munged"], capture_output=True)
             _MUNGE["started"] = 0

@@ -17,20 +17,24 @@ What this layout needs (Slurm 22.05, OpenMPI 4.1), found by trying:
   --time --boottime``): with power saving, slurmctld counts a node as resumed only when it
   registers with a boot time after the resume request; the machine's real uptime would make
   every resume fail at ResumeTimeout.
-- Each node runs on one of the machine's cores in turn (``SlurmdParameters=config_overrides``
-  keeps slurmd from draining it as smaller than slurm.conf says), so the ranks of a job on two
-  nodes do not fight over the same core, and each rank's CPU share is what it would be on a
-  real node.
+- Each node runs on one of the machine's cores in turn (``taskset``;
+  ``SlurmdParameters=config_overrides`` keeps slurmd from draining it as smaller than slurm.conf
+  says), so the ranks of a job on two nodes of a 2-core machine do not fight over one core.
 
-A node can be lost (every process in its namespace killed at once, as a machine that dies),
-brought back, or, with power saving, started and stopped by slurmctld itself through
-ResumeProgram and SuspendProgram (tests/slurm_power.py), as CycleCloud's autoscaler does.
+A node can be lost (its link cut, then every process in its namespace killed: a machine that
+goes silent), brought back, or, with power saving, started and stopped by slurmctld itself
+through ResumeProgram and SuspendProgram (tests/slurm_power.py), as CycleCloud's autoscaler does.
 
-Names carry this process's id (``mst<pid>...``), so clusters of two test runs never meet, and
-start() removes what a killed earlier run left behind.
+Names carry this process's id and a number per cluster (``mst<pid>x<k>...``) and each cluster
+takes a 10.213.<k>.0/24 no link here holds yet, so two clusters (of one test run or two) never
+meet; stop() removes only what its cluster made, and start() what a killed earlier run left.
+
+For a look by hand (root): ``python tests/slurm_nodes.py /tmp/cluster`` starts four nodes and
+prints the SLURM_CONF to export; Ctrl-C (or SIGTERM) stops them.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -39,11 +43,29 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TypedDict
 
-from slurm_cluster import SlurmCluster, SlurmUnavailable
+from slurm_cluster import SlurmCluster, SlurmUnavailable, _program
 
 PREFIX = "mst"
 POWER_SCRIPT = Path(__file__).with_name("slurm_power.py")
+_NUMBERS = itertools.count(1)  # this process's clusters
+
+
+class NodeFacts(TypedDict):
+    namespace: str
+    link: str  # the host's end of its veth pair
+    cpus: list[int]
+
+
+class PowerDescription(TypedDict):
+    """<cluster>/power.json: what starts a node, for this module and the power programs."""
+
+    conf: str
+    slurmd: str
+    root: str
+    nodes: dict[str, NodeFacts]
+    fail_resume: list[str]  # nodes the resume program leaves down (a VM that never boots)
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -69,7 +91,7 @@ def namespace_pids(namespace: str) -> list[int]:
 
 def kill_namespace(namespace: str) -> None:
     """Kill every process in the namespace at once (SIGKILL), as a machine that loses power."""
-    for _ in range(20):
+    for _ in range(50):
         pids = namespace_pids(namespace)
         if not pids:
             return
@@ -79,18 +101,19 @@ def kill_namespace(namespace: str) -> None:
             except ProcessLookupError:
                 pass
         time.sleep(0.1)
+    raise RuntimeError(f"processes of namespace {namespace} outlived SIGKILL for 5 s: {namespace_pids(namespace)}")
 
 
 def remove_leftovers() -> None:
     """Namespaces and bridges of earlier test runs whose process is gone (a run killed hard)."""
     for line in _ip("netns", "list", check=False).stdout.splitlines():
         name = line.split()[0] if line.split() else ""
-        found = re.fullmatch(rf"{PREFIX}(\d+)-n\d+", name)
+        found = re.fullmatch(rf"{PREFIX}(\d+)x\d+-n\d+", name)
         if found and not _alive(int(found.group(1))):
             kill_namespace(name)
             _ip("netns", "del", name, check=False)
     for line in _ip("-o", "link", "show", check=False).stdout.splitlines():
-        found = re.search(rf"\d+: ({PREFIX}(\d+)(?:br|n\d+h))[:@]", line)
+        found = re.search(rf"\d+: ({PREFIX}(\d+)x\d+(?:br|n\d+h))[:@]", line)
         if found and not _alive(int(found.group(2))):
             _ip("link", "del", found.group(1), check=False)
 
@@ -108,45 +131,60 @@ class SlurmNodes(SlurmCluster):
         self.count = count
         self.cpus = cpus
         self.power_saving = power_saving or []
-        self.tag = f"{PREFIX}{os.getpid()}"
+        self.tag = f"{PREFIX}{os.getpid()}x{next(_NUMBERS)}"  # at most 15 characters with a node's
         self.bridge = f"{self.tag}br"
-        # 10.213.<k>.0/24, k from the process id: addresses this project makes, on its own bridge.
-        self.subnet = f"10.213.{os.getpid() % 250}"
-        self.controller_address = f"{self.subnet}.1"
+        self.subnet = ""  # 10.213.<k>, chosen by start()
         self.names = [f"n{index}" for index in range(1, count + 1)]
         self._nodes: dict[str, subprocess.Popen[bytes]] = {}
+        self._made: list[tuple[str, ...]] = []  # `ip ... del` commands that undo what start() made
 
     def namespace(self, node: str) -> str:
         return f"{self.tag}-{node}"
 
+    def link(self, node: str) -> str:
+        return f"{self.tag}{node}h"
+
     def address(self, node: str) -> str:
         return f"{self.subnet}.{10 + self.names.index(node) + 1}"
+
+    @property
+    def controller_address(self) -> str:
+        return f"{self.subnet}.1"
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self, timeout: float = 60) -> None:
         if os.geteuid() != 0:
             raise SlurmUnavailable("network namespaces need root")
+        for program in ("ip", "nsenter", "unshare", "taskset"):
+            _program(program)  # SlurmUnavailable saying what to install
         remove_leftovers()
         try:
             self._make_network()
             for node in self.names:  # the %n folders: Slurm makes none of them itself
                 for folder in ("tmp", "spool"):
                     (self.root / folder / node).mkdir(parents=True, exist_ok=True)
+            # Before slurmctld starts: it turns power saving off if the programs are missing.
+            self._write_power_description()
             super().start(timeout)
         except BaseException:
             self.stop()
             raise
 
     def _make_network(self) -> None:
-        _ip("link", "add", self.bridge, "type", "bridge")
+        taken = set(re.findall(r"inet 10\.213\.(\d+)\.", _ip("-o", "addr", "show").stdout))
+        free = [k for k in range(1, 255) if str(k) not in taken]
+        if not free:
+            raise SlurmUnavailable("every 10.213.<k>.0/24 is in use on this machine")
+        self.subnet = f"10.213.{free[0]}"
+        self._make(("link", "add", self.bridge, "type", "bridge"), ("link", "del", self.bridge))
         _ip("addr", "add", f"{self.controller_address}/24", "dev", self.bridge)
         _ip("link", "set", self.bridge, "up")
         for node in self.names:
-            namespace = self.namespace(node)
-            host_end, node_end = f"{self.tag}{node}h", f"{self.tag}{node}n"
-            _ip("netns", "add", namespace)
-            _ip("link", "add", host_end, "type", "veth", "peer", "name", node_end)
+            namespace, host_end, node_end = self.namespace(node), self.link(node), f"{self.tag}{node}n"
+            self._make(("netns", "add", namespace), ("netns", "del", namespace))
+            # Deleting the host's end deletes its peer, wherever that is.
+            self._make(("link", "add", host_end, "type", "veth", "peer", "name", node_end), ("link", "del", host_end))
             _ip("link", "set", host_end, "master", self.bridge, "up")
             _ip("link", "set", node_end, "netns", namespace)
             _ip("-n", namespace, "link", "set", node_end, "name", "eth0")
@@ -154,13 +192,20 @@ class SlurmNodes(SlurmCluster):
             _ip("-n", namespace, "link", "set", "eth0", "up")
             _ip("-n", namespace, "link", "set", "lo", "up")
 
+    def _make(self, command: tuple[str, ...], undo: tuple[str, ...]) -> None:
+        _ip(*command)
+        self._made.append(undo)
+
     def _write_power_description(self) -> None:
         """What tests/slurm_power.py needs to start or stop a node when slurmctld asks."""
-        description = {
+        description: PowerDescription = {
             "conf": str(self.conf),
-            "slurmd": self.programs["slurmd"],
+            "slurmd": _program("slurmd"),
             "root": str(self.root),
-            "nodes": {node: {"namespace": self.namespace(node), "cpus": self.node_cpus(node)} for node in self.names},
+            "nodes": {
+                node: {"namespace": self.namespace(node), "link": self.link(node), "cpus": self.node_cpus(node)}
+                for node in self.names
+            },
             "fail_resume": [],
         }
         (self.root / "power.json").write_text(json.dumps(description, indent=1))
@@ -173,13 +218,17 @@ class SlurmNodes(SlurmCluster):
             program.chmod(0o755)
 
     def stop(self) -> None:
-        for node in self.names:
-            kill_namespace(self.namespace(node))
+        # slurmctld first: once it is gone, no resume program starts a node behind our back.
         super().stop()
         for node in self.names:
-            _ip("netns", "del", self.namespace(node), check=False)
-            _ip("link", "del", f"{self.tag}{node}h", check=False)  # its peer goes with it
-        _ip("link", "del", self.bridge, check=False)
+            if self.namespace(node) in [undo[-1] for undo in self._made]:
+                kill_namespace(self.namespace(node))
+        for daemon in self._nodes.values():
+            daemon.wait(timeout=10)
+        self._nodes.clear()
+        for undo in reversed(self._made):
+            _ip(*undo, check=False)
+        self._made.clear()
 
     # -- slurm.conf --------------------------------------------------------------------------
 
@@ -231,12 +280,14 @@ class SlurmNodes(SlurmCluster):
         return [[self.programs["slurmctld"], "-D"]]
 
     def start_nodes(self) -> None:
-        self._write_power_description()
         if not self.power_saving:
             for node in self.names:
                 self.start_node(node)
 
     def ready(self) -> bool:
+        for node, daemon in self._nodes.items():
+            if daemon.poll() is not None:
+                raise SlurmUnavailable(f"slurmd of {node} exited: {self._log_tail()}")
         if self.power_saving:
             # Powered down until a job asks for them: ready once slurmctld answers.
             return self.run("sinfo", "-h", "-o", "%T", check=False).returncode == 0
@@ -253,10 +304,13 @@ class SlurmNodes(SlurmCluster):
 
     def start_node(self, node: str) -> None:
         """Start the node's slurmd in its namespace (after a loss, ReturnToService=2 lets it back)."""
+        _ip("link", "set", self.link(node), "up")
         self._nodes[node] = launch_slurmd(json.loads((self.root / "power.json").read_text()), node, self.env())
 
     def kill_node(self, node: str) -> None:
-        """The node dies: its slurmd, the job steps and every rank on it, all at once."""
+        """The node dies: its link goes silent (no connection is closed, as when a machine loses
+        power), then its slurmd, the job steps and every rank on it are killed."""
+        _ip("link", "set", self.link(node), "down")
         kill_namespace(self.namespace(node))
         daemon = self._nodes.pop(node, None)
         if daemon is not None:
@@ -269,13 +323,14 @@ class SlurmNodes(SlurmCluster):
             if not self.processes_on(node):
                 self.start_node(node)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            states = self.run("sinfo", "-h", "-N", "-o", "%N %T", check=False).stdout.split("\n")
-            waiting = [line.split()[0] for line in states if line.strip() and line.split()[1] != "idle"]
-            if not waiting:
+        while True:
+            shown = self.run("sinfo", "-h", "-N", "-o", "%N %T", check=False)
+            states = dict(line.split() for line in shown.stdout.splitlines() if line.strip())
+            if shown.returncode == 0 and len(states) == self.count and set(states.values()) == {"idle"}:
                 return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nodes not idle again after {timeout:.0f} s: {states or shown.stderr.strip()}")
             time.sleep(0.5)
-        raise TimeoutError(f"nodes not idle again after {timeout:.0f} s: {', '.join(waiting)}")
 
     def node_state(self, node: str) -> str:
         return self.run("sinfo", "-h", "-n", node, "-N", "-o", "%T", check=False).stdout.strip()
@@ -310,32 +365,41 @@ class SlurmNodes(SlurmCluster):
         path.write_text(json.dumps(description, indent=1))
 
 
-def launch_slurmd(description: dict, node: str, env: dict[str, str], detach: bool = False) -> subprocess.Popen[bytes]:
+def launch_slurmd(
+    description: PowerDescription, node: str, env: dict[str, str], detach: bool = False
+) -> subprocess.Popen[bytes]:
     """slurmd as node ``node``: in its network namespace, under its own hostname, on its CPUs.
     ``description``: the cluster's power.json. ``detach``: in a session of its own, to outlive
     the caller (the power program that slurmctld runs and waits for)."""
     facts = description["nodes"][node]
+    uptime = int(float(Path("/proc/uptime").read_text().split()[0]))
     command = [
+        "taskset", "-c", ",".join(map(str, facts["cpus"])),
         "nsenter", f"--net=/run/netns/{facts['namespace']}", "--",
         # Booted just now: slurmctld takes a resumed node that registers with a boot time before
         # the resume request for one that never rebooted, and waits on until ResumeTimeout.
-        "unshare", "--uts", "--time", "--boottime", str(-int(float(Path("/proc/uptime").read_text().split()[0]))), "--",
+        "unshare", "--uts", "--time", "--boottime", str(-uptime), "--",
         "sh", "-c", 'hostname "$0" && exec "$1" -D -N "$0" -f "$2"', node, description["slurmd"], description["conf"],
     ]
     log = Path(description["root"]) / "log" / f"daemons-{node}.out"
     with log.open("ab") as output:
         return subprocess.Popen(
-            command, env=env, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, start_new_session=detach,
-            preexec_fn=lambda: os.sched_setaffinity(0, facts["cpus"]),
+            command, env=env, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, start_new_session=detach
         )
 
 
+def _stop_on_signal(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
-    # For developers: python tests/slurm_nodes.py /tmp/cluster — a 3-node cluster until Ctrl-C.
-    cluster = SlurmNodes(Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/mpistyle-nodes"))
-    cluster.start()
-    print(f"export SLURM_CONF={cluster.conf}  # nodes: {', '.join(cluster.names)}; Ctrl-C stops them")
+    # For developers: python tests/slurm_nodes.py /tmp/cluster — four nodes until Ctrl-C or SIGTERM.
+    for stop_signal in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(stop_signal, _stop_on_signal)
+    cluster = SlurmNodes(Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/mpistyle-nodes"), count=4)
     try:
+        cluster.start()
+        print(f"export SLURM_CONF={cluster.conf}  # nodes: {', '.join(cluster.names)}; Ctrl-C stops them", flush=True)
         signal.pause()
     except KeyboardInterrupt:
         pass

@@ -392,19 +392,17 @@ def test_power_saving_and_node_failure_settings_are_the_installers() -> None:
         "ResumeFailProgram": "/opt/azurehpc/slurm/resume_fail_program.sh",
         "SuspendProgram": "/opt/azurehpc/slurm/suspend_program.sh",
     }
-    assert node_failure_settings(TEMPLATE) == {"ReturnToService": "2"}
+    assert node_failure_settings(TEMPLATE) == {"ReturnToService": "2", "SlurmdTimeout": "120"}
 
 
 def test_the_readme_quotes_the_slurm_settings_as_they_are() -> None:
     readme = (CC / "README.md").read_text()
     rendered = slurm_conf_settings(TEMPLATE)
     quoted = dict(re.findall(r"`([A-Z][a-z]\w*)=([^`\s]+)`", readme))  # Slurm's CamelCase keys
-    for key in ("SuspendTime", "SuspendTimeout", "ResumeTimeout", "ReturnToService", "SlurmctldParameters"):
+    for key in ("SuspendTime", "SuspendTimeout", "ResumeTimeout", "ReturnToService", "SlurmctldParameters", "SlurmdTimeout"):
         assert key in quoted, f"cyclecloud/README.md should say what {key} is"
     wrong = {k: (v, rendered.get(k)) for k, v in quoted.items() if k in rendered and rendered[k] != v}
     assert not wrong, f"cyclecloud/README.md quotes (README, slurm.conf): {wrong}"
-    # Not in slurm.conf, so Slurm's default (slurm.conf(5)); 4.0.1's ReconfigFlags is mentioned for later.
-    assert "SlurmdTimeout" not in rendered and quoted.get("SlurmdTimeout") == "300"
 
 
 # --- the cluster-init project and the parameters file ------------------------------------------

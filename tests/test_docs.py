@@ -12,7 +12,8 @@ the reasons allowed are few (below). What the harness changes, and only this:
   documented recipes take minutes to hours;
 - ``mpistyle-sample`` gets ``--seconds 1 --size 160x90`` appended (later options win): the
   sandbox's clips stay tiny for the commands after it, which read the clip it writes;
-- ``sbatch`` goes to the suite's single-node Slurm, and the job must complete.
+- ``sbatch`` goes to the suite's single-node Slurm (with ``--nodes=``, to its cluster of four
+  nodes), and the job must complete.
 """
 from __future__ import annotations
 
@@ -263,7 +264,9 @@ def test_the_command_runs_as_written(command: Command, sandbox: Path) -> None:
 
 @pytest.mark.slurm
 @pytest.mark.parametrize("command", [c for c in RUN if _submits(c)], ids=str)
-def test_the_sbatch_command_runs_as_written(command: Command, sandbox: Path, slurm: SlurmCluster) -> None:
+def test_the_sbatch_command_runs_as_written(command: Command, sandbox: Path, request: pytest.FixtureRequest) -> None:
+    # A job for several nodes goes to the multi-node cluster (tests/slurm_nodes.py).
+    slurm: SlurmCluster = request.getfixturevalue("nodes" if "--nodes=" in command.text else "slurm")
     env = {**_environment(sandbox), **slurm.env()}
     done = subprocess.run(["bash", "-c", _as_run_here(command.text, sandbox)], cwd=sandbox, env=env,
                           capture_output=True, text=True, timeout=60)

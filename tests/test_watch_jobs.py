@@ -94,6 +94,7 @@ def test_a_sas_inside_a_storage_url_is_refused(tmp_path: Path) -> None:
         ("runner.env_pass=[AZURE_CLIENT_SECRET]", "a credential"),
         ("runner.sbatch_args=['--export=ALL']", "--export"),
         ("runner.sbatch_args=['--time=10']", "job_time_limit_s"),
+        ("runner.sbatch_args=['--requeue']", "--no-requeue"),
         ("job_time_limit_s=0", "job_time_limit_s must be positive"),
     ],
 )
@@ -123,6 +124,7 @@ def test_no_credential_reaches_a_slurm_job(slurm: SlurmCluster, tmp_path: Path, 
     info = slurm.wait(int(handle.removeprefix("slurm:")))
     assert info["JobState"] == "COMPLETED", (tmp_path / "job.log").read_text()
     assert info["TimeLimit"] == "00:02:00"  # job_time_limit_s, in minutes rounded up
+    assert info["Requeue"] == "0"  # a failed node ends the job; the watcher's retry resumes it
     handed = dict(line.split("=", 1) for line in (job.runs_dir / "env.txt").read_text().splitlines() if "=" in line)
     assert not set(SECRETS) & set(handed), sorted(set(SECRETS) & set(handed))
     assert "UNLISTED_VARIABLE" not in handed and handed["MY_SETTING"] == "kept"

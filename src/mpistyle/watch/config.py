@@ -225,6 +225,11 @@ def check(cfg: DictConfig) -> None:
                 f"runner.sbatch_args sets {str(arg).split('=')[0]}, which the watcher sets itself: "
                 "use job_time_limit_s for the time limit, runner.env_pass for the environment"
             )
+        if str(arg).startswith("--requeue"):
+            raise ConfigError(
+                "runner.sbatch_args sets --requeue: the watcher submits with --no-requeue, so that a job whose "
+                "node fails ends and its retry on a later tick resumes it within job_time_limit_s"
+            )
 
 
 def _check_settings(cfg: DictConfig) -> None:
