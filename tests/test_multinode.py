@@ -54,6 +54,11 @@ def long_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_video(tmp_path_factory.mktemp("clip") / "long.mp4", **LONG)
 
 
+@pytest.fixture(scope="module")
+def short_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_video(tmp_path_factory.mktemp("clip") / "short.mp4", frames=48, gop=4)
+
+
 def job_env(tmp_path: Path, launcher: str = "srun") -> dict[str, str]:
     return {
         **MPI_ENV,
@@ -124,11 +129,10 @@ def wait_for_staged(tmp_path: Path, nodes: SlurmNodes, job: int, frames: int = 1
     ids=["srun-2x1", "srun-3x2", "mpirun-2x1"],
 )
 def test_ranks_on_several_nodes_write_the_same_file_as_one_rank(
-    nodes: SlurmNodes, video: Callable[..., Path], alone: Callable[[Path], bytes], tmp_path: Path,
+    nodes: SlurmNodes, short_clip: Path, alone: Callable[[Path], bytes], tmp_path: Path,
     launcher: str, flags: tuple[str, ...],
 ) -> None:
-    source = video(frames=48, gop=4)
-    job = submit(nodes, tmp_path, source, *flags, launcher=launcher)
+    job = submit(nodes, tmp_path, short_clip, *flags, launcher=launcher)
     info = nodes.wait(job)
     log = job_log(tmp_path, job)
     assert info["JobState"] == "COMPLETED", log
@@ -136,7 +140,7 @@ def test_ranks_on_several_nodes_write_the_same_file_as_one_rank(
     hosts = rank_hosts(log)
     assert len(hosts) == count * per_node, log
     assert sorted(set(hosts.values())) == nodes.names[:count]  # every node ran ranks
-    assert (tmp_path / "out.mp4").read_bytes() == alone(source)
+    assert (tmp_path / "out.mp4").read_bytes() == alone(short_clip)
     assert json.loads((tmp_path / "out.mp4.report.json").read_text())["ranks"] == count * per_node
 
 
