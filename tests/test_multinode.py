@@ -28,25 +28,33 @@ from media import decode_all
 SCRIPT = TESTS.parent / "slurm" / "style.sbatch"
 CYCLECLOUD_TEMPLATE = TESTS.parent / "cyclecloud" / "mpistyle-slurm.txt"
 pytestmark = [pytest.mark.slurm, pytest.mark.multinode, pytest.mark.slow]
-# A clip long enough to lose a node in the middle of: 10 segments of 12 frames.
+# A clip long enough to lose a node in the middle of: 10 segments of 12 frames, scored by a model
+# that takes 0.4 s a batch of 4 (and inverts): each rank works about 6 s, asleep, whatever the
+# machine's speed, so that a node is lost mid-job every time and the CPUs stay free.
 LONG = {"frames": 120, "width": 160, "height": 90, "gop": 4}
+SLOW = ["~model", "+model._target_=frame_models.slow", "+model.seconds=0.4", "batch_size=4"]
 
 
 @pytest.fixture(scope="module")
-def alone(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Path], bytes]:
-    """The file one rank alone writes for an input (each input run once per module)."""
-    done: dict[Path, bytes] = {}
+def alone(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., bytes]:
+    """The file one rank alone writes for an input and overrides (each run once per module)."""
+    done: dict[tuple[Path, tuple[str, ...]], bytes] = {}
 
-    def output(source: Path) -> bytes:
-        if source not in done:
+    def output(source: Path, *overrides: str) -> bytes:
+        if (source, overrides) not in done:
             folder = tmp_path_factory.mktemp("alone")
             result = run_mpistyle(f"input={source}", f"output={folder / 'out.mp4'}", f"staging.root={folder / 'staging'}",
-                                  "report.preview_frames=0", cwd=folder)
+                                  "report.preview_frames=0", *overrides, cwd=folder)
             assert result.returncode == 0, result.stderr
-            done[source] = (folder / "out.mp4").read_bytes()
-        return done[source]
+            done[source, overrides] = (folder / "out.mp4").read_bytes()
+        return done[source, overrides]
 
     return output
+
+
+def alone_slow(alone: Callable[..., bytes], source: Path) -> bytes:
+    """What one rank writes with the slow model, without its sleep (the same pictures)."""
+    return alone(source, *SLOW[:2], "+model.seconds=0", SLOW[3])
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +77,11 @@ def job_env(tmp_path: Path, launcher: str = "srun") -> dict[str, str]:
     }
 
 
-def submit(nodes: SlurmNodes, tmp_path: Path, source: Path, *flags: str, launcher: str = "srun") -> int:
+def submit(
+    nodes: SlurmNodes, tmp_path: Path, source: Path, *flags: str, launcher: str = "srun", overrides: list[str] | None = None
+) -> int:
     return nodes.sbatch(*flags, str(SCRIPT), f"input={source}", f"output={tmp_path / 'out.mp4'}", "report.preview_frames=0",
-                        cwd=tmp_path, env=job_env(tmp_path, launcher))
+                        *(overrides or []), cwd=tmp_path, env=job_env(tmp_path, launcher))
 
 
 def job_log(tmp_path: Path, job: int) -> str:
@@ -129,7 +139,7 @@ def wait_for_staged(tmp_path: Path, nodes: SlurmNodes, job: int, frames: int = 1
     ids=["srun-2x1", "srun-3x2", "mpirun-2x1"],
 )
 def test_ranks_on_several_nodes_write_the_same_file_as_one_rank(
-    nodes: SlurmNodes, short_clip: Path, alone: Callable[[Path], bytes], tmp_path: Path,
+    nodes: SlurmNodes, short_clip: Path, alone: Callable[..., bytes], tmp_path: Path,
     launcher: str, flags: tuple[str, ...],
 ) -> None:
     job = submit(nodes, tmp_path, short_clip, *flags, launcher=launcher)
@@ -145,10 +155,10 @@ def test_ranks_on_several_nodes_write_the_same_file_as_one_rank(
 
 
 def test_a_node_lost_mid_job_is_requeued_and_the_job_finishes_on_the_others(
-    nodes: SlurmNodes, long_clip: Path, alone: Callable[[Path], bytes], tmp_path: Path,
+    nodes: SlurmNodes, long_clip: Path, alone: Callable[..., bytes], tmp_path: Path,
     record_property: Callable[[str, object], None],
 ) -> None:
-    job = submit(nodes, tmp_path, long_clip, "--nodes=2", "--ntasks-per-node=1")
+    job = submit(nodes, tmp_path, long_clip, "--nodes=2", "--ntasks-per-node=1", overrides=SLOW)
     wait_for_staged(tmp_path, nodes, job, frames=24)
     lost = nodes.names[1]  # the second node of the job's n[1-2]
     assert nodes.job(job)["NodeList"] == "n[1-2]"
@@ -161,7 +171,7 @@ def test_a_node_lost_mid_job_is_requeued_and_the_job_finishes_on_the_others(
     assert info["JobState"] == "COMPLETED", log
     assert info["Restarts"] == "1"
     assert lost not in hosts(nodes, info["NodeList"]) and nodes.node_state(lost).startswith("down")
-    assert (tmp_path / "out.mp4").read_bytes() == alone(long_clip)
+    assert (tmp_path / "out.mp4").read_bytes() == alone_slow(alone, long_clip)
     report = json.loads((tmp_path / "out.mp4.report.json").read_text())
     assert report["frames_reused"] >= staged_at_kill > 0
     record_property("kill_to_output_s", round(finished - killed, 1))
@@ -173,11 +183,11 @@ def test_a_node_lost_mid_job_is_requeued_and_the_job_finishes_on_the_others(
 
 
 def test_scontrol_requeue_of_a_running_job_resumes_without_scoring_finished_segments_again(
-    nodes: SlurmNodes, long_clip: Path, alone: Callable[[Path], bytes], tmp_path: Path
+    nodes: SlurmNodes, long_clip: Path, alone: Callable[..., bytes], tmp_path: Path
 ) -> None:
     # A preemption drill: what Slurm does to a job when a higher-priority one (PreemptMode=REQUEUE)
     # or an operator takes its nodes.
-    job = submit(nodes, tmp_path, long_clip, "--nodes=2", "--ntasks-per-node=1")
+    job = submit(nodes, tmp_path, long_clip, "--nodes=2", "--ntasks-per-node=1", overrides=SLOW)
     wait_for_staged(tmp_path, nodes, job, frames=24)
     nodes.run("scontrol", "requeue", str(job))
     # The ranks finish the batch in hand and exit; the job waits to be started again.
@@ -188,7 +198,7 @@ def test_scontrol_requeue_of_a_running_job_resumes_without_scoring_finished_segm
     info = nodes.wait(job, timeout=240)
     log = job_log(tmp_path, job)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
-    assert (tmp_path / "out.mp4").read_bytes() == alone(long_clip)
+    assert (tmp_path / "out.mp4").read_bytes() == alone_slow(alone, long_clip)
     report = json.loads((tmp_path / "out.mp4.report.json").read_text())
     # Scored twice: only what was in flight when the signal came (never a finished segment).
     assert report["frames_reused"] == staged > 0
@@ -196,10 +206,10 @@ def test_scontrol_requeue_of_a_running_job_resumes_without_scoring_finished_segm
 
 
 def test_the_watcher_submits_again_a_job_whose_node_died_without_holding_it_against_the_video(
-    nodes: SlurmNodes, long_clip: Path, alone: Callable[[Path], bytes], tmp_path: Path
+    nodes: SlurmNodes, long_clip: Path, alone: Callable[..., bytes], tmp_path: Path
 ) -> None:
     watch = local_overrides(tmp_path, "runner=slurm", "runner.sbatch_args=['--nodes=2','--ntasks-per-node=1']",
-                            "retry_backoff_s=1", "job_overrides=['report.preview_frames=0']")
+                            "retry_backoff_s=1", f"job_overrides=[{','.join(repr(o) for o in SLOW)},'report.preview_frames=0']")
     shutil.copy(long_clip, tmp_path / "inbox" / "clip.mp4")
     env = {**nodes.env(), "MPISTYLE_PYTHON": sys.executable}
     first = run_watch(tmp_path, *watch, env=env)
@@ -222,7 +232,7 @@ def test_the_watcher_submits_again_a_job_whose_node_died_without_holding_it_agai
     record = states(tmp_path / "work")["clip.mp4"]
     assert starts(record) == 2 and record["attempts"] == 0 and record["retries"] == 1
     assert "NODE_FAIL" in record["failure"]
-    assert (tmp_path / "outbox" / "clip.mp4").read_bytes() == alone(long_clip)
+    assert (tmp_path / "outbox" / "clip.mp4").read_bytes() == alone_slow(alone, long_clip)
     assert json.loads((tmp_path / "outbox" / "clip.mp4.report.json").read_text())["frames_reused"] >= 24
 
 
@@ -235,7 +245,7 @@ def test_a_batch_over_three_nodes_with_one_lost_delivers_every_video_once_on_the
     jobs = tmp_path / "jobs.jsonl"
     lines = [json.dumps({"input": str(source), "output": str(output)}) for source, output in zip(sources, outputs, strict=True)]
     jobs.write_text("\n".join(lines) + "\n")
-    job = nodes.sbatch("--nodes=3", "--ntasks-per-node=1", str(SCRIPT), f"inputs={jobs}", "report.preview_frames=0",
+    job = nodes.sbatch("--nodes=3", "--ntasks-per-node=1", str(SCRIPT), f"inputs={jobs}", "report.preview_frames=0", *SLOW,
                        cwd=tmp_path, env=job_env(tmp_path))
     deadline = time.monotonic() + 180
     while not any(output.exists() for output in outputs):
