@@ -391,10 +391,10 @@ def test_a_refused_upload_is_redacted_and_retried_next_tick(azurite: Azurite, tm
 # -- load ------------------------------------------------------------------------------------------
 
 
-def test_sixteen_videos_through_two_concurrent_watchers(tmp_path: Path) -> None:
+def test_twelve_videos_through_two_concurrent_watchers(tmp_path: Path) -> None:
     overrides = local_overrides(tmp_path)
     sources = {}
-    for index in range(16):
+    for index in range(12):
         path = make_video(tmp_path / "inbox" / f"v{index:02d}.mp4", frames=3 + index % 4, width=32, height=24, gop=3)
         sources[path.name] = len(decode_all(path)[0])
     env = {**os.environ, **MPI_ENV, "PYTHONPATH": PYTHONPATH}
@@ -404,10 +404,10 @@ def test_sixteen_videos_through_two_concurrent_watchers(tmp_path: Path) -> None:
     logs = [w.communicate(timeout=900)[1] for w in watchers]
     assert all(w.returncode == 0 for w in watchers), logs
     records = states(tmp_path / "work")
-    assert len(records) == 16 and all(r["step"] == "done" and starts(r) == 1 for r in records.values())
+    assert len(records) == 12 and all(r["step"] == "done" and starts(r) == 1 for r in records.values())
     for name, frames in sources.items():
         assert len(decode_all(tmp_path / "outbox" / name)[0]) == frames
-    assert sum(log.count("started as") for log in logs) == 16
+    assert sum(log.count("started as") for log in logs) == 12
     assert not [p for p in (tmp_path / "scratch").rglob("*") if p.is_file()]  # staging and copies all cleaned
 
 
