@@ -5,8 +5,9 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from hydra import compose, initialize_config_module
@@ -55,29 +56,36 @@ def service_missing(what: str, err: Exception) -> None:
     pytest.skip(f"{what} cannot be started on this machine: {err}")
 
 
+Service = TypeVar("Service", SlurmCluster, Azurite)
+
+
+@contextmanager
+def served(service: Service, what: str) -> Iterator[Service]:
+    """A real service, started, and stopped after; one that cannot start here is stopped
+    (whatever of it did start) and skipped, or fails the run (service_missing)."""
+    try:
+        service.start()
+    except (SlurmUnavailable, AzuriteUnavailable) as err:
+        service.stop()
+        service_missing(what, err)
+    try:
+        yield service
+    finally:
+        service.stop()
+
+
 @pytest.fixture(scope="session")
 def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
-    try:
-        cluster.start()
-    except SlurmUnavailable as err:
-        cluster.stop()
-        service_missing("Slurm", err)
-    yield cluster
-    cluster.stop()
+    with served(SlurmCluster(tmp_path_factory.mktemp("slurm")), "Slurm") as service:
+        yield service
 
 
 @pytest.fixture(scope="session")
 def slurm_nodes_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmNodes]:
     """Four compute nodes, each in its own network namespace (tests/slurm_nodes.py): a job on
     three of them still has three when one is lost."""
-    cluster = SlurmNodes(tmp_path_factory.mktemp("slurm-nodes"), count=4)
-    try:
-        cluster.start()
-    except SlurmUnavailable as err:
-        service_missing("a Slurm cluster of network namespaces", err)
-    yield cluster
-    cluster.stop()
+    with served(SlurmNodes(tmp_path_factory.mktemp("slurm-nodes"), count=4), "a Slurm cluster of network namespaces") as service:
+        yield service
 
 
 @pytest.fixture
@@ -89,25 +97,15 @@ def nodes(slurm_nodes_cluster: SlurmNodes) -> Iterator[SlurmNodes]:
 
 @pytest.fixture(scope="session")
 def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
-    emulator = Azurite(tmp_path_factory.mktemp("azurite"))
-    try:
-        emulator.start()
-    except AzuriteUnavailable as err:
-        service_missing("Azurite", err)
-    yield emulator
-    emulator.stop()
+    with served(Azurite(tmp_path_factory.mktemp("azurite")), "Azurite") as service:
+        yield service
 
 
 @pytest.fixture(scope="session")
 def azurite_queue(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
     """The emulator's queue service (Event Grid's deliveries for intake=queue)."""
-    emulator = Azurite(tmp_path_factory.mktemp("azurite-queue"), service="queue")
-    try:
-        emulator.start()
-    except AzuriteUnavailable as err:
-        service_missing("Azurite's queue service", err)
-    yield emulator
-    emulator.stop()
+    with served(Azurite(tmp_path_factory.mktemp("azurite-queue"), service="queue"), "Azurite's queue service") as service:
+        yield service
 
 
 def make_cfg(overrides: list[str]) -> DictConfig:

@@ -159,17 +159,14 @@ class SlurmNodes(SlurmCluster):
         for program in ("ip", "nsenter", "unshare", "taskset"):
             _program(program)  # SlurmUnavailable saying what to install
         remove_leftovers()
-        try:
-            self._make_network()
-            for node in self.names:  # the %n folders: Slurm makes none of them itself
-                for folder in ("tmp", "spool"):
-                    (self.root / folder / node).mkdir(parents=True, exist_ok=True)
-            # Before slurmctld starts: it turns power saving off if the programs are missing.
-            self._write_power_description()
-            super().start(timeout)
-        except BaseException:
-            self.stop()
-            raise
+        # A start that fails leaves its cleanup to stop(), as for every test service (conftest.served).
+        self._make_network()
+        for node in self.names:  # the %n folders: Slurm makes none of them itself
+            for folder in ("tmp", "spool"):
+                (self.root / folder / node).mkdir(parents=True, exist_ok=True)
+        # Before slurmctld starts: it turns power saving off if the programs are missing.
+        self._write_power_description()
+        super().start(timeout)
 
     def _make_network(self) -> None:
         taken = set(re.findall(r"inet 10\.213\.(\d+)\.", _ip("-o", "addr", "show").stdout))

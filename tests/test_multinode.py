@@ -18,11 +18,10 @@ import pytest
 
 from cyclecloud_slurm_conf import power_saving_settings, slurm_conf_settings
 from mpistyle.sample import make_video
-from slurm_cluster import SlurmUnavailable
 from slurm_nodes import SlurmNodes
 from test_watch import local_overrides, run_watch, starts, states
 
-from conftest import MPI_ENV, TESTS, run_mpistyle, service_missing
+from conftest import MPI_ENV, TESTS, run_mpistyle, served
 from media import decode_all
 
 SCRIPT = TESTS.parent / "slurm" / "style.sbatch"
@@ -284,11 +283,7 @@ def test_autoscale_as_cyclecloud_sets_it_starts_nodes_for_a_job_and_stops_them_w
     scaled = {"SuspendTime": "5", "SuspendTimeout": "5", "ResumeTimeout": "10"}
     assert scaled.keys() <= settings.keys() and "idle_on_node_suspend" in settings["SlurmctldParameters"]
     cluster = SlurmNodes(tmp_path / "cluster", count=3, power_saving=[f"{k}={scaled.get(k, v)}" for k, v in settings.items()])
-    try:
-        cluster.start()
-    except SlurmUnavailable as err:
-        service_missing("a Slurm cluster of network namespaces", err)
-    try:
+    with served(cluster, "a Slurm cluster of network namespaces"):
         powered_down = {node: "idle~" for node in cluster.names}
         assert node_states(cluster) == powered_down
         assert not any(cluster.processes_on(node) for node in cluster.names)
@@ -316,8 +311,6 @@ def test_autoscale_as_cyclecloud_sets_it_starts_nodes_for_a_job_and_stops_them_w
         assert "ResumeTimeout" in cluster.run("sinfo", "-h", "-R", "-n", "n1", "-o", "%E").stdout
         cluster.run("scontrol", "update", "nodename=n1", "state=idle")
         wait_for(lambda: cluster.node_state("n1") == "idle~", 30)
-    finally:
-        cluster.stop()
 
 
 def node_states(cluster: SlurmNodes) -> dict[str, str]:

@@ -115,15 +115,10 @@ class BlobArea:
 
         self.label = label
         self.prefix = prefix
-        secret = from_env(credential_env)
-        # No retries inside the SDK: they were silent (an unreachable endpoint gave minutes of
-        # nothing); _call retries instead, logging each try, within a bounded time.
-        options: dict[str, Any] = {"retry_total": 0, "connection_timeout": 10, "read_timeout": 120}
-        if secret and ("AccountName=" in secret or "BlobEndpoint=" in secret):
-            container = urlparse(url).path.rstrip("/").rsplit("/", 1)[-1]
-            self.client = ContainerClient.from_connection_string(secret, container, **options)
-        else:
-            self.client = ContainerClient.from_container_url(url, credential=url_credential(secret, url), **options)
+        self.client = sdk_client(
+            url, credential_env, "BlobEndpoint", ContainerClient.from_connection_string, ContainerClient.from_container_url,
+            read_timeout=120,
+        )
 
     def _call(self, what: str, action: Callable[[], T]) -> T:
         return retrying(self.label, what, action)
@@ -230,12 +225,26 @@ class BlobArea:
         return str(reply["etag"])
 
 
-def url_credential(secret: str | None, url: str) -> Any:
-    """What a client made from ``url`` signs in with: the SAS token in ``secret``, else (no SAS
-    in the URL either) ``DefaultAzureCredential``."""
+def sdk_client(
+    url: str, credential_env: str | None, endpoint: str, from_connection_string: Callable[..., T],
+    from_url: Callable[..., T], read_timeout: float,
+) -> T:
+    """An Azure SDK client of ``url`` (a container's or a queue's), signed in with what the
+    variable ``credential_env`` holds: a connection string (one naming an account, or its
+    ``<endpoint>=``), a SAS token, or nothing (a SAS in the URL, else ``DefaultAzureCredential``).
+
+    No retries inside the SDK: they were silent (an unreachable endpoint gave minutes of
+    nothing); the callers retry instead (:func:`retrying`), logging each try, within a bounded
+    time."""
+    secret = from_env(credential_env)
+    options: dict[str, Any] = {"retry_total": 0, "connection_timeout": 10, "read_timeout": read_timeout}
+    if secret and ("AccountName=" in secret or f"{endpoint}=" in secret):
+        return from_connection_string(secret, urlparse(url).path.rstrip("/").rsplit("/", 1)[-1], **options)
     if secret:
-        return secret.lstrip("?")
-    return None if "sig=" in url else _default_credential()
+        credential: Any = secret.lstrip("?")
+    else:
+        credential = None if "sig=" in url else _default_credential()
+    return from_url(url, credential=credential, **options)
 
 
 def _default_credential() -> Any:

@@ -29,8 +29,8 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from ..errors import StorageError
-from ..secrets import from_env, redact
-from .areas import retrying, url_credential
+from ..secrets import redact
+from .areas import retrying, sdk_client
 
 log = logging.getLogger(__name__)
 
@@ -143,13 +143,10 @@ class EventQueue:
     def __init__(self, url: str, credential_env: str | None = None) -> None:
         from azure.storage.queue import QueueClient
 
-        secret = from_env(credential_env)
-        options: dict[str, Any] = {"retry_total": 0, "connection_timeout": 10, "read_timeout": 60}
-        if secret and ("AccountName=" in secret or "QueueEndpoint=" in secret):
-            name = urlparse(url).path.rstrip("/").rsplit("/", 1)[-1]
-            self.client = QueueClient.from_connection_string(secret, name, **options)
-        else:
-            self.client = QueueClient.from_queue_url(url, credential=url_credential(secret, url), **options)
+        self.client = sdk_client(
+            url, credential_env, "QueueEndpoint", QueueClient.from_connection_string, QueueClient.from_queue_url,
+            read_timeout=60,
+        )
         self._lock = threading.Lock()  # receipts change with each update, from two threads
 
     def receive(self, count: int, invisible_s: float) -> list[Message]:
