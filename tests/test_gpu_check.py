@@ -30,6 +30,16 @@ def test_the_gpu_check_dry_runs_every_step(tmp_path: Path) -> None:
     assert figures["model_compiled"]["runs"][0]["kernels"] in ("aot", "jit")
     assert figures["decode"]["runs"][0]["frames"] == figures["clip"]["frames"]
     assert figures["encode"]["runs"][0]["encoder"] == "libx264"
+    assert figures["encode"]["runs"][0]["role"] == "default"
+    assert figures["profile"]["operators"] and figures["profile"]["frames_per_s"] > 0
+    variants = figures["variants"]["runs"]
+    assert variants[0]["psnr_db"] is None and all(run["frames_per_s"] > 0 for run in variants)
+    assert figures["user_clips"]["clips"]["clip-1gop.mp4"]["keyframes"] == 1
+    assert figures["user_clips"]["clips"]["clip-open-gop.ts"]["codec"] == "mpeg2video"
+    for kind in ("1gop", "open_gop_ts"):  # the default command beside the loop a user would write
+        pair = figures[f"vs_reference_{kind}"]
+        assert pair["default_command"]["frames"] == pair["reference"]["frames"] == 60
+        assert figures["goals"][f"default_vs_reference_{kind}"] == pair["default_vs_reference"] > 0
     for step, ranks in (("e2e_1", 1), ("e2e_2", 2), ("e2e_compiled", 1)):
         assert figures[step]["ranks"] == ranks
         assert [rank["device"] for rank in figures[step]["per_rank"]] == ["cpu"] * ranks
