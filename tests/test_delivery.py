@@ -23,7 +23,7 @@ Cfg = Callable[..., DictConfig]
 
 
 def _videos(video: Callable[..., Path], cfg: Cfg, tmp_path: Path, count: int) -> list[Video]:
-    facts = (RankFacts(0, "here", "cpu", 1, "fp32", False, False, "h264", "libx264"),)
+    facts = (RankFacts(0, "here", "cpu", 1, "fp32", False, False, "h264", "libx264", 1),)
     plans = [
         make_plan(cfg(f"input={video(f'v{n}.mp4', frames=24, gop=6, start=24 * n)}", f"output={tmp_path / f'out{n}.mp4'}",
                       "video.segment_seconds=1"))

@@ -16,6 +16,7 @@ import torch
 
 from mpistyle.devices import pick_precision
 from mpistyle.encode import EncodeSettings
+from mpistyle.errors import ConfigError
 from mpistyle.hwcodecs import cuvid_name, pick_decoder, pick_encoder
 from mpistyle.model.loading import load_multistyle
 from mpistyle.scoring import Scorer
@@ -55,6 +56,29 @@ def test_cuda_output_within_40_db_of_cpu_fp32_on_a_real_picture(astronaut: np.nd
     if compiled:
         assert scorer.kernels == "jit", how  # compiled in the process (a CUDA package crashed torch 2.11's loader)
     assert psnr(reference, scorer(astronaut)) >= 40.0
+
+
+def test_a_batch_is_as_many_frames_as_fit_and_one_that_does_not_fit_says_what_to_set() -> None:
+    scorer = Scorer(load_multistyle(), GPU, None, "bf16")  # batch_size=null, the default
+    scorer.prepare(2160, 3840)
+    total = torch.cuda.get_device_properties(GPU).total_memory
+    assert 1 <= scorer.batch_size <= 8
+    if total >= 40 * 2**30:
+        assert scorer.batch_size == 8, "a 4K frame should take well under 1/32 of this GPU"
+    frames = np.zeros((2, 2160, 3840, 3), np.uint8)
+    assert scorer(frames).shape == frames.shape
+    del scorer
+    torch.cuda.empty_cache()
+    # A real out-of-memory: this process may now take only 1 GiB of the GPU.
+    torch.cuda.set_per_process_memory_fraction(2**30 / total, GPU)
+    try:
+        eight = Scorer(load_multistyle(), GPU, 8, "bf16")
+        expected = r"the GPU \(cuda:0\) ran out of memory scoring a batch of 8 3840x2160 frame\(s\).*try batch_size=4"
+        with pytest.raises(ConfigError, match=expected):
+            eight.prepare(2160, 3840)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, GPU)
+        torch.cuda.empty_cache()
 
 
 def _clip(video: Callable[..., Path], name: str = "in.mp4", **kwargs: object) -> Path:
@@ -121,6 +145,7 @@ def test_two_ranks_share_one_gpu_and_write_the_same_file_as_one(video: Callable[
     two = _job(source, tmp_path / "two.mp4", 2)
     assert [rank["device"] for rank in two["per_rank"]] == ["cuda:0", "cuda:0"]  # type: ignore[index]
     assert all(rank["frames"] > 0 for rank in two["per_rank"])  # type: ignore[attr-defined]
+    assert {rank["batch"] for rank in two["per_rank"]} == {8}  # type: ignore[attr-defined]
     decoders = {rank["decoder"] for rank in two["per_rank"]}  # type: ignore[attr-defined]
     assert decoders == {"h264"}, decoders  # video.decoder=auto: the CPU's
     assert (tmp_path / "one.mp4").read_bytes() == (tmp_path / "two.mp4").read_bytes()

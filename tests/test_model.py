@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,7 @@ from mpistyle.model.loading import (
 )
 from mpistyle.model.multistyle import NUM_STYLES
 from mpistyle.model.transformer_net import TransformerNet
-from mpistyle.scoring import Scorer
+from mpistyle.scoring import Scorer, fitting_batch
 
 from media import psnr
 
@@ -205,3 +207,38 @@ def test_one_compiled_package_serves_every_style(astronaut: np.ndarray) -> None:
         assert psnr(eager, outputs[style]) >= 40.0
     assert "loaded in" in how  # the second style's: no new compile
     assert psnr(outputs[19], outputs[5]) < 25.0
+
+
+def test_a_gpu_batch_is_as_many_frames_as_fit_in_a_quarter_of_the_gpu() -> None:
+    gib = 2**30
+    assert fitting_batch(80 * gib, gib // 2) == 8  # at most 8
+    assert fitting_batch(16 * gib, 2 * gib) == 2  # a 16 GiB GPU (T4), 2 GiB frames
+    assert fitting_batch(16 * gib, 5 * gib) == 1  # none fits: 1, and running out of memory says what to do
+    assert fitting_batch(80 * gib, gib // 2, most=3) == 3  # never more than batch_size
+
+
+def test_a_batch_the_node_has_no_memory_for_is_a_config_error_naming_a_smaller_batch() -> None:
+    # A real allocation failure: the process's address space is capped 1 GiB above what it
+    # holds, and four 1080p frames need more (the first layer's output alone is 1 GiB in fp32).
+    script = """
+import resource, sys, numpy as np, torch
+from mpistyle.errors import ConfigError
+from mpistyle.model.loading import load_multistyle
+from mpistyle.scoring import Scorer
+torch.set_num_threads(1)
+scorer = Scorer(load_multistyle(), torch.device("cpu"), 4, "fp32")
+scorer.prepare(1080, 1920)
+size = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize:"))
+resource.setrlimit(resource.RLIMIT_AS, (size + 2**30, resource.RLIM_INFINITY))
+try:
+    scorer(np.zeros((4, 1080, 1920, 3), np.uint8))
+except ConfigError as err:
+    print(err)
+    sys.exit(err.exit_code)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout + done.stderr[-2000:]
+    assert done.stdout.strip() == (
+        "this node (cpu) ran out of memory scoring a batch of 4 1920x1080 frame(s); other processes on it count too: "
+        "try batch_size=2"
+    )

@@ -128,7 +128,7 @@ class JobConfig:
     inputs: str | None = None
     output_dir: str | None = None
     device: str = "auto"  # auto: cuda:<local rank> where there is a GPU, else cpu
-    batch_size: int | None = None  # frames per model call; default 1 on CPU, 8 on a GPU
+    batch_size: int | None = None  # frames per model call; default 1 on CPU, on a GPU as many as fit (at most 8)
     # Torch threads per rank. Default: the rank moves onto its share of the node's CPUs and takes
     # a thread for each (mpistyle alone: all of them; mpirun's one-core binding is widened).
     threads: int | None = None

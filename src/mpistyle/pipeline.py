@@ -126,6 +126,7 @@ def prepare(
     facts = RankFacts(
         ctx.rank, ctx.host, str(scorer.device), scorer.threads if scorer.device.type == "cpu" else None,
         scorer.precision, scorer.compiled, overlap, cuvid.name if cuvid else plan.info.codec, plan.settings.codec,
+        scorer.batch_size,
     )
     return Video(plan, scorer, tuple(ctx.gather_all(facts)), cfg.on_damage, cuvid)
 

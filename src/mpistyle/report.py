@@ -160,6 +160,7 @@ class RankFacts:
     overlap: bool  # decode and encode in threads beside the model
     decoder: str  # FFmpeg's name for it: h264 (the CPU's), h264_cuvid (the GPU's), ...
     encoder: str  # libx264 (the CPU's), h264_nvenc (the GPU's), ...
+    batch: int  # frames a model call takes (batch_size; on a GPU, as many as fit)
 
 
 @dataclass(frozen=True)
@@ -396,7 +397,8 @@ _PUBLIC_SECTIONS = {
     "output": ("codec", "segments", "width", "height", "frames", "bytes", "audio"),
 }
 _PUBLIC_RANK = (
-    "rank", "device", "threads", "precision", "compiled", "overlap", "decoder", "encoder", "frames", "segments", "frames_reused",
+    "rank", "device", "threads", "precision", "compiled", "overlap", "decoder", "encoder", "batch", "frames", "segments",
+    "frames_reused",
     "frames_decoded", "damage", "seconds", "seconds_total", "peak_rss_mb", "fps",
 )
 

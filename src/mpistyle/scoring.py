@@ -21,8 +21,23 @@ from .precompiled import CannotPrecompile, Precompiled, load_or_build, record_fa
 
 def default_batch_size(device: torch.device) -> int:
     """Batches feed a GPU; on a CPU one frame at a time was fastest (bigger batches mostly add
-    page faults for the larger activations: 176 vs 196 ms/frame at 640x360 on 2 cores)."""
-    return 8 if device.type == "cuda" else 1
+    page faults for the larger activations: 176 vs 196 ms/frame at 640x360 on 2 cores). On a
+    GPU this is the most: :meth:`Scorer.prepare` takes fewer where the frames are too big."""
+    return GPU_BATCH_MOST if device.type == "cuda" else 1
+
+
+GPU_BATCH_MOST = 8
+# The share of a GPU's memory one rank's batch may take, so that four ranks can share a GPU. It
+# is a share of the GPU's whole memory, not of what is free when the rank starts: that would
+# depend on the other ranks, and the batch size changes a frame's rounding (the output must be
+# the same file for any rank count).
+GPU_MEMORY_SHARE = 0.25
+
+
+def fitting_batch(gpu_bytes: int, frame_bytes: int, most: int = GPU_BATCH_MOST) -> int:
+    """Frames per batch on a GPU of ``gpu_bytes`` where scoring one frame takes ``frame_bytes``:
+    as many as fit in :data:`GPU_MEMORY_SHARE` of it, at least 1 and at most ``most``."""
+    return max(1, min(most, int(gpu_bytes * GPU_MEMORY_SHARE) // max(frame_bytes, 1)))
 
 
 log = logging.getLogger(__name__)
@@ -43,20 +58,22 @@ _COMPILE_AUTO_PIXELS = {"cpu": 40_000_000, "cuda": 12_000_000_000}
 class Scorer:
     """Applies a frame model to uint8 RGB frames ``(n, H, W, 3)`` and returns the same layout,
     at ``precision`` (fp32, bf16 or fp16: autocast, so norms and the output stay fp32), compiled
-    when ``compile_model`` (see :meth:`prepare`)."""
+    when ``compile_model`` (see :meth:`prepare`), ``batch_size`` frames a call (None: 1 on a
+    CPU; on a GPU as many as fit, at most 8, decided by :meth:`prepare`)."""
 
     def __init__(
         self,
         model: nn.Module,
         device: torch.device,
-        batch_size: int,
+        batch_size: int | None,
         precision: str = "fp32",
         compile_model: bool = False,
         threads: int | None = None,
     ) -> None:
         self.device = device
         self.threads = threads or torch.get_num_threads()
-        self.batch_size = batch_size
+        self.batch_size = batch_size or default_batch_size(device)
+        self._fit_batch = batch_size is None and device.type == "cuda"
         self.precision = precision
         self.dtype = getattr(torch, _DTYPES[precision]) if precision in _DTYPES else None
         self.eager = model.to(device).eval()
@@ -78,6 +95,9 @@ class Scorer:
         runs eagerly."""
         self._prepared = True
         blank = np.zeros((1, height, width, 3), np.uint8)
+        if self._fit_batch:
+            self._fit_batch = False
+            self._size_batch(blank)
         if not self.compiled:
             self(blank)
             return "eager"
@@ -85,6 +105,8 @@ class Scorer:
         if how is not None:
             try:
                 self(blank)
+            except MpistyleError:
+                raise  # no memory for the batch: the package is not at fault
             except Exception as err:  # built for this machine type, yet it does not run here (a driver)
                 log.warning("the compiled package failed when run (%s): compiling in the process instead", first_line(err)[:200])
                 self._drop_package(height, width, first_line(err)[:200])
@@ -92,6 +114,22 @@ class Scorer:
         if how is None:
             how = self._compile_in_process(blank)
         return how if self.compiled else "eager (compiling failed)"
+
+    def _size_batch(self, blank: np.ndarray) -> None:
+        """Measure what one frame of this size takes on the GPU, and batch as many as fit."""
+        most, self.batch_size = self.batch_size, 1
+        torch.cuda.synchronize(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self(blank)
+        frame_bytes = torch.cuda.max_memory_allocated(self.device) - before
+        gpu_bytes = torch.cuda.get_device_properties(self.device).total_memory
+        self.batch_size = fitting_batch(gpu_bytes, frame_bytes, most)
+        log.info(
+            "batches of %d frame(s) on %s: a %dx%d frame takes %.0f MiB of the GPU's %.1f GiB (a batch may take %d%%)",
+            self.batch_size, self.device, blank.shape[2], blank.shape[1], frame_bytes / 2**20, gpu_bytes / 2**30,
+            GPU_MEMORY_SHARE * 100,
+        )
 
     def use_eager(self) -> None:
         """Score with the eager model from now on (the ranks must agree on their kernels)."""
@@ -166,11 +204,16 @@ class Scorer:
             batch = torch.empty(batch.shape, dtype=torch.uint8, pin_memory=True).copy_(batch)
         with torch.inference_mode():
             x = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-            if self._package is not None:
-                y = self._package(x)  # autocast is inside it
-            else:
-                with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-                    y = self._forward(x)
+            try:
+                if self._package is not None:
+                    y = self._package(x)  # autocast is inside it
+                else:
+                    with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+                        y = self._forward(x)
+            except RuntimeError as err:
+                if _out_of_memory(err):
+                    raise self._no_memory_for(x) from None
+                raise
             if not isinstance(y, torch.Tensor) or y.shape != x.shape:
                 got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
                 raise ModelError(f"the model returned {got} for input {tuple(x.shape)}: a frame model must keep the shape")
@@ -182,18 +225,36 @@ class Scorer:
             torch.cuda.current_stream(self.device).synchronize()
             return host.numpy()  # the array holds the pinned block until the encoder is done with it
 
+    def _no_memory_for(self, x: torch.Tensor) -> ConfigError:
+        """The error for a batch the device had no memory for, with what to set instead."""
+        batch, _, height, width = x.shape
+        where, sharing = ("the GPU", "GPU") if self.device.type == "cuda" else ("this node", "node")
+        instead = f"batch_size={batch // 2}" if batch > 1 else f"fewer ranks per {sharing} or a smaller model"
+        return ConfigError(
+            f"{where} ({self.device}) ran out of memory scoring a batch of {batch} {width}x{height} frame(s); "
+            f"other processes on it count too: try {instead}"
+        )
+
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.compiled:
             return self.model(x)
         try:
             return self.model(x)
         except Exception as err:  # Inductor fails in many ways (no C++ compiler, an unsupported op, no cache)
+            if _out_of_memory(err):
+                raise  # the batch's fault, not the compiler's
             self._give_up_compiling(err)
             return self.model(x)
 
     def _give_up_compiling(self, err: Exception) -> None:
         log.warning("torch.compile failed (%s); scoring eagerly instead", first_line(err)[:200])
         self.model, self.compiled = self.eager, False
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation that failed: the GPU's (torch.OutOfMemoryError) or the
+    CPU's (a RuntimeError whose message is the CPU allocator's)."""
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(err)
 
 
 def _reason(err: BaseException) -> str:
@@ -239,7 +300,7 @@ def build_scorer(cfg: DictConfig, local_rank: int, cpus: frozenset[int], job_pix
         precision, compiled = pick_precision(cfg.precision, device), wants_compile(cfg.compile, device, job_pixels)
     if compiled:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache(cfg.compile_cache))
-    return Scorer(model, device, cfg.batch_size or default_batch_size(device), precision, compiled, threads)
+    return Scorer(model, device, cfg.batch_size, precision, compiled, threads)
 
 
 def wants_compile(setting: bool | str, device: torch.device, job_pixels: int) -> bool:
