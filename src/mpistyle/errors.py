@@ -2,7 +2,7 @@
 
 Exit codes (documented in README.md):
   1  unexpected internal error (a bug: the traceback is logged)
-  2  bad configuration or command-line override
+  2  bad configuration or command-line override, or a batch the device has no memory for
   3  input missing, unreadable, or not a usable video
   4  output location unusable (unwritable directory, output equals input, ...)
   5  model or checkpoint problem (checksum, shape mismatch, unknown style)
