@@ -19,7 +19,7 @@ from mpistyle.encode import EncodeSettings
 from mpistyle.errors import ConfigError
 from mpistyle.hwcodecs import cuvid_name, pick_decoder, pick_encoder
 from mpistyle.model.loading import load_multistyle
-from mpistyle.scoring import Scorer
+from mpistyle.scoring import Scorer, fitting_batch
 from mpistyle.segment import Segment
 from mpistyle.video import Cuvid, decode_segment, probe
 
@@ -62,9 +62,8 @@ def test_a_batch_is_as_many_frames_as_fit_and_one_that_does_not_fit_says_what_to
     scorer = Scorer(load_multistyle(), GPU, None, "bf16")  # batch_size=null, the default
     scorer.prepare(2160, 3840)
     total = torch.cuda.get_device_properties(GPU).total_memory
-    assert 1 <= scorer.batch_size <= 8
-    if total >= 40 * 2**30:
-        assert scorer.batch_size == 8, "a 4K frame should take well under 1/32 of this GPU"
+    assert scorer.frame_bytes is not None and 0 < scorer.frame_bytes < 8 * 2**30, scorer.frame_bytes
+    assert scorer.batch_size == fitting_batch(total, scorer.frame_bytes)
     frames = np.zeros((2, 2160, 3840, 3), np.uint8)
     assert scorer(frames).shape == frames.shape
     del scorer

@@ -108,11 +108,19 @@ def prepare(
             plan = planned or ctx.from_root(lambda: make_plan(cfg))
         with job.timer("load_model"):
             scorer = ctx.check_all(lambda: _then_check(_load_model(cfg, ctx, plan, scorers, compile_pixels)))
-        kinds = set(ctx.gather_all(scorer.kernels))
+        on_gpu = scorer.device.type == "cuda"
+        agreed = ctx.gather_all((scorer.kernels, scorer.batch_size if on_gpu else None))
+        kinds = {kind for kind, _ in agreed}
         if len(kinds) > 1:
             # A frame's pixels would depend on which rank scored it: every rank goes eager.
             log.warning("the ranks compiled differently (%s): every rank scores eagerly", ", ".join(sorted(kinds)))
             scorer.use_eager()
+        gpu_batches = {batch for _, batch in agreed if batch is not None}
+        if on_gpu and len(gpu_batches) > 1:
+            # GPUs of different sizes fit different batches, and the batch changes a frame's rounding.
+            smallest = min(gpu_batches)
+            log.warning("the ranks' GPUs fit batches of %s frames: every GPU rank takes %d", sorted(gpu_batches), smallest)
+            scorer.batch_size = smallest
         planned = plan
         plan, cuvid = _gpu_codecs(cfg, ctx, planned, scorer)
         made_by = scorer.kernels if plan.settings == planned.settings else f"{scorer.kernels}-{encoder_key(plan.settings)}"

@@ -27,16 +27,18 @@ def default_batch_size(device: torch.device) -> int:
 
 
 GPU_BATCH_MOST = 8
-# The share of a GPU's memory one rank's batch may take, so that four ranks can share a GPU. It
+# The share of a GPU's memory one rank's batch may take: a fifth, so that four ranks can share a
+# GPU with room left for each process's CUDA context, the model and the allocator's rounding. It
 # is a share of the GPU's whole memory, not of what is free when the rank starts: that would
 # depend on the other ranks, and the batch size changes a frame's rounding (the output must be
 # the same file for any rank count).
-GPU_MEMORY_SHARE = 0.25
+GPU_MEMORY_SHARE = 0.2
 
 
 def fitting_batch(gpu_bytes: int, frame_bytes: int, most: int = GPU_BATCH_MOST) -> int:
-    """Frames per batch on a GPU of ``gpu_bytes`` where scoring one frame takes ``frame_bytes``:
-    as many as fit in :data:`GPU_MEMORY_SHARE` of it, at least 1 and at most ``most``."""
+    """Frames per batch on a GPU of ``gpu_bytes`` where each frame of a batch adds
+    ``frame_bytes``: as many as fit in :data:`GPU_MEMORY_SHARE` of it, at least 1 and at most
+    ``most``."""
     return max(1, min(most, int(gpu_bytes * GPU_MEMORY_SHARE) // max(frame_bytes, 1)))
 
 
@@ -74,6 +76,7 @@ class Scorer:
         self.threads = threads or torch.get_num_threads()
         self.batch_size = batch_size or default_batch_size(device)
         self._fit_batch = batch_size is None and device.type == "cuda"
+        self.frame_bytes: int | None = None  # what a frame adds to a batch on the GPU, once measured
         self.precision = precision
         self.dtype = getattr(torch, _DTYPES[precision]) if precision in _DTYPES else None
         self.eager = model.to(device).eval()
@@ -116,18 +119,25 @@ class Scorer:
         return how if self.compiled else "eager (compiling failed)"
 
     def _size_batch(self, blank: np.ndarray) -> None:
-        """Measure what one frame of this size takes on the GPU, and batch as many as fit."""
-        most, self.batch_size = self.batch_size, 1
-        torch.cuda.synchronize(self.device)
-        before = torch.cuda.memory_allocated(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        self(blank)
-        frame_bytes = torch.cuda.max_memory_allocated(self.device) - before
+        """Measure what each frame of this size adds to a batch on the GPU, and batch as many
+        as fit. The difference between the peaks of a batch of 2 and of 1 leaves out what is
+        paid once (library workspaces, weight copies), which depends on what the process ran
+        before, so every rank and every job measures the same."""
+        most = self.batch_size
+        peaks = []
+        for size in (1, 2):
+            self.batch_size = size
+            torch.cuda.synchronize(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self(np.repeat(blank, size, axis=0))
+            peaks.append(torch.cuda.max_memory_allocated(self.device) - before)
+        self.frame_bytes = max(peaks[1] - peaks[0], 1)
         gpu_bytes = torch.cuda.get_device_properties(self.device).total_memory
-        self.batch_size = fitting_batch(gpu_bytes, frame_bytes, most)
+        self.batch_size = fitting_batch(gpu_bytes, self.frame_bytes, most)
         log.info(
-            "batches of %d frame(s) on %s: a %dx%d frame takes %.0f MiB of the GPU's %.1f GiB (a batch may take %d%%)",
-            self.batch_size, self.device, blank.shape[2], blank.shape[1], frame_bytes / 2**20, gpu_bytes / 2**30,
+            "batches of %d frame(s) on %s: a %dx%d frame adds %.0f MiB, of the GPU's %.1f GiB a batch may take %d%%",
+            self.batch_size, self.device, blank.shape[2], blank.shape[1], self.frame_bytes / 2**20, gpu_bytes / 2**30,
             GPU_MEMORY_SHARE * 100,
         )
 
@@ -196,6 +206,16 @@ class Scorer:
             # on how many frames shared its batch (output identical for any rank count).
             pad = batch[-1:].expand(self.batch_size - count, *batch.shape[1:])
             batch = torch.cat([batch, pad])
+        try:
+            return self._score(batch, count)
+        except RuntimeError as err:
+            if not _out_of_memory(err):
+                raise
+            log.warning("out of memory on %s: %s", self.device, first_line(err)[:300])
+            raise self._no_memory_for(*batch.shape[:3]) from None
+
+    def _score(self, batch: torch.Tensor, count: int) -> np.ndarray:
+        """The first ``count`` frames of ``batch`` (uint8, on the host) through the model."""
         on_gpu = self.device.type == "cuda"
         if on_gpu:
             # From pinned memory the copy is a DMA the GPU runs by itself: 1.8 ms for eight 1080p
@@ -204,16 +224,11 @@ class Scorer:
             batch = torch.empty(batch.shape, dtype=torch.uint8, pin_memory=True).copy_(batch)
         with torch.inference_mode():
             x = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-            try:
-                if self._package is not None:
-                    y = self._package(x)  # autocast is inside it
-                else:
-                    with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-                        y = self._forward(x)
-            except RuntimeError as err:
-                if _out_of_memory(err):
-                    raise self._no_memory_for(x) from None
-                raise
+            if self._package is not None:
+                y = self._package(x)  # autocast is inside it
+            else:
+                with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+                    y = self._forward(x)
             if not isinstance(y, torch.Tensor) or y.shape != x.shape:
                 got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
                 raise ModelError(f"the model returned {got} for input {tuple(x.shape)}: a frame model must keep the shape")
@@ -225,9 +240,8 @@ class Scorer:
             torch.cuda.current_stream(self.device).synchronize()
             return host.numpy()  # the array holds the pinned block until the encoder is done with it
 
-    def _no_memory_for(self, x: torch.Tensor) -> ConfigError:
+    def _no_memory_for(self, batch: int, height: int, width: int) -> ConfigError:
         """The error for a batch the device had no memory for, with what to set instead."""
-        batch, _, height, width = x.shape
         where, sharing = ("the GPU", "GPU") if self.device.type == "cuda" else ("this node", "node")
         instead = f"batch_size={batch // 2}" if batch > 1 else f"fewer ranks per {sharing} or a smaller model"
         return ConfigError(
@@ -251,10 +265,17 @@ class Scorer:
         self.model, self.compiled = self.eager, False
 
 
+# How an allocation that failed shows besides torch.OutOfMemoryError: the CPU allocator's
+# message, and the CUDA libraries' own (cuBLAS, cuDNN, a kernel launch) as plain RuntimeErrors.
+_NO_MEMORY = (
+    "DefaultCPUAllocator: can't allocate memory", "CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED",
+    "CUDNN_STATUS_ALLOC_FAILED", "CUDNN_STATUS_NOT_ENOUGH_WORKSPACE",
+)
+
+
 def _out_of_memory(err: BaseException) -> bool:
-    """Whether ``err`` is an allocation that failed: the GPU's (torch.OutOfMemoryError) or the
-    CPU's (a RuntimeError whose message is the CPU allocator's)."""
-    return isinstance(err, torch.cuda.OutOfMemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(err)
+    """Whether ``err`` is an allocation that failed, on the GPU or the CPU."""
+    return isinstance(err, torch.cuda.OutOfMemoryError) or any(text in str(err) for text in _NO_MEMORY)
 
 
 def _reason(err: BaseException) -> str:

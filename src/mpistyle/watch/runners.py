@@ -77,7 +77,7 @@ _CRASHES = {signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGFPE, signal
 # What an exit code means, for the log line of a failed job.
 _MEANINGS = {
     1: "a bug in mpistyle or the model (traceback in the job log)",
-    2: "bad configuration (check job_overrides)",
+    2: "bad configuration (check job_overrides), or a batch the device has no memory for (batch_size)",
     3: "the input is not a usable video",
     4: "the output location is unusable",
     5: "a model or checkpoint problem",
