@@ -241,6 +241,11 @@ def test_the_tick_script_reports_a_wedged_tick(tmp_path: Path) -> None:
     finally:
         os.killpg(holder.pid, signal.SIGKILL)
         holder.wait()
+    # The sleep holds the lock too, and dies a moment after flock is reaped: wait until it is free.
+    deadline = time.monotonic() + 10
+    while subprocess.run(["flock", "--nonblock", str(lock), "true"]).returncode != 0:
+        assert time.monotonic() < deadline, "the killed tick's lock was never released"
+        time.sleep(0.05)
     assert _tick_script(tmp_path).returncode == 0  # the lock is free again
     assert "tick started" in lock.read_text()
 
