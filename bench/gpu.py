@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 REPO = Path(__file__).resolve().parent.parent
 MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
@@ -120,13 +120,7 @@ def _model_run(device: Any, frames: Any, precision: str, compiled: bool, rounds:
                 fps = _rate(lambda xs=xs: model(xs), size, max(2, rounds * 8 // size), device)
                 figure[f"on_device_batch_{size}_frames_per_s"] = fps
                 del xs
-            torch.backends.cudnn.benchmark = True
-            figure["on_device_cudnn_benchmark_frames_per_s"] = _rate(lambda: model(x), batch, rounds, device)
-            torch.backends.cudnn.benchmark = False
-            model.to(memory_format=torch.channels_last)
-            x = x.to(memory_format=torch.channels_last)
-            figure["on_device_channels_last_frames_per_s"] = _rate(lambda: model(x), batch, rounds, device)
-    return figure
+    return figure  # other arrangements of the arithmetic (channels_last, cudnn.benchmark, ...): step_variants
 
 
 def step_model_compiled(args: argparse.Namespace) -> dict[str, Any]:
@@ -184,8 +178,13 @@ def step_encode(args: argparse.Namespace) -> dict[str, Any]:
     default = EncodeSettings()
     gpu = torch.device("cuda", 0)
     nvenc = pick_encoder(default, info, gpu, "mp4") if torch.cuda.is_available() else None
-    here = default if not torch.cuda.is_available() else on_nvenc(default, nvenc, gpu) if nvenc else beside_gpu(default)
-    settings = [("default", here), ("cpu default", default), ("", replace(default, threads=cores))]
+    here = default  # what the default command encodes with on this machine
+    if nvenc:
+        here = on_nvenc(default, nvenc, gpu)
+    elif torch.cuda.is_available():
+        here = beside_gpu(default)
+    settings = [("default", here)] + ([("cpu default", default)] if here != default else [])
+    settings += [("", replace(default, threads=cores))]
     settings += [("", replace(default, preset=preset, threads=cores)) for preset in ("fast", "veryfast", "superfast")]
     if nvenc:
         settings += [("", on_nvenc(replace(default, nvenc_preset="p1"), nvenc, gpu))]
@@ -402,34 +401,47 @@ def step_variants(args: argparse.Namespace) -> dict[str, Any]:
     frames = np.stack(list(decode_segment(info, Segment(0, 0, batch, None))))
     x = torch.from_numpy(frames).to(device).permute(0, 3, 1, 2).float().div(255).contiguous()
     base = load_multistyle().to(device).eval()
-    half = torch.bfloat16
     rounds = 2 if args.dry_run else 10
-    last = torch.channels_last
-    variants: dict[str, tuple[Callable[[Any], Any], Any, Any, Any]] = {
-        # name: (the model as changed, the input's dtype and memory format, autocast's dtype or None)
-        "fp32, no TF32 (the reference)": (lambda m: m, torch.float32, torch.contiguous_format, None),
-        "fp32, TF32 convolutions (torch's default)": (lambda m: m, torch.float32, torch.contiguous_format, None),
-        "fp32, channels_last": (lambda m: m.to(memory_format=last), torch.float32, last, None),
-        "bf16 autocast (a job's default)": (lambda m: m, torch.float32, torch.contiguous_format, half),
-        "fp16 autocast": (lambda m: m, torch.float32, torch.contiguous_format, torch.float16),
-        "bf16 autocast, layers under 16 channels in fp32": (_thin_layers_in_fp32, torch.float32, torch.contiguous_format, half),
-        "bf16 weights and activations, no autocast": (lambda m: m.to(half), half, torch.contiguous_format, None),
-        "bf16 weights, channels_last, no autocast": (lambda m: m.to(half).to(memory_format=last), half, last, None),
-    }
+    half, last, plain = torch.bfloat16, torch.channels_last, torch.contiguous_format
+    variants = [  # the first is the reference the others' PSNR is measured against
+        Variant("fp32, no TF32 (the reference)", tf32=False),
+        Variant("fp32, TF32 convolutions (torch's default)"),
+        Variant("fp32, channels_last", lambda m: m.to(memory_format=last), layout=last),
+        Variant("bf16 autocast (a job's default)", autocast=half),
+        Variant("bf16 autocast, cudnn.benchmark", autocast=half, benchmark=True),
+        Variant("bf16 autocast, channels_last", lambda m: m.to(memory_format=last), layout=last, autocast=half),
+        Variant("fp16 autocast", autocast=torch.float16),
+        Variant("bf16 autocast, layers under 16 channels in fp32", _thin_layers_in_fp32, autocast=half),
+        Variant("bf16 weights and activations, no autocast", lambda m: m.to(half), dtype=half),
+        Variant("bf16 weights, channels_last, no autocast", lambda m: m.to(half).to(memory_format=last), half, last),
+    ]
     runs, reference = [], None
-    for name, (change, dtype, layout, autocast) in variants.items():
-        torch.backends.cudnn.allow_tf32 = not name.startswith("fp32, no TF32")
-        model = change(copy.deepcopy(base))
-        xs = x.to(dtype).contiguous(memory_format=layout)
+    for variant in variants:
+        torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = variant.tf32, variant.benchmark
+        model = variant.change(copy.deepcopy(base))
+        xs = x.to(variant.dtype or torch.float32).contiguous(memory_format=variant.layout or plain)
+        autocast = variant.autocast
         with torch.inference_mode(), torch.autocast(device.type, dtype=autocast or half, enabled=autocast is not None):
             out = model(xs).float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu().numpy()
             fps = _rate(lambda model=model, xs=xs: model(xs), batch, rounds, device)
         reference = out if reference is None else reference
-        runs.append({"variant": name, "frames_per_s": fps, "psnr_db": _psnr(reference, out)})  # null: the same pixels
+        runs.append({"variant": variant.name, "frames_per_s": fps, "psnr_db": _psnr(reference, out)})  # null: the same pixels
         print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
         del model, xs
-    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark = True, False
     return {"device": str(device), "batch": batch, "size": f"{info.width}x{info.height}", "runs": runs}
+
+
+class Variant(NamedTuple):
+    """One arrangement of the model's arithmetic for ``step_variants``."""
+
+    name: str
+    change: Callable[[Any], Any] = lambda model: model  # the model as changed (a copy)
+    dtype: Any = None  # the input's dtype (None: fp32)
+    layout: Any = None  # the input's memory format (None: contiguous)
+    autocast: Any = None  # autocast's dtype (None: off)
+    tf32: bool = True  # torch.backends.cudnn.allow_tf32
+    benchmark: bool = False  # torch.backends.cudnn.benchmark
 
 
 def _thin_layers_in_fp32(model: Any) -> Any:
